@@ -1,0 +1,34 @@
+"""flexlora_pl: FlexLoRA (entropy-guided flexible low-rank adaptation, ICLR 2026) for PyTorch Lightning."""
+
+from flexlora_pl.allocation import AllocationDecision, decide_allocation, expand_direction, prune_direction
+from flexlora_pl.callback import RankReallocation
+from flexlora_pl.importance import IMPORTANCE_METRICS, SensitivityTracker, importance_scores, spectral_entropy
+from flexlora_pl.inject import flexlora_layers, inject_flexlora
+from flexlora_pl.layer import FlexLoRALinear
+from flexlora_pl.lr_scheduler import LinearWarmupDecay
+from flexlora_pl.module import FlexLoRAModule
+from flexlora_pl.orthogonality import orthogonality_penalty
+from flexlora_pl.schedule import budget_at, event_steps, is_event_step
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "IMPORTANCE_METRICS",
+    "AllocationDecision",
+    "FlexLoRALinear",
+    "FlexLoRAModule",
+    "LinearWarmupDecay",
+    "RankReallocation",
+    "SensitivityTracker",
+    "budget_at",
+    "decide_allocation",
+    "event_steps",
+    "expand_direction",
+    "flexlora_layers",
+    "importance_scores",
+    "inject_flexlora",
+    "is_event_step",
+    "orthogonality_penalty",
+    "prune_direction",
+    "spectral_entropy",
+]

@@ -1,0 +1,176 @@
+"""Allocation events: which modules give and take a direction, and how the change is applied.
+
+:func:`decide_allocation` is a pure function of the scores and ranks: the ``b`` least important
+modules that can shrink (``r > r_min``) each lose one direction and the ``b`` most important ones that
+can grow (``r < r_max``) each gain one. A module never does both in one event, ties break by module
+order, and in the default mode the total active rank is conserved.
+
+:func:`prune_direction` switches off the active direction with the smallest |λ| and zeroes its λ, P
+column, Q row, gradients and optimizer moments. :func:`expand_direction` switches on the first free
+slot with the chosen initialisation; ``zero_impact`` (the paper's) sets λ = 0 and draws P and Q from a
+Gaussian with σ = 1/√d, so the model output does not change. Draws come from a generator seeded by
+``(seed, step, module index)``: every DDP rank, and a resumed run, draws the same numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from flexlora_pl.layer import FlexLoRALinear, gaussian_std
+
+__all__ = [
+    "ALLOCATION_MODES",
+    "EXPANSION_INITS",
+    "AllocationDecision",
+    "decide_allocation",
+    "event_generator",
+    "expand_direction",
+    "prune_direction",
+]
+
+ALLOCATION_MODES = ("prune_and_expand", "prune_only", "expand_only")
+EXPANSION_INITS = ("zero_impact", "small", "zero", "orthogonal")
+SMALL_LAMBDA = 1e-3  # λ of a new direction under the ``small`` initialisation
+
+
+@dataclass(frozen=True)
+class AllocationDecision:
+    """Module indices that lose (``prune``) and gain (``expand``) one direction at an event."""
+
+    prune: tuple[int, ...] = ()
+    expand: tuple[int, ...] = ()
+
+
+def decide_allocation(
+    scores: Sequence[float] | torch.Tensor,
+    ranks: Sequence[int] | torch.Tensor,
+    r_min: int,
+    r_max: int | Sequence[int],
+    budget: int,
+    mode: str = "prune_and_expand",
+) -> AllocationDecision:
+    """Choose the modules that prune and expand at one event (paper Algorithm 1, lines 6–9).
+
+    Args:
+        scores: importance of each module (higher = more important).
+        ranks: active rank of each module.
+        r_min: a module never shrinks below this rank.
+        r_max: a module never grows above this rank (one value or one per module).
+        budget: ``b(t)``, the most modules that prune (and expand).
+        mode: ``prune_and_expand`` (conserves total rank), ``prune_only`` or ``expand_only``.
+    """
+    if mode not in ALLOCATION_MODES:
+        raise ValueError(f"unknown allocation mode {mode!r}; choose one of {list(ALLOCATION_MODES)}")
+    scores = [float(s) for s in scores]
+    ranks = [int(r) for r in ranks]
+    if len(scores) != len(ranks):
+        raise ValueError(f"got {len(scores)} scores for {len(ranks)} modules")
+    bad = [i for i, s in enumerate(scores) if s != s or s in (float("inf"), float("-inf"))]
+    if bad:
+        raise ValueError(f"importance scores of modules {bad[:5]} are not finite; refusing to reallocate")
+    caps = [int(r_max)] * len(ranks) if isinstance(r_max, int) else [int(c) for c in r_max]
+    if budget <= 0 or not ranks:
+        return AllocationDecision()
+
+    n = len(ranks)
+    lowest = sorted((i for i in range(n) if ranks[i] > r_min), key=lambda i: (scores[i], i))
+    highest = sorted((i for i in range(n) if ranks[i] < caps[i]), key=lambda i: (-scores[i], i))
+    if mode == "prune_only":
+        return AllocationDecision(prune=tuple(lowest[:budget]))
+    if mode == "expand_only":
+        return AllocationDecision(expand=tuple(highest[:budget]))
+    k = min(budget, len(lowest), len(highest))
+    while k > 0:
+        prune = lowest[:k]
+        expand = [i for i in highest if i not in prune][:k]
+        if len(expand) == k:
+            return AllocationDecision(prune=tuple(prune), expand=tuple(expand))
+        k -= 1
+    return AllocationDecision()
+
+
+def event_generator(seed: int, step: int, module_index: int) -> torch.Generator:
+    """A CPU generator determined by ``(seed, step, module_index)`` alone."""
+    mixed = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + module_index * 0x94D049BB133111EB)
+    return torch.Generator().manual_seed(mixed % (2**63 - 1))
+
+
+@torch.no_grad()
+def prune_direction(
+    layer: FlexLoRALinear, optimizers: Iterable[torch.optim.Optimizer] = ()
+) -> int:
+    """Switch off the active direction with the smallest |λ| (lowest index on ties); return its index."""
+    active = layer.rank_mask.nonzero().flatten()
+    if active.numel() == 0:
+        raise ValueError("cannot prune a layer with no active direction")
+    magnitudes = layer.lora_lambda.detach().abs()[active]
+    index = int(active[int(torch.argmin(magnitudes))])  # argmin returns the first minimum
+    layer.rank_mask[index] = False
+    _reset_direction(layer, index, optimizers)
+    return index
+
+
+@torch.no_grad()
+def expand_direction(
+    layer: FlexLoRALinear,
+    optimizers: Iterable[torch.optim.Optimizer] = (),
+    init: str = "zero_impact",
+    generator: torch.Generator | None = None,
+) -> int:
+    """Switch on the first free slot, initialised by ``init``; return its index.
+
+    ``zero_impact``: λ = 0, P column ~ N(0, 1/d_out), Q row ~ N(0, 1/d_in) — output unchanged.
+    ``orthogonal``: λ = 0, unit vectors orthogonal to the active P columns / Q rows — output unchanged.
+    ``small``: as ``orthogonal`` but λ = 1e-3 (the output moves slightly).
+    ``zero``: λ, P and Q zero: the direction receives no gradient and stays frozen.
+    """
+    if init not in EXPANSION_INITS:
+        raise ValueError(f"unknown expansion init {init!r}; choose one of {list(EXPANSION_INITS)}")
+    free = (~layer.rank_mask).nonzero().flatten()
+    if free.numel() == 0:
+        raise ValueError(f"cannot expand a layer at full capacity (max_rank={layer.max_rank})")
+    index = int(free[0])
+    _reset_direction(layer, index, optimizers)
+    d_out, d_in = layer.out_features, layer.in_features
+    P, Q, lam = layer.lora_P, layer.lora_Q, layer.lora_lambda
+    if init != "zero":
+        kw = {"generator": generator} if generator is not None else {}
+        p = torch.randn(d_out, **kw) * gaussian_std(d_out)
+        q = torch.randn(d_in, **kw) * gaussian_std(d_in)
+        if init in ("orthogonal", "small"):
+            active = layer.rank_mask
+            p = _orthonormal_to(p, P.detach()[:, active].float().cpu())
+            q = _orthonormal_to(q, Q.detach()[active].float().t().cpu())
+        P[:, index] = p.to(P)
+        Q[index] = q.to(Q)
+        if init == "small":
+            lam[index] = SMALL_LAMBDA
+    layer.rank_mask[index] = True
+    return index
+
+
+def _orthonormal_to(v: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """``v`` minus its projection onto the column space of ``basis`` (d, k), scaled to unit norm."""
+    if basis.shape[1] > 0:
+        coeffs = torch.linalg.lstsq(basis, v.unsqueeze(1)).solution  # (k, 1)
+        residual = v - (basis @ coeffs).squeeze(1)
+        if residual.norm() > 1e-6 * v.norm():  # else the active space already spans everything
+            v = residual
+    return v / v.norm().clamp_min(1e-12)
+
+
+def _reset_direction(layer: FlexLoRALinear, index: int, optimizers: Iterable[torch.optim.Optimizer]) -> None:
+    """Zero direction ``index``: values, gradients and every optimizer state tensor shaped like its param."""
+    slices = ((layer.lora_P, (slice(None), index)), (layer.lora_lambda, (index,)), (layer.lora_Q, (index,)))
+    for param, where in slices:
+        param.data[where] = 0
+        if param.grad is not None:
+            param.grad[where] = 0
+        for optimizer in optimizers:
+            state = optimizer.state.get(param, {})
+            for value in state.values():
+                if torch.is_tensor(value) and value.shape == param.shape:
+                    value[where] = 0

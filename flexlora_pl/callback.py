@@ -1,0 +1,253 @@
+"""The ``RankReallocation`` callback: runs FlexLoRA's allocation events during ``Trainer.fit``.
+
+The callback only decides *when*. What an event does lives in :mod:`flexlora_pl.allocation` (which
+modules, how a direction is pruned or added), :mod:`flexlora_pl.importance` (the scores) and
+:mod:`flexlora_pl.schedule` (the steps and the budget b(t)).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from typing_extensions import override
+
+from flexlora_pl.allocation import (
+    ALLOCATION_MODES,
+    EXPANSION_INITS,
+    AllocationDecision,
+    decide_allocation,
+    event_generator,
+    expand_direction,
+    prune_direction,
+)
+from flexlora_pl.importance import METRIC_NAMES, SensitivityTracker, importance_scores
+from flexlora_pl.inject import flexlora_layers
+from flexlora_pl.layer import FlexLoRALinear
+from flexlora_pl.schedule import BUDGET_SCHEDULES, budget_at, event_steps, is_event_step
+
+__all__ = ["RankReallocation"]
+
+
+class RankReallocation(Callback):
+    """Move rank between FlexLoRA layers during training (paper Algorithm 1).
+
+    After optimizer step ``t`` with ``t_warmup < t < T − t_final`` and ``(t − t_warmup) % delta_t == 0``,
+    the ``b(t)`` least important layers each lose their weakest direction and the ``b(t)`` most
+    important layers each gain a new one. ``t`` counts optimizer steps, so gradient accumulation is
+    handled. Per event the callback writes every layer's rank and importance, b(t) and the total active
+    rank to the Trainer's loggers (at the event's step, whatever ``log_every_n_steps`` is), and keeps
+    the whole trajectory in :attr:`history`, which is saved in checkpoints.
+
+    Args:
+        b0: initial budget: modules that prune (and expand) per event at the start of the schedule.
+        t_warmup: optimizer steps before the first event may run.
+        t_final: the last ``t_final`` optimizer steps run with frozen ranks.
+        delta_t: optimizer steps between events.
+        total_steps: total optimizer steps ``T``; by default ``trainer.estimated_stepping_batches``.
+        importance: importance metric: ``entropy`` (paper), ``nuclear``, ``frobenius``,
+            ``sensitivity``, ``elem_energy_entropy`` or ``mat_energy_entropy``.
+        mode: ``prune_and_expand`` (paper; total rank conserved), ``prune_only`` or ``expand_only``.
+        init: initialisation of a new direction: ``zero_impact`` (paper), ``orthogonal``, ``small``
+            or ``zero``.
+        r_min: no layer is pruned below this rank.
+        b_schedule: ``cubic`` (paper eq. 4) or ``constant`` (b0 at every event).
+        seed: seed of the draws for new directions (combined with the step and the layer index).
+        verbose: report each event through ``rank_zero_info``.
+    """
+
+    def __init__(
+        self,
+        b0: int = 4,
+        t_warmup: int = 1000,
+        t_final: int = 1000,
+        delta_t: int = 200,
+        total_steps: int | None = None,
+        importance: str = "entropy",
+        mode: str = "prune_and_expand",
+        init: str = "zero_impact",
+        r_min: int = 1,
+        b_schedule: str = "cubic",
+        seed: int = 0,
+        verbose: bool = False,
+    ) -> None:
+        super().__init__()
+        _require_int("b0", b0, minimum=0)
+        _require_int("t_warmup", t_warmup, minimum=0)
+        _require_int("t_final", t_final, minimum=0)
+        _require_int("delta_t", delta_t, minimum=1)
+        _require_int("r_min", r_min, minimum=0)
+        _require_int("seed", seed, minimum=0)
+        if total_steps is not None:
+            _require_int("total_steps", total_steps, minimum=1)
+        for name, value, allowed in (
+            ("importance", importance, METRIC_NAMES),
+            ("mode", mode, ALLOCATION_MODES),
+            ("init", init, EXPANSION_INITS),
+            ("b_schedule", b_schedule, BUDGET_SCHEDULES),
+        ):
+            if value not in allowed:
+                raise ValueError(f"RankReallocation: {name}={value!r} is not one of {list(allowed)}")
+        self.b0, self.t_warmup, self.t_final, self.delta_t = b0, t_warmup, t_final, delta_t
+        self.total_steps = total_steps
+        self.importance, self.mode, self.init, self.r_min = importance, mode, init, r_min
+        self.b_schedule, self.seed, self.verbose = b_schedule, seed, verbose
+        self.sensitivity = SensitivityTracker() if importance == "sensitivity" else None
+        self.history: list[dict[str, Any]] = []
+        self.layer_names: list[str] = []
+        self._layers: list[FlexLoRALinear] = []
+        self._total: int | None = None
+        self._last_step: int | None = None
+
+    # ------------------------------------------------------------------ hooks
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        named = list(flexlora_layers(pl_module))
+        if not named:
+            raise ValueError(
+                "RankReallocation found no FlexLoRA layers in the LightningModule; "
+                "call inject_flexlora (or use FlexLoRAModule) before fitting"
+            )
+        names = [name for name, _ in named]
+        if self.layer_names and self.layer_names != names:
+            raise ValueError(
+                f"RankReallocation state from the checkpoint names {len(self.layer_names)} layers that do not "
+                f"match the model's {len(names)} FlexLoRA layers (first checkpoint layer: "
+                f"{self.layer_names[0]!r}); resume with the same backbone and target_modules"
+            )
+        self.layer_names = names
+        self._layers = [layer for _, layer in named]
+        self._total = self.resolve_total_steps(trainer)
+        if self.r_min > max(layer.max_rank for layer in self._layers):
+            raise ValueError(f"RankReallocation: r_min={self.r_min} exceeds every layer's max_rank")
+        steps = event_steps(self.t_warmup, self.t_final, self.delta_t, self._total)
+        if len(steps) == 0:
+            rank_zero_warn(
+                f"RankReallocation will never fire: t_warmup ({self.t_warmup}) + t_final ({self.t_final}) "
+                f"leaves no multiple of delta_t ({self.delta_t}) before step {self._total} - {self.t_final}. "
+                "Lower t_warmup/t_final/delta_t or train longer."
+            )
+        else:
+            rank_zero_info(
+                f"RankReallocation: {len(steps)} events over {self._total} steps "
+                f"(first at {steps[0]}, last at {steps[-1]}) across {len(self._layers)} layers"
+            )
+        if self._last_step is None:
+            self._last_step = trainer.global_step
+
+    def resolve_total_steps(self, trainer: Trainer) -> int:
+        """``total_steps`` if given, else the Trainer's estimate of optimizer steps."""
+        if self.total_steps is not None:
+            return self.total_steps
+        estimate = trainer.estimated_stepping_batches
+        if not math.isfinite(estimate):
+            raise ValueError(
+                "RankReallocation cannot derive the total number of optimizer steps (the training data "
+                "has no length); set RankReallocation(total_steps=...) or Trainer(max_steps=...)"
+            )
+        return int(estimate)
+
+    @override
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
+        if self.sensitivity is not None:
+            self.sensitivity.update(list(zip(self.layer_names, self._layers, strict=True)))
+
+    @override
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step == self._last_step:  # accumulating micro-batches: no optimizer step happened
+            return
+        self._last_step = step
+        if is_event_step(step, self.t_warmup, self.t_final, self.delta_t, self._total):
+            self.reallocate(trainer, pl_module, step)
+
+    # ------------------------------------------------------------------ event
+    def scores(self, pl_module: LightningModule) -> torch.Tensor:
+        """Importance of every layer (CPU float tensor), from the module's ``importance_scores`` if any."""
+        if self.sensitivity is not None:
+            return self.sensitivity.scores(list(zip(self.layer_names, self._layers, strict=True)))
+        score_fn = getattr(pl_module, "importance_scores", None)
+        if callable(score_fn):
+            return torch.as_tensor(score_fn(self.importance), dtype=torch.float32).cpu()
+        return importance_scores(self._layers, self.importance)
+
+    @torch.no_grad()
+    def reallocate(self, trainer: Trainer, pl_module: LightningModule, step: int) -> AllocationDecision:
+        """Run one allocation event at optimizer step ``step``; returns what moved."""
+        scores = self.scores(pl_module)
+        if scores.shape != (len(self._layers),):
+            raise ValueError(f"importance scores must have shape ({len(self._layers)},), got {tuple(scores.shape)}")
+        ranks = torch.stack([layer.rank_mask.sum() for layer in self._layers]).tolist()
+        budget = budget_at(step, self.b0, self.t_warmup, self.t_final, self._total, self.b_schedule)
+        decision = decide_allocation(
+            scores, ranks, self.r_min, [layer.max_rank for layer in self._layers], budget, self.mode
+        )
+        for i in decision.prune:
+            index = prune_direction(self._layers[i], trainer.optimizers)
+            if self.sensitivity is not None:
+                self.sensitivity.reset_direction(self.layer_names[i], index)
+        for i in decision.expand:
+            generator = event_generator(self.seed, step, i)
+            expand_direction(self._layers[i], trainer.optimizers, self.init, generator)
+        for i in decision.prune:
+            ranks[i] -= 1
+        for i in decision.expand:
+            ranks[i] += 1
+        record = {
+            "step": step,
+            "budget": budget,
+            "ranks": ranks,
+            "scores": [round(float(s), 6) for s in scores],
+            "pruned": [self.layer_names[i] for i in decision.prune],
+            "expanded": [self.layer_names[i] for i in decision.expand],
+        }
+        self.history.append(record)
+        self._log_event(trainer, record)
+        return decision
+
+    def _log_event(self, trainer: Trainer, record: dict[str, Any]) -> None:
+        metrics: dict[str, float] = {
+            "flexlora/budget": float(record["budget"]),
+            "flexlora/total_rank": float(sum(record["ranks"])),
+        }
+        for name, rank, score in zip(self.layer_names, record["ranks"], record["scores"], strict=True):
+            metrics[f"flexlora_rank/{name}"] = float(rank)
+            metrics[f"flexlora_importance/{name}"] = float(score)
+        # Written straight to the loggers (as LearningRateMonitor does): ``self.log`` from a callback
+        # only reaches them on steps that are multiples of ``log_every_n_steps``, and events are not.
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=record["step"])
+        if self.verbose:
+            rank_zero_info(
+                f"[step {record['step']}] b={record['budget']} total_rank={sum(record['ranks'])} "
+                f"pruned={record['pruned']} expanded={record['expanded']}"
+            )
+
+    # ------------------------------------------------------------------ state
+    @property
+    def rank_pattern(self) -> dict[str, int]:
+        """The current active rank of every layer, by module name."""
+        return {name: layer.rank for name, layer in zip(self.layer_names, self._layers, strict=True)}
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state = {"history": self.history, "last_step": self._last_step, "layer_names": self.layer_names}
+        if self.sensitivity is not None:
+            state["sensitivity"] = self.sensitivity.state_dict()
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict.get("history", []))
+        self._last_step = state_dict.get("last_step")
+        self.layer_names = list(state_dict.get("layer_names", []))
+        if self.sensitivity is not None and "sensitivity" in state_dict:
+            self.sensitivity.load_state_dict(state_dict["sensitivity"])
+
+
+def _require_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"RankReallocation: {name} must be an integer >= {minimum}, got {value!r}")

@@ -1,0 +1,46 @@
+"""Linear warm-up then linear decay to zero: the schedule of the paper's GLUE and commonsense runs."""
+
+from __future__ import annotations
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+__all__ = ["LinearWarmupDecay"]
+
+
+class LinearWarmupDecay(LambdaLR):
+    """LR factor rises linearly from 0 to 1 over the warm-up, then falls linearly to 0 at ``total_steps``.
+
+    Step it every optimizer step. :class:`~flexlora_pl.FlexLoRAModule` fills in ``total_steps`` from
+    the Trainer when a config leaves it out.
+
+    Args:
+        optimizer: the wrapped optimizer.
+        total_steps: total optimizer steps of the run.
+        warmup_ratio: warm-up length as a fraction of ``total_steps`` (paper: 0.1 on GLUE).
+        warmup_steps: warm-up length in steps; overrides ``warmup_ratio`` (paper: 100 on commonsense).
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        total_steps: int,
+        warmup_ratio: float = 0.1,
+        warmup_steps: int | None = None,
+    ) -> None:
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+            raise ValueError(f"LinearWarmupDecay: total_steps must be a positive integer, got {total_steps!r}")
+        if not 0.0 <= warmup_ratio < 1.0:
+            raise ValueError(f"LinearWarmupDecay: warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        if warmup_steps is not None and not 0 <= warmup_steps < total_steps:
+            raise ValueError(
+                f"LinearWarmupDecay: warmup_steps must be in [0, total_steps={total_steps}), got {warmup_steps}"
+            )
+        self.total_steps = total_steps
+        self.warmup_steps = warmup_steps if warmup_steps is not None else int(warmup_ratio * total_steps)
+        super().__init__(optimizer, self._factor)
+
+    def _factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        return max(0.0, (self.total_steps - step) / max(1, self.total_steps - self.warmup_steps))

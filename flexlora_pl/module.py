@@ -1,0 +1,209 @@
+"""``FlexLoRAModule``: the LightningModule that owns a FlexLoRA-adapted backbone.
+
+It injects FlexLoRA layers, adds ``γ · R`` (the masked orthogonality regulariser) to the task loss,
+builds the optimizer and LR scheduler from injected callables, and reports adapter parameter counts.
+Researchers subclass it and override one method:
+
+* :meth:`compute_loss` to change the task loss (or the batch layout),
+* :meth:`importance_scores` to change how modules are scored at allocation events,
+* :meth:`orthogonality_loss` to change the regulariser.
+
+Rank reallocation itself runs in the :class:`~flexlora_pl.RankReallocation` callback.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+from typing_extensions import override
+
+from flexlora_pl.importance import importance_scores
+from flexlora_pl.inject import flexlora_layers, inject_flexlora
+from flexlora_pl.layer import FlexLoRALinear
+from flexlora_pl.orthogonality import group_by_shape, orthogonality_penalty
+
+__all__ = ["FlexLoRAModule"]
+
+
+class FlexLoRAModule(LightningModule):
+    """A LightningModule that trains a backbone with FlexLoRA adapters.
+
+    Args:
+        backbone: the model to adapt, or a zero-argument callable that builds it.
+        target_modules: linear layers to adapt: dotted-name suffixes (``query``) or ``re:<regex>``.
+        init_rank: initial rank ``r_init`` of every adapted layer.
+        max_rank: rank capacity ``r_max`` of every adapted layer.
+        alpha: LoRA α; the update is scaled by ``alpha / init_rank``.
+        dropout: dropout on the adapter inputs.
+        modules_to_save: modules trained in full (e.g. ``["classifier"]``).
+        orth_reg_weight: γ, the weight of the orthogonality regulariser (paper: 0.1).
+        optimizer: builds the optimizer from parameter groups (default AdamW).
+        lr_scheduler: builds the LR scheduler from the optimizer; stepped every optimizer step. If it
+            accepts ``total_steps``, the Trainer's number of optimizer steps is passed.
+        init_seed: seed of the initial P and Q draws.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module | Callable[[], nn.Module],
+        target_modules: Sequence[str],
+        init_rank: int = 8,
+        max_rank: int = 12,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        modules_to_save: Sequence[str] | None = None,
+        orth_reg_weight: float = 0.1,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        init_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if orth_reg_weight < 0:
+            raise ValueError(f"orth_reg_weight must be >= 0, got {orth_reg_weight}")
+        if not isinstance(backbone, nn.Module):
+            if not callable(backbone):
+                raise TypeError(f"backbone must be an nn.Module or a callable building one, got {backbone!r}")
+            backbone = backbone()
+            if not isinstance(backbone, nn.Module):
+                raise TypeError(f"the backbone factory returned {type(backbone).__name__}, not an nn.Module")
+        self.backbone = backbone
+        self.target_modules = list(target_modules)
+        self.modules_to_save = list(modules_to_save or [])
+        self.adapted_modules = inject_flexlora(
+            self.backbone,
+            self.target_modules,
+            init_rank=init_rank,
+            max_rank=max_rank,
+            alpha=alpha,
+            dropout=dropout,
+            modules_to_save=self.modules_to_save,
+            seed=init_seed,
+        )
+        self.orth_reg_weight = orth_reg_weight
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self._orth_groups: list[list[FlexLoRALinear]] | None = None
+
+    # -------------------------------------------------------------- structure
+    def flexlora_layers(self) -> Iterator[tuple[str, FlexLoRALinear]]:
+        """``(name, layer)`` for every FlexLoRA layer, in model order (names relative to the module)."""
+        return flexlora_layers(self)
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return [p for _, layer in self.flexlora_layers() for p in (layer.lora_P, layer.lora_lambda, layer.lora_Q)]
+
+    def saved_module_parameters(self) -> list[nn.Parameter]:
+        adapter = {id(p) for p in self.adapter_parameters()}
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in adapter]
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Adapter parameters *active* (what the paper counts) and *allocated* (with r_max buffers),
+        plus parameters of ``modules_to_save`` and the frozen rest."""
+        active = allocated = 0
+        for _, layer in self.flexlora_layers():
+            per_direction = layer.in_features + layer.out_features + 1  # a P column, a Q row, a λ
+            active += layer.rank * per_direction
+            allocated += layer.max_rank * per_direction
+        saved = sum(p.numel() for p in self.saved_module_parameters())
+        total = sum(p.numel() for p in self.parameters())
+        return {"active": active, "allocated": allocated, "modules_to_save": saved,
+                "frozen": total - allocated - saved}
+
+    # ------------------------------------------------------------------ steps
+    @override
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.backbone(*args, **kwargs)
+
+    def compute_loss(self, batch: Any) -> torch.Tensor:
+        """The task loss of one batch. Override to change the loss or the batch layout.
+
+        Default: a mapping is passed as keyword arguments and the output's ``loss`` is used (the
+        Hugging Face convention); an ``(x, y)`` pair gives ``cross_entropy(self(x), y)``.
+        """
+        if isinstance(batch, Mapping):
+            out = self(**batch)
+            loss = out["loss"] if isinstance(out, Mapping) else getattr(out, "loss", None)
+            if loss is None:
+                raise ValueError("the backbone returned no loss: pass labels in the batch or override compute_loss")
+            return loss
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def orthogonality_loss(self) -> torch.Tensor:
+        """R, the masked orthogonality regulariser averaged over modules (no host sync)."""
+        if self._orth_groups is None:
+            self._orth_groups = group_by_shape([layer for _, layer in self.flexlora_layers()])
+        return orthogonality_penalty(self._orth_groups)
+
+    def importance_scores(self, metric: str) -> torch.Tensor:
+        """Importance of every FlexLoRA layer, shape (num_layers,), in :meth:`flexlora_layers` order.
+
+        Called by :class:`~flexlora_pl.RankReallocation` at each event. Override for a new score.
+        """
+        return importance_scores([layer for _, layer in self.flexlora_layers()], metric)
+
+    @override
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        task_loss = self.compute_loss(batch)
+        orth = self.orthogonality_loss()
+        self.log("train/loss", task_loss, prog_bar=True)
+        self.log("train/orth_reg", orth)
+        return task_loss + self.orth_reg_weight * orth
+
+    @override
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = self.compute_loss(batch)
+        self.log("val/loss", loss, prog_bar=True)
+        return loss
+
+    # ---------------------------------------------------------------- set-up
+    @override
+    def on_fit_start(self) -> None:
+        from flexlora_pl.callback import RankReallocation
+
+        if not any(isinstance(cb, RankReallocation) for cb in self.trainer.callbacks):
+            rank_zero_warn(
+                "FlexLoRAModule holds FlexLoRA layers but no RankReallocation callback is attached: ranks "
+                "will stay fixed (plain LoRA in SVD form). Add RankReallocation to trainer callbacks."
+            )
+        counts = self.parameter_counts()
+        rank_zero_info(
+            f"FlexLoRA: {len(self.adapted_modules)} adapted layers, {counts['active']:,} active adapter "
+            f"parameters ({counts['allocated']:,} allocated with r_max buffers), "
+            f"{counts['modules_to_save']:,} in modules_to_save"
+        )
+
+    @override
+    def configure_optimizers(self) -> Any:
+        groups = [{"params": self.adapter_parameters(), "name": "adapter"}]
+        saved = self.saved_module_parameters()
+        if saved:
+            groups.append({"params": saved, "name": "modules_to_save"})
+        optimizer = self.optimizer_factory(groups)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        kwargs = {}
+        if _accepts(self.lr_scheduler_factory, "total_steps"):
+            kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
+        scheduler = self.lr_scheduler_factory(optimizer, **kwargs)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _accepts(factory: Callable, name: str) -> bool:
+    """Whether ``factory`` takes keyword ``name`` and was not already given it."""
+    keywords = getattr(factory, "keywords", None) or {}
+    if name in keywords:
+        return False
+    target = getattr(factory, "func", factory)
+    try:
+        return name in inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return False

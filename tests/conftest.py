@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny backbones built from configs (no downloads) and an offline environment."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def tiny_bert(num_labels: int = 2) -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+        max_position_embeddings=64, num_labels=num_labels,
+    )
+    return BertForSequenceClassification(config).eval()
+
+
+def tiny_deberta(num_labels: int = 2) -> nn.Module:
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+    torch.manual_seed(0)
+    config = DebertaV2Config(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+        max_position_embeddings=64, relative_attention=True, position_buckets=8,
+        pos_att_type=["p2c", "c2p"], num_labels=num_labels,
+    )
+    return DebertaV2ForSequenceClassification(config).eval()
+
+
+def tiny_llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_vit(num_classes: int = 5) -> nn.Module:
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("test_vit", pretrained=False, num_classes=num_classes, img_size=32).eval()
+
+
+# name -> (factory, target_modules, modules_to_save, example-input builder)
+BACKBONES = {
+    "bert": (tiny_bert, ["query", "key", "value", "attention.output.dense", "intermediate.dense",
+                         "output.dense"], ["classifier"], lambda: {"input_ids": torch.randint(0, 64, (2, 7))}),
+    "deberta": (tiny_deberta, ["query_proj", "key_proj", "value_proj", "attention.output.dense",
+                               "intermediate.dense", "output.dense"], ["classifier"],
+                lambda: {"input_ids": torch.randint(0, 64, (2, 7))}),
+    "llama": (tiny_llama, ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"], [],
+              lambda: {"input_ids": torch.randint(0, 64, (2, 7))}),
+    "vit": (tiny_vit, ["qkv", "mlp.fc1", "mlp.fc2"], ["head"], lambda: torch.randn(2, 3, 32, 32)),
+}
+
+
+def run_backbone(model: nn.Module, inputs) -> torch.Tensor:
+    out = model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    return out if torch.is_tensor(out) else out.logits
+
+
+@pytest.fixture(params=sorted(BACKBONES))
+def backbone_case(request):
+    return request.param, *BACKBONES[request.param]
