@@ -8,16 +8,22 @@ from flexlora_pl.layer import FlexLoRALinear
 from flexlora_pl.lr_scheduler import LinearWarmupDecay
 from flexlora_pl.module import FlexLoRAModule
 from flexlora_pl.orthogonality import orthogonality_penalty
+from flexlora_pl.rank_heatmap import RankHeatmap
+from flexlora_pl.report import FinalMetricsReport
 from flexlora_pl.schedule import budget_at, event_steps, is_event_step
+from flexlora_pl.sequence_classification import FlexLoRASequenceClassifier
 
 __version__ = "0.1.0"
 
 __all__ = [
     "IMPORTANCE_METRICS",
     "AllocationDecision",
+    "FinalMetricsReport",
     "FlexLoRALinear",
     "FlexLoRAModule",
+    "FlexLoRASequenceClassifier",
     "LinearWarmupDecay",
+    "RankHeatmap",
     "RankReallocation",
     "SensitivityTracker",
     "budget_at",

@@ -16,7 +16,7 @@ class LinearWarmupDecay(LambdaLR):
 
     Args:
         optimizer: the wrapped optimizer.
-        total_steps: total optimizer steps of the run.
+        total_steps: total optimizer steps of the run (``None``: FlexLoRAModule passes the Trainer's).
         warmup_ratio: warm-up length as a fraction of ``total_steps`` (paper: 0.1 on GLUE).
         warmup_steps: warm-up length in steps; overrides ``warmup_ratio`` (paper: 100 on commonsense).
     """
@@ -24,12 +24,15 @@ class LinearWarmupDecay(LambdaLR):
     def __init__(
         self,
         optimizer: Optimizer,
-        total_steps: int,
+        total_steps: int | None = None,
         warmup_ratio: float = 0.1,
         warmup_steps: int | None = None,
     ) -> None:
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-            raise ValueError(f"LinearWarmupDecay: total_steps must be a positive integer, got {total_steps!r}")
+            raise ValueError(
+                f"LinearWarmupDecay: total_steps must be a positive integer, got {total_steps!r} "
+                "(FlexLoRAModule fills it in from the Trainer; pass it when building the scheduler yourself)"
+            )
         if not 0.0 <= warmup_ratio < 1.0:
             raise ValueError(f"LinearWarmupDecay: warmup_ratio must be in [0, 1), got {warmup_ratio}")
         if warmup_steps is not None and not 0 <= warmup_steps < total_steps:

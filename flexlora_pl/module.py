@@ -74,7 +74,9 @@ class FlexLoRAModule(LightningModule):
             backbone = backbone()
             if not isinstance(backbone, nn.Module):
                 raise TypeError(f"the backbone factory returned {type(backbone).__name__}, not an nn.Module")
-        self.backbone = backbone
+        # Lightning keeps each sub-module's train/eval mode, and ``from_pretrained`` returns models in eval
+        # mode: switch to train mode so the backbone's own dropout acts during fitting.
+        self.backbone = backbone.train()
         self.target_modules = list(target_modules)
         self.modules_to_save = list(modules_to_save or [])
         self.adapted_modules = inject_flexlora(
@@ -191,19 +193,27 @@ class FlexLoRAModule(LightningModule):
         if self.lr_scheduler_factory is None:
             return optimizer
         kwargs = {}
-        if _accepts(self.lr_scheduler_factory, "total_steps"):
+        if _needs(self.lr_scheduler_factory, "total_steps"):
             kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
         scheduler = self.lr_scheduler_factory(optimizer, **kwargs)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-def _accepts(factory: Callable, name: str) -> bool:
-    """Whether ``factory`` takes keyword ``name`` and was not already given it."""
+def _needs(factory: Callable, name: str) -> bool:
+    """Whether ``factory`` takes keyword ``name`` and was not given a value for it.
+
+    Handles plain classes and functions and ``functools.partial`` objects, including the ones the CLI
+    builds (``partial(call, instantiator, SchedulerClass, **init_args)``).
+    """
     keywords = getattr(factory, "keywords", None) or {}
     if name in keywords:
-        return False
-    target = getattr(factory, "func", factory)
-    try:
-        return name in inspect.signature(target).parameters
-    except (TypeError, ValueError):
-        return False
+        return keywords[name] is None
+    for target in (getattr(factory, "func", factory), *getattr(factory, "args", ())):
+        if not callable(target):
+            continue
+        try:
+            if name in inspect.signature(target).parameters:
+                return True
+        except (TypeError, ValueError):
+            continue
+    return False

@@ -75,3 +75,27 @@ def run_backbone(model: nn.Module, inputs) -> torch.Tensor:
 @pytest.fixture(params=sorted(BACKBONES))
 def backbone_case(request):
     return request.param, *BACKBONES[request.param]
+
+
+# Fewer than 64 entries, so ids also fit the tiny backbones above (vocab_size=64).
+TINY_VOCAB = [
+    "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",
+    "the", "a", "an", "this", "that", "it", "i", "you", "we", "they",
+    "is", "was", "are", "be", "not", "no", "very", "so", "too", "and", "or", "but",
+    "movie", "film", "plot", "actor", "story", "car", "road", "day", "city", "man", "woman",
+    "good", "bad", "great", "awful", "fun", "dull", "happy", "sad", "new", "old",
+    "like", "love", "hate", "see", "drive", "go", ".", ",", "?", "!",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> str:
+    """A saved word-level BERT tokenizer folder (no download): pass it as ``tokenizer_name_or_path``."""
+    from transformers import BertTokenizerFast
+
+    root = tmp_path_factory.mktemp("tiny_tokenizer")
+    vocab = root / "vocab.txt"
+    vocab.write_text("\n".join(TINY_VOCAB) + "\n")
+    # Positional: the keyword is `vocab_file` in transformers 4 and `vocab` in 5.
+    BertTokenizerFast(str(vocab)).save_pretrained(root / "tok")
+    return str(root / "tok")

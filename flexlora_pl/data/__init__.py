@@ -1,0 +1,24 @@
+"""Text classification data: a shared base ``LightningDataModule``, GLUE, and an offline tweet-sentiment set."""
+
+from flexlora_pl.data.glue import GLUE_TASKS, GLUEDataModule, GlueTask
+from flexlora_pl.data.text import (
+    DataFileNotFoundError,
+    RawSplit,
+    TextClassificationDataModule,
+    check_columns,
+    load_data_files,
+)
+from flexlora_pl.data.tweets import TWEET_LABEL_NAMES, TweetSentimentDataModule
+
+__all__ = [
+    "GLUE_TASKS",
+    "TWEET_LABEL_NAMES",
+    "DataFileNotFoundError",
+    "GLUEDataModule",
+    "GlueTask",
+    "RawSplit",
+    "TextClassificationDataModule",
+    "TweetSentimentDataModule",
+    "check_columns",
+    "load_data_files",
+]

@@ -1,0 +1,100 @@
+"""Training data order that survives a crash: exact mid-epoch resumption, single process or DDP.
+
+The order of epoch ``e`` is a permutation seeded by ``seed + e`` (``torch.utils.data.DistributedSampler``
+semantics), so it depends on nothing but the seed and the epoch. :class:`ResumableDataLoader` tells
+Lightning where training stands when a checkpoint is written (epoch, and batches whose training step
+ran), and on resume its sampler skips exactly those batches. Under DDP every rank takes its own shard
+of the same permutation, so the union of one step's per-rank batches is the batch a single process
+with the same global batch size would draw.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+__all__ = ["ResumableDataLoader", "ResumableSampler"]
+
+
+class ResumableSampler(DistributedSampler):
+    """A seeded, epoch-aware shuffling sampler that can start an epoch part-way through.
+
+    Args:
+        dataset: the dataset to index.
+        seed: the permutation of epoch ``e`` is seeded by ``seed + e``.
+        shuffle: shuffle (``False``: dataset order, sharded the same way).
+        num_replicas: number of processes; default from ``torch.distributed`` (1 when not initialised).
+        rank: this process's rank; default from ``torch.distributed`` (0 when not initialised).
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        seed: int = 0,
+        shuffle: bool = True,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ) -> None:
+        distributed = dist.is_available() and dist.is_initialized()
+        num_replicas = num_replicas if num_replicas is not None else (dist.get_world_size() if distributed else 1)
+        rank = rank if rank is not None else (dist.get_rank() if distributed else 0)
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self._skip = 0
+
+    def skip_next_epoch_start(self, samples: int) -> None:
+        """Skip the first ``samples`` indices of the next iteration only (resuming mid-epoch)."""
+        if samples < 0:
+            raise ValueError(f"cannot skip a negative number of samples ({samples})")
+        self._skip = samples
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())  # this rank's shard of the epoch's permutation
+        skip, self._skip = self._skip, 0
+        return iter(indices[skip:])
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` over a :class:`ResumableSampler` that Lightning checkpoints and restores.
+
+    Lightning saves :meth:`state_dict` with every checkpoint and calls :meth:`load_state_dict` before it
+    iterates again. The position is read from the training loop (``progress``), not counted here,
+    because Lightning pre-fetches a batch ahead of the one being trained on.
+
+    Args:
+        dataset: the training dataset.
+        sampler: its :class:`ResumableSampler`.
+        progress: returns ``(epoch, batches_done)``: the current epoch and how many of its batches
+            have been trained on. Usually reads ``trainer.fit_loop``.
+        **kwargs: passed to ``DataLoader`` (``batch_size``, ``collate_fn``, ``num_workers``, ...).
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        sampler: ResumableSampler,
+        progress: Callable[[], tuple[int, int]],
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(dataset, sampler=sampler, **kwargs)
+        self.progress = progress
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, done = self.progress()
+        if done >= len(self):  # the epoch is over: resume at the start of the next one
+            epoch, done = epoch + 1, 0
+        return {"epoch": epoch, "batches_done": done, "batch_size": self.batch_size,
+                "num_replicas": self.sampler.num_replicas}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        for key in ("batch_size", "num_replicas"):
+            current = self.batch_size if key == "batch_size" else self.sampler.num_replicas
+            if state.get(key, current) != current:
+                raise ValueError(
+                    f"the checkpoint's training data was read with {key}={state[key]}, this run uses {current}: "
+                    f"mid-epoch resumption would replay or skip rows. Resume with the same {key}."
+                )
+        self.sampler.set_epoch(state["epoch"])
+        self.sampler.skip_next_epoch_start(state["batches_done"] * self.batch_size)

