@@ -57,6 +57,9 @@ class RankReallocation(Callback):
         b_schedule: ``cubic`` (paper eq. 4) or ``constant`` (b0 at every event).
         seed: seed of the draws for new directions (combined with the step and the layer index).
         verbose: report each event through ``rank_zero_info``.
+        allow_no_events: a schedule that can never fire (``t_warmup``, ``t_final`` and ``delta_t``
+            leave no event step before ``T − t_final``) is a configuration error by default, raised
+            before training starts; ``True`` turns it into a warning (ranks then stay fixed).
     """
 
     def __init__(
@@ -73,6 +76,7 @@ class RankReallocation(Callback):
         b_schedule: str = "cubic",
         seed: int = 0,
         verbose: bool = False,
+        allow_no_events: bool = False,
     ) -> None:
         super().__init__()
         _require_int("b0", b0, minimum=0)
@@ -95,6 +99,7 @@ class RankReallocation(Callback):
         self.total_steps = total_steps
         self.importance, self.mode, self.init, self.r_min = importance, mode, init, r_min
         self.b_schedule, self.seed, self.verbose = b_schedule, seed, verbose
+        self.allow_no_events = allow_no_events
         self.sensitivity = SensitivityTracker() if importance == "sensitivity" else None
         self.history: list[dict[str, Any]] = []
         self.layer_names: list[str] = []
@@ -104,7 +109,10 @@ class RankReallocation(Callback):
 
     # ------------------------------------------------------------------ hooks
     @override
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        # Checked in ``setup`` (before anything is written to the run directory), not at fit start.
+        if stage != "fit":
+            return
         named = list(flexlora_layers(pl_module))
         if not named:
             raise ValueError(
@@ -125,16 +133,22 @@ class RankReallocation(Callback):
             raise ValueError(f"RankReallocation: r_min={self.r_min} exceeds every layer's max_rank")
         steps = event_steps(self.t_warmup, self.t_final, self.delta_t, self._total)
         if len(steps) == 0:
-            rank_zero_warn(
-                f"RankReallocation will never fire: t_warmup ({self.t_warmup}) + t_final ({self.t_final}) "
-                f"leaves no multiple of delta_t ({self.delta_t}) before step {self._total} - {self.t_final}. "
-                "Lower t_warmup/t_final/delta_t or train longer."
+            message = (
+                f"RankReallocation will never fire: with t_warmup={self.t_warmup}, t_final={self.t_final} and "
+                f"delta_t={self.delta_t}, no event step lies in ({self.t_warmup}, {self._total - self.t_final}) "
+                f"for a run of {self._total} optimizer steps. Lower t_warmup / t_final / delta_t or train longer"
             )
+            if not self.allow_no_events:
+                raise ValueError(message + " (or set allow_no_events: true to train with fixed ranks).")
+            rank_zero_warn(message + ".")
         else:
             rank_zero_info(
                 f"RankReallocation: {len(steps)} events over {self._total} steps "
                 f"(first at {steps[0]}, last at {steps[-1]}) across {len(self._layers)} layers"
             )
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._last_step is None:
             self._last_step = trainer.global_step
 
@@ -177,6 +191,9 @@ class RankReallocation(Callback):
     @torch.no_grad()
     def reallocate(self, trainer: Trainer, pl_module: LightningModule, step: int) -> AllocationDecision:
         """Run one allocation event at optimizer step ``step``; returns what moved."""
+        check_finite = getattr(pl_module, "check_finite", None)
+        if callable(check_finite):  # a diverged run is reported as such, not as NaN importance scores
+            check_finite(f"at the allocation event of step {step}")
         scores = self.scores(pl_module)
         if scores.shape != (len(self._layers),):
             raise ValueError(f"importance scores must have shape ({len(self._layers)},), got {tuple(scores.shape)}")

@@ -21,7 +21,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from flexlora_pl.module import FlexLoRAModule
 
-__all__ = ["FlexLoRACLI", "main"]
+__all__ = ["FlexLoRACLI", "build_cli", "main"]
 
 
 def _task_of(data: LightningDataModule) -> str | None:
@@ -39,8 +39,8 @@ class FlexLoRACLI(LightningCLI):
         parser.link_arguments("data", "model.init_args.task", compute_fn=_task_of, apply_on="instantiate")
 
 
-def main(args: Sequence[str] | None = None, run: bool = True) -> FlexLoRACLI:
-    """Entry point of the ``flexlora`` console script (``run=False``: parse and instantiate only)."""
+def build_cli(args: Sequence[str] | None = None, run: bool = True) -> FlexLoRACLI:
+    """Parse ``args`` (default: the command line), instantiate, and run the subcommand unless ``run=False``."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return FlexLoRACLI(
         FlexLoRAModule,
@@ -52,6 +52,11 @@ def main(args: Sequence[str] | None = None, run: bool = True) -> FlexLoRACLI:
         args=args,
         run=run,
     )
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """Entry point of the ``flexlora`` console script (returns ``None``, so the exit status is 0)."""
+    build_cli(args)
 
 
 if __name__ == "__main__":

@@ -133,6 +133,14 @@ class FlexLoRALinear(nn.Module):
         w.copy_((w.float() - self.delta_weight()).to(w.dtype))
         self.merged = False
 
+    # The merged flag travels with the state dict: a state dict taken while merged holds ΔW inside the
+    # base weight, and loading it into an unmerged layer would otherwise add ΔW a second time.
+    def get_extra_state(self) -> dict[str, bool]:
+        return {"merged": self.merged}
+
+    def set_extra_state(self, state: dict[str, bool]) -> None:
+        self.merged = bool(state.get("merged", False))
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -29,6 +29,7 @@ from flexlora_pl.importance import importance_scores
 from flexlora_pl.inject import flexlora_layers, inject_flexlora
 from flexlora_pl.layer import FlexLoRALinear
 from flexlora_pl.orthogonality import group_by_shape, orthogonality_penalty
+from flexlora_pl.rng_state import capture_rng_states, restore_rng_states
 
 __all__ = ["FlexLoRAModule"]
 
@@ -93,6 +94,10 @@ class FlexLoRAModule(LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self._orth_groups: list[list[FlexLoRALinear]] | None = None
+        self._rng_to_restore: dict[str, Any] | None = None
+        # Step of the first non-finite training loss (-1: none yet). Kept on the device and only read
+        # where the host syncs anyway (logging cadence, events, checkpoints), not every step.
+        self.register_buffer("_first_nonfinite_step", torch.tensor(-1), persistent=False)
 
     # -------------------------------------------------------------- structure
     def flexlora_layers(self) -> Iterator[tuple[str, FlexLoRALinear]]:
@@ -158,7 +163,56 @@ class FlexLoRAModule(LightningModule):
         orth = self.orthogonality_loss()
         self.log("train/loss", task_loss, prog_bar=True)
         self.log("train/orth_reg", orth)
-        return task_loss + self.orth_reg_weight * orth
+        loss = task_loss + self.orth_reg_weight * orth
+        self._record_nonfinite(loss)
+        return loss
+
+    # ---------------------------------------------------------------- numerics
+    def _record_nonfinite(self, loss: torch.Tensor) -> None:
+        first = self._first_nonfinite_step
+        hit = ~torch.isfinite(loss.detach()) & (first < 0)
+        first.copy_(torch.where(hit, self.trainer.global_step if self._trainer else 0, first))
+
+    def check_finite(self, where: str) -> None:
+        """Raise if any training loss so far was NaN or inf, naming its step and the last good checkpoint.
+
+        Called at the logging cadence, at allocation events and before every checkpoint is written, so a
+        diverged run stops before it can overwrite a good checkpoint.
+        """
+        step = int(self._first_nonfinite_step)
+        if step < 0:
+            return
+        good = [cb.last_model_path or cb.best_model_path for cb in getattr(self.trainer, "checkpoint_callbacks", [])
+                if getattr(cb, "last_model_path", None) or getattr(cb, "best_model_path", None)]
+        raise FloatingPointError(
+            f"the training loss became non-finite (NaN or inf) at optimizer step {step} (noticed {where}); "
+            f"training stopped before writing another checkpoint. Last good checkpoint: "
+            f"{good[0] if good else 'none written yet'}. Lower the learning rate, check the data, or "
+            "use gradient clipping (trainer.gradient_clip_val)."
+        )
+
+    @override
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+            self.check_finite(f"at step {self.trainer.global_step}")
+
+    # ------------------------------------------------------------ checkpoints
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_finite("while saving a checkpoint")
+        checkpoint["flexlora_rng_states"] = capture_rng_states()
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._rng_to_restore = checkpoint.get("flexlora_rng_states")
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Restored here, not when the checkpoint is loaded: the sanity-check validation in between
+        # must not shift the dropout masks of the resumed run.
+        if self._rng_to_restore is not None:
+            restore_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
 
     @override
     def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from flexlora_pl.cli import main
+from flexlora_pl.cli import build_cli, main
 from flexlora_pl.inject import match_target
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
@@ -121,7 +121,7 @@ def tiny_run_dir(tmp_path, tiny_tokenizer_dir):
 def test_fit_end_to_end_fires_events_and_writes_tensorboard(tiny_run_dir):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cli = main(["fit", "--config", str(tiny_run_dir / "tiny.yaml")])
+    cli = build_cli(["fit", "--config", str(tiny_run_dir / "tiny.yaml")])
     assert cli.model.num_labels == 2 and cli.model.task == "mrpc"  # linked from the data module
     log_dir = Path(cli.trainer.log_dir)
     pattern = json.loads((log_dir / "rank_pattern.json").read_text())
@@ -148,3 +148,13 @@ def test_bad_config_values_name_the_key(tiny_run_dir, capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(tiny_run_dir / "tiny.yaml"), "--model.init_args.init_rank", "two"])
     assert "init_rank" in capsys.readouterr().err
+
+
+def test_console_script_exits_zero_on_success(tiny_run_dir):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "flexlora_pl.cli", "fit", "--config", str(tiny_run_dir / "tiny.yaml")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "FlexLoRACLI object" not in done.stdout

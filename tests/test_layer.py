@@ -142,3 +142,15 @@ def test_regex_targets_select_by_full_match():
     model = BACKBONES["llama"][0]()
     adapted = inject_flexlora(model, [r"re:.*layers\.1\.self_attn\.(q|v)_proj"], init_rank=2, max_rank=2)
     assert adapted == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+
+
+def test_a_state_dict_taken_while_merged_reloads_as_merged():
+    layer = _trained_layer()
+    x = torch.randn(3, 10)
+    with torch.no_grad():
+        expected = layer(x)
+        layer.merge()
+        fresh = FlexLoRALinear(nn.Linear(10, 7), init_rank=3, max_rank=5, alpha=6)
+        fresh.load_state_dict(layer.state_dict())
+        assert fresh.merged
+        torch.testing.assert_close(fresh(x), expected, rtol=1e-5, atol=1e-5)

@@ -158,9 +158,9 @@ class GLUEDataModule(TextClassificationDataModule):
 
     @override
     def prepare_data(self) -> None:
-        # Runs on one process only: download (and cache) the hub dataset before every rank reads it.
-        if self.data_files is None:
-            self._load_hub()
+        # Runs on one process per node before any reads the data: without data_files this downloads (and
+        # caches) the hub dataset; then the splits the coming stage needs are checked (see the base class).
+        super().prepare_data()
 
     @override
     def load_raw_splits(self, splits: Sequence[str]) -> dict[str, RawSplit]:

@@ -207,6 +207,8 @@ class TextClassificationDataModule(LightningDataModule):
         # split name -> tokenised rows; filled by setup()
         self.datasets: dict[str, Dataset] = {}
         self._tokenizer: PreTrainedTokenizerBase | None = None
+        # split name -> raw rows already checked by prepare_data(), waiting for setup() in this process
+        self._checked: dict[str, RawSplit] = {}
 
     @property
     def is_regression(self) -> bool:
@@ -258,14 +260,35 @@ class TextClassificationDataModule(LightningDataModule):
         raise ValueError(f"unknown stage {stage!r}; expected fit, validate, test, predict or None")
 
     @override
+    def prepare_data(self) -> None:
+        """Load and check the splits that the Trainer's coming stage needs, without tokenising them.
+
+        The Trainer calls this before its loggers create the run directory, so a missing file, a missing
+        column, a bad label or an empty split stops the run before anything is written. The checked rows are
+        kept for :meth:`setup` in this process; other processes (DDP) load and check their own.
+        """
+        fn = self.trainer.state.fn if self.trainer is not None else None  # None: called by hand, every split
+        wanted = [split for split in self.splits_for_stage(None if fn is None else fn.value)
+                  if split not in self.datasets and split not in self._checked]
+        if wanted:
+            self._checked.update(self._load_and_check(wanted))
+
+    def _load_and_check(self, splits: Sequence[str]) -> dict[str, RawSplit]:
+        raw = self.load_raw_splits(splits)
+        # Check every split before tokenising any, so a bad validation file fails fast, not after train.
+        for split in splits:
+            self._check_split(split, raw[split])
+        return raw
+
+    @override
     def setup(self, stage: str | None = None) -> None:
         wanted = [split for split in self.splits_for_stage(stage) if split not in self.datasets]
         if not wanted:
             return
-        raw = self.load_raw_splits(wanted)
-        # Check every split before tokenising any, so a bad validation file fails fast, not after train.
-        for split in wanted:
-            self._check_split(split, raw[split])
+        raw = {split: self._checked.pop(split) for split in wanted if split in self._checked}
+        unchecked = [split for split in wanted if split not in raw]
+        if unchecked:
+            raw.update(self._load_and_check(unchecked))
         for split in wanted:
             self.datasets[split] = self._tokenize(split, raw[split].data)
             rank_zero_info(f"{type(self).__name__}: split '{split}' has {len(self.datasets[split])} rows "
@@ -344,6 +367,9 @@ class TextClassificationDataModule(LightningDataModule):
             "collate_fn": _PaddingCollator(self.tokenizer, torch.float32 if self.is_regression else torch.long),
             "num_workers": self.num_workers,
             "persistent_workers": self.num_workers > 0,
+            # Every loader draws its worker seed from a private generator, never from the global RNG:
+            # the global RNG then drives only dropout, and a resumed run can replay it exactly.
+            "generator": torch.Generator().manual_seed(self.seed),
         }
         if split != "train":
             return DataLoader(self.datasets[split], shuffle=False, **kwargs)
