@@ -204,7 +204,32 @@ class FlexLoRAModule(LightningModule):
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._check_checkpoint_layout(checkpoint.get("state_dict", {}))
         self._rng_to_restore = checkpoint.get("flexlora_rng_states")
+
+    def _check_checkpoint_layout(self, saved: Mapping[str, Any]) -> None:
+        """Refuse a checkpoint whose tensors do not fit this model, with one readable message."""
+        own = self.state_dict()
+        shape = lambda t: list(t.shape) if torch.is_tensor(t) else None  # noqa: E731
+        differ = [k for k in saved if k in own and shape(saved[k]) != shape(own[k])]
+        missing = [k for k in own if k not in saved]
+        extra = [k for k in saved if k not in own]
+        if not (differ or missing or extra):
+            return
+        parts = []
+        if differ:
+            k = differ[0]
+            parts.append(f"{len(differ)} tensors differ in shape, e.g. {k} is {shape(saved[k])} in the checkpoint "
+                         f"and {shape(own[k])} in the model")
+        if missing:
+            parts.append(f"{len(missing)} model tensors are not in the checkpoint, e.g. {missing[0]}")
+        if extra:
+            parts.append(f"{len(extra)} checkpoint tensors are not in the model, e.g. {extra[0]}")
+        raise ValueError(
+            "the checkpoint does not fit the model built from this config: " + "; ".join(parts)
+            + ". The backbone, target_modules or max_rank differ from the run that wrote it: build the model "
+            "the checkpoint was trained with (same model_name_or_path, target_modules, max_rank)."
+        )
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

@@ -9,6 +9,7 @@ checkpoint selection.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -184,14 +185,24 @@ def _load_backbone(name: str | None, num_labels: int, trust_remote_code: bool) -
         from flexlora_pl.data.tweets import default_tokenizer_path
 
         name = default_tokenizer_path()
+    # Hub names are "model" or "owner/model"; anything else that does not exist is a wrong local path, and the
+    # hub's own complaint about it ("Repo id must be in the form ...") would hide that.
+    looks_local = os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or "\\" in name
+    if looks_local and not os.path.isdir(os.path.expanduser(name)):
+        raise ValueError(f"model_name_or_path={name!r} is not an existing folder; give the folder that holds the "
+                         f"model's config.json and weights (relative paths are resolved from {os.getcwd()!r}) or "
+                         "a hub name such as 'microsoft/deberta-v3-base'")
+    if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
+        raise ValueError(f"model_name_or_path={name!r} is a folder without config.json, so it holds no saved model; "
+                         "give the folder written by save_pretrained (config.json next to the weights)")
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
             name, num_labels=num_labels, output_loading_info=True, trust_remote_code=trust_remote_code
         )
     except OSError as err:
         raise ValueError(
-            f"could not load model_name_or_path={name!r}: {err}. Give a local model folder, or make the "
-            "Hugging Face hub reachable (HF_HUB_OFFLINE unset)"
+            f"could not load model_name_or_path={name!r}: {str(err).rstrip('.')}. Give a local model folder, or "
+            "make the Hugging Face hub reachable (HF_HUB_OFFLINE unset)"
         ) from err
     new_modules = sorted({key.rsplit(".", 1)[0] for key in info["missing_keys"]})
     # keep the outermost module of each group: "pooler.dense" and "classifier" rather than their params

@@ -99,3 +99,20 @@ def tiny_tokenizer_dir(tmp_path_factory) -> str:
     # Positional: the keyword is `vocab_file` in transformers 4 and `vocab` in 5.
     BertTokenizerFast(str(vocab)).save_pretrained(root / "tok")
     return str(root / "tok")
+
+
+def make_tiny_glue_run(root, tokenizer_dir: str) -> None:
+    """Write what a tiny ``flexlora fit`` needs into ``root``: a tiny BERT with the tiny tokenizer in
+    ``root/model``, and MRPC-layout ``train.csv`` (48 rows) and ``dev.csv`` (16 rows)."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=48, max_position_embeddings=64)
+    BertForSequenceClassification(config).save_pretrained(root / "model")
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(root / "model")
+    words = ["the movie is good", "a bad film", "i love this story", "they hate the plot", "we see a city"]
+    for name, n in (("train.csv", 48), ("dev.csv", 16)):
+        rows = ["sentence1,sentence2,label"]
+        rows += [f"{words[i % 5]},{words[(i * 3) % 5]},{int(i % 5 == (i * 3) % 5)}" for i in range(n)]
+        (root / name).write_text("\n".join(rows) + "\n")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import make_tiny_glue_run
 
 from flexlora_pl.cli import build_cli, main
 from flexlora_pl.inject import match_target
@@ -102,18 +103,7 @@ data:
 
 @pytest.fixture
 def tiny_run_dir(tmp_path, tiny_tokenizer_dir):
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=48, max_position_embeddings=64)
-    BertForSequenceClassification(config).save_pretrained(tmp_path / "model")
-    AutoTokenizer.from_pretrained(tiny_tokenizer_dir).save_pretrained(tmp_path / "model")
-    words = ["the movie is good", "a bad film", "i love this story", "they hate the plot", "we see a city"]
-    for name, n in (("train.csv", 48), ("dev.csv", 16)):
-        rows = ["sentence1,sentence2,label"]
-        rows += [f"{words[i % 5]},{words[(i * 3) % 5]},{int(i % 5 == (i * 3) % 5)}" for i in range(n)]
-        (tmp_path / name).write_text("\n".join(rows) + "\n")
+    make_tiny_glue_run(tmp_path, tiny_tokenizer_dir)
     (tmp_path / "tiny.yaml").write_text(TINY_CONFIG.format(root=tmp_path))
     return tmp_path
 

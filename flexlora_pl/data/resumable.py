@@ -57,11 +57,14 @@ class ResumableSampler(DistributedSampler):
 
 
 class ResumableDataLoader(DataLoader):
-    """A ``DataLoader`` over a :class:`ResumableSampler` that Lightning checkpoints and restores.
+    """A ``DataLoader`` over a :class:`ResumableSampler` that can report and restore its position.
 
-    Lightning saves :meth:`state_dict` with every checkpoint and calls :meth:`load_state_dict` before it
-    iterates again. The position is read from the training loop (``progress``), not counted here,
-    because Lightning pre-fetches a batch ahead of the one being trained on.
+    The data module saves :meth:`position` in every checkpoint (``LightningDataModule.state_dict``) and
+    calls :meth:`resume_at` when the checkpoint is loaded. (Lightning's own protocol for stateful
+    loaders is not used: the Trainer builds the training loader while counting the run's total steps,
+    before the checkpoint is restored, and then never hands the saved state to it.) The position is
+    read from the training loop (``progress``), not counted here, because Lightning pre-fetches a batch
+    ahead of the one being trained on.
 
     Args:
         dataset: the training dataset.
@@ -81,14 +84,16 @@ class ResumableDataLoader(DataLoader):
         super().__init__(dataset, sampler=sampler, **kwargs)
         self.progress = progress
 
-    def state_dict(self) -> dict[str, int]:
+    def position(self) -> dict[str, int]:
+        """Where training stands in the data: epoch, batches trained on in it, and the batch layout."""
         epoch, done = self.progress()
         if done >= len(self):  # the epoch is over: resume at the start of the next one
             epoch, done = epoch + 1, 0
         return {"epoch": epoch, "batches_done": done, "batch_size": self.batch_size,
                 "num_replicas": self.sampler.num_replicas}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def resume_at(self, state: dict[str, int]) -> None:
+        """Make the next iteration start where :meth:`position` said training stood."""
         for key in ("batch_size", "num_replicas"):
             current = self.batch_size if key == "batch_size" else self.sampler.num_replicas
             if state.get(key, current) != current:

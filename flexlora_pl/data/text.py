@@ -206,6 +206,8 @@ class TextClassificationDataModule(LightningDataModule):
         self.seed = seed
         # split name -> tokenised rows; filled by setup()
         self.datasets: dict[str, Dataset] = {}
+        self._train_loader: ResumableDataLoader | None = None
+        self._resume_position: dict[str, int] | None = None
         self._tokenizer: PreTrainedTokenizerBase | None = None
         # split name -> raw rows already checked by prepare_data(), waiting for setup() in this process
         self._checked: dict[str, RawSplit] = {}
@@ -376,7 +378,27 @@ class TextClassificationDataModule(LightningDataModule):
         # The order of epoch e is seeded by seed + e alone, and the loader's checkpointed position lets a
         # run killed mid-epoch resume on exactly the next batch (single process or DDP).
         sampler = ResumableSampler(self.datasets[split], seed=self.seed, shuffle=True)
-        return ResumableDataLoader(self.datasets[split], sampler, progress=self._training_progress, **kwargs)
+        self._train_loader = ResumableDataLoader(self.datasets[split], sampler, progress=self._training_progress,
+                                                 **kwargs)
+        if self._resume_position is not None:
+            self._train_loader.resume_at(self._resume_position)
+            self._resume_position = None
+        return self._train_loader
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """The training data position, saved by Lightning in every checkpoint."""
+        return {} if self._train_loader is None else {"train_position": self._train_loader.position()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        position = state_dict.get("train_position")
+        if position is None:
+            return
+        if self._train_loader is not None:  # usually built already: the Trainer counts steps before restoring
+            self._train_loader.resume_at(position)
+        else:
+            self._resume_position = position
 
     def _training_progress(self) -> tuple[int, int]:
         """``(epoch, batches trained on in it)``, read from the Trainer's fit loop."""

@@ -1,0 +1,35 @@
+"""Callbacks that test configs load by class path (``run_helpers.X``; the tests put this folder on
+PYTHONPATH): slow a run down so a test can interrupt it, and dump the final adapter state."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from lightning.pytorch import Callback
+
+
+class SlowDown(Callback):
+    """Sleep after every training batch, so a test can signal the process mid-run."""
+
+    def __init__(self, seconds: float = 0.1) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        time.sleep(self.seconds)
+
+
+class DumpAdapters(Callback):
+    """At the end of fit, save every FlexLoRA tensor and mask of the module to ``path``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_fit_end(self, trainer, pl_module):
+        state = {}
+        for name, layer in pl_module.flexlora_layers():
+            for key in ("lora_P", "lora_lambda", "lora_Q", "rank_mask"):
+                state[f"{name}.{key}"] = getattr(layer, key).detach().cpu().clone()
+        state["global_step"] = torch.tensor(trainer.global_step)
+        torch.save(state, self.path)
+

@@ -1,0 +1,155 @@
+"""A real ``flexlora fit`` killed with SIGKILL (or stopped by SIGTERM) mid-run and resumed with
+``--ckpt_path last`` finishes exactly like an uninterrupted run with the same seed: same rank
+trajectory, same final rank pattern, same final adapter tensors (bitwise, on CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny_glue_run
+
+pytestmark = pytest.mark.slow
+
+CONFIG = """
+seed_everything: 3
+trainer:
+  max_epochs: 4
+  accelerator: cpu
+  devices: 1
+  precision: 32-true
+  log_every_n_steps: 1
+  enable_progress_bar: false
+  logger:
+    class_path: lightning.pytorch.loggers.TensorBoardLogger
+    init_args: {{save_dir: {out}/runs, name: tiny}}
+  callbacks:
+    - class_path: flexlora_pl.RankReallocation
+      init_args: {{b0: 2, t_warmup: 3, t_final: 3, delta_t: 2, b_schedule: constant}}
+    - class_path: flexlora_pl.RankHeatmap
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {{dirpath: {out}/ckpt, every_n_train_steps: 3, save_last: true, filename: "periodic-{{step}}"}}
+    - class_path: lightning.pytorch.callbacks.OnExceptionCheckpoint
+      init_args: {{dirpath: {out}/ckpt}}
+    - class_path: run_helpers.SlowDown
+      init_args: {{seconds: {sleep}}}
+    - class_path: run_helpers.DumpAdapters
+      init_args: {{path: {out}/final.pt}}
+model:
+  class_path: flexlora_pl.FlexLoRASequenceClassifier
+  init_args:
+    model_name_or_path: {root}/model
+    target_modules: [query, value, attention.output.dense]
+    init_rank: 2
+    max_rank: 4
+    alpha: 4
+    optimizer:
+      class_path: torch.optim.AdamW
+      init_args: {{lr: 0.01}}
+    lr_scheduler:
+      class_path: flexlora_pl.LinearWarmupDecay
+data:
+  class_path: flexlora_pl.data.GLUEDataModule
+  init_args:
+    task_name: mrpc
+    batch_size: 4
+    data_files: {{train: {root}/train.csv, validation: {root}/dev.csv}}
+"""
+
+
+def _command(config: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "flexlora_pl.cli", "fit", "--config", str(config), *extra]
+
+
+def _env() -> dict[str, str]:
+    tests_dir = str(Path(__file__).parent)
+    return {**os.environ, "PYTHONPATH": tests_dir + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def _write_config(root: Path, out: Path, sleep: float) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "config.yaml"
+    path.write_text(CONFIG.format(root=root, out=out, sleep=sleep))
+    return path
+
+
+def _run(command: list[str]) -> None:
+    done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _interrupt(command: list[str], ckpt_dir: Path, sig: signal.Signals, after_step: int) -> int:
+    """Start the run, wait until a checkpoint at or after ``after_step`` exists, send ``sig``."""
+    process = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline:
+            steps = [int(p.stem.split("=")[-1]) for p in ckpt_dir.glob("periodic-step=*.ckpt")]
+            if steps and max(steps) >= after_step:
+                break
+            assert process.poll() is None, process.stderr.read()[-3000:]
+            time.sleep(0.05)
+        else:
+            pytest.fail("the run never reached the checkpoint to interrupt after")
+        process.send_signal(sig)
+        return process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def _final(out: Path) -> tuple[dict, dict]:
+    patterns = sorted((out / "runs" / "tiny").glob("version_*/rank_pattern.json"))
+    return json.loads(patterns[-1].read_text()), torch.load(out / "final.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_tokenizer_dir):
+    """The uninterrupted run every interrupted one must reproduce."""
+    root, base = tmp_path_factory.mktemp("tiny"), tmp_path_factory.mktemp("out")
+    make_tiny_glue_run(root, tiny_tokenizer_dir)
+    out = base / "reference"
+    _run(_command(_write_config(root, out, sleep=0.0)))
+    return root, base, _final(out)
+
+
+def _assert_same_run(resumed: tuple[dict, dict], reference: tuple[dict, dict]) -> None:
+    (pattern, tensors), (ref_pattern, ref_tensors) = resumed, reference
+    assert [e["step"] for e in ref_pattern["events"]] == [5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31,
+                                                          33, 35, 37, 39, 41, 43]
+    assert pattern["events"] == ref_pattern["events"]
+    assert pattern["rank_pattern"] == ref_pattern["rank_pattern"]
+    assert tensors.keys() == ref_tensors.keys()
+    for key in ref_tensors:
+        assert torch.equal(tensors[key], ref_tensors[key]), key
+
+
+def test_sigkill_mid_epoch_then_resume_from_last_is_exact(reference):
+    root, base, ref = reference
+    out = base / "killed"
+    config = _write_config(root, out, sleep=0.15)
+    code = _interrupt(_command(config), out / "ckpt", signal.SIGKILL, after_step=15)  # epoch 2 of 4, 12 steps each
+    assert code == -signal.SIGKILL
+    assert not (out / "final.pt").exists()
+    assert (out / "ckpt" / "last.ckpt").exists()
+    _run(_command(config, "--ckpt_path", "last"))
+    _assert_same_run(_final(out), ref)
+
+
+def test_sigterm_leaves_a_resumable_checkpoint(reference):
+    root, base, ref = reference
+    out = base / "terminated"
+    config = _write_config(root, out, sleep=0.15)
+    _interrupt(_command(config), out / "ckpt", signal.SIGTERM, after_step=8)
+    assert (out / "ckpt" / "on_exception.ckpt").exists(), list((out / "ckpt").iterdir())
+    assert not (out / "final.pt").exists()
+    _run(_command(config, "--ckpt_path", "last"))
+    _assert_same_run(_final(out), ref)
