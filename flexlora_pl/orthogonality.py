@@ -5,11 +5,10 @@
 ``P_m`` keeps only the active columns. With the mask ``m`` this is ``‖(PᵀP) ⊙ mmᵀ − diag(m)‖²_F``,
 which has zero gradient on inactive columns, so masked entries stay exactly zero.
 
-Both terms have the same form, ``‖(F Fᵀ) ⊙ mmᵀ − diag(m)‖²_F`` for an ``(r_max, d)`` factor ``F``
-(``F = Pᵀ`` or ``F = Q``). So every factor of equal ``(r_max, d)`` — P or Q, of any module — is stacked
-into one batch and handled by one batched matmul: a transformer with hidden size ``h`` and MLP size
-``f`` needs two batches (``d = h`` and ``d = f``) whatever its depth. No Python loop per module beyond
-collecting the tensors, and no host sync.
+Every P of the same ``(d_out, r_max)`` is stacked into one batch and every Q of the same
+``(r_max, d_in)`` into another, whatever the layer's other dimension, so a transformer with hidden
+size ``h`` and MLP size ``f`` needs four batched matmuls (P and Q, ``h`` and ``f``) at any depth. No
+Python loop per module beyond collecting the tensors, no transposed copies, no host sync.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from flexlora_pl.layer import FlexLoRALinear
 
@@ -25,7 +25,11 @@ __all__ = ["group_by_shape", "orthogonality_penalty"]
 
 
 def group_by_shape(layers: Sequence[FlexLoRALinear]) -> list[list[FlexLoRALinear]]:
-    """Split layers into groups of equal ``(d_out, d_in, r_max)`` so each group is one batched matmul."""
+    """Split layers into groups of equal ``(d_out, d_in, r_max)``.
+
+    :func:`orthogonality_penalty` takes these groups (any grouping of the layers gives the same value)
+    and batches the factors across groups by their own shapes.
+    """
     groups: dict[tuple[int, int, int], list[FlexLoRALinear]] = defaultdict(list)
     for layer in layers:
         groups[(layer.out_features, layer.in_features, layer.max_rank)].append(layer)
@@ -35,29 +39,32 @@ def group_by_shape(layers: Sequence[FlexLoRALinear]) -> list[list[FlexLoRALinear
 def _gram_penalty(gram: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Σ over the batch of ‖gram ⊙ mmᵀ − diag(m)‖²_F; gram (B, r, r), mask (B, r) float."""
     outer = mask.unsqueeze(2) * mask.unsqueeze(1)  # (B, r, r)
-    return (gram * outer - torch.diag_embed(mask)).pow(2).sum()
+    # ‖A − B‖²_F as one op (and one autograd node) rather than three: sub, pow, sum.
+    return F.mse_loss(gram * outer, torch.diag_embed(mask), reduction="sum")
+
+
+def _batched_penalty(layers: Sequence[FlexLoRALinear], factor: str) -> torch.Tensor:
+    """One side of R (``factor`` "P" or "Q") summed over ``layers``, whose factors share a shape."""
+    mask = torch.stack([layer.rank_mask for layer in layers]).float()  # (B, r)
+    if factor == "P":
+        stacked = torch.stack([layer.lora_P for layer in layers]).float()  # (B, d_out, r)
+    else:
+        stacked = torch.stack([layer.lora_Q for layer in layers]).float()  # (B, r, d_in)
+    with torch.autocast(stacked.device.type, enabled=False):  # an r×r Gram matrix: keep it in fp32
+        gram = stacked.transpose(1, 2) @ stacked if factor == "P" else stacked @ stacked.transpose(1, 2)
+        return _gram_penalty(gram, mask)  # gram: (B, r, r)
 
 
 def orthogonality_penalty(groups: Sequence[Sequence[FlexLoRALinear]]) -> torch.Tensor:
     """The regulariser R averaged over all modules in ``groups`` (see :func:`group_by_shape`)."""
-    factors: dict[tuple[int, int], list[torch.Tensor]] = defaultdict(list)  # (r_max, d) -> factors
-    masks: dict[tuple[int, int], list[torch.Tensor]] = defaultdict(list)
-    count = 0
-    for group in groups:
-        for layer in group:
-            r = layer.max_rank
-            factors[(r, layer.out_features)].append(layer.lora_P.t())  # (r, d_out), a view
-            masks[(r, layer.out_features)].append(layer.rank_mask)
-            factors[(r, layer.in_features)].append(layer.lora_Q)  # (r, d_in)
-            masks[(r, layer.in_features)].append(layer.rank_mask)
-        count += len(group)
-    if count == 0:
+    layers = [layer for group in groups for layer in group]
+    if not layers:
         raise ValueError("orthogonality_penalty needs at least one FlexLoRA layer")
-    total = None
-    for key, batch in factors.items():
-        stacked = torch.stack(batch).float()  # (B, r, d)
-        mask = torch.stack(masks[key]).float()  # (B, r)
-        with torch.autocast(stacked.device.type, enabled=False):  # an r×r Gram matrix: keep it in fp32
-            term = _gram_penalty(stacked @ stacked.transpose(1, 2), mask)
-        total = term if total is None else total + term
-    return total / count
+    by_p: dict[tuple[int, int], list[FlexLoRALinear]] = defaultdict(list)  # (d_out, r_max) -> layers
+    by_q: dict[tuple[int, int], list[FlexLoRALinear]] = defaultdict(list)  # (r_max, d_in) -> layers
+    for layer in layers:
+        by_p[(layer.out_features, layer.max_rank)].append(layer)
+        by_q[(layer.max_rank, layer.in_features)].append(layer)
+    terms = [_batched_penalty(batch, "P") for batch in by_p.values()]
+    terms += [_batched_penalty(batch, "Q") for batch in by_q.values()]
+    return sum(terms[1:], terms[0]) / len(layers)
