@@ -8,7 +8,7 @@ from flexlora_pl.layer import FlexLoRALinear
 from flexlora_pl.lr_scheduler import LinearWarmupDecay
 from flexlora_pl.module import FlexLoRAModule
 from flexlora_pl.orthogonality import orthogonality_penalty
-from flexlora_pl.rank_heatmap import RankHeatmap
+from flexlora_pl.rank_heatmap import RankHeatmap, render_heatmap
 from flexlora_pl.report import FinalMetricsReport
 from flexlora_pl.schedule import budget_at, event_steps, is_event_step
 from flexlora_pl.sequence_classification import FlexLoRASequenceClassifier
@@ -36,5 +36,6 @@ __all__ = [
     "is_event_step",
     "orthogonality_penalty",
     "prune_direction",
+    "render_heatmap",
     "spectral_entropy",
 ]
