@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import tiny_bert as conftest_tiny_bert
+from conftest import tiny_llama, tiny_vit
 from safetensors.torch import load_file
 from torch import nn
 
@@ -41,33 +43,10 @@ ATOL = 1e-5
 
 
 # ----------------------------------------------------------------------------- tiny backbones
+# conftest's builders seed torch first, so every call returns the same base weights: a fresh copy of the
+# base for peft to load the adapter onto.
 def tiny_bert(num_labels: int = 3) -> nn.Module:
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)  # the same base weights every call: a fresh copy of the base for peft
-    config = BertConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
-        max_position_embeddings=32, num_labels=num_labels,
-    )
-    return BertForSequenceClassification(config).eval()
-
-
-def tiny_llama() -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=32,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
-def tiny_vit() -> nn.Module:
-    import timm
-
-    torch.manual_seed(0)
-    return timm.create_model("test_vit", pretrained=False, num_classes=5, img_size=32).eval()
+    return conftest_tiny_bert(num_labels)
 
 
 def load_hf(cls_name: str, directory: Path) -> nn.Module:
