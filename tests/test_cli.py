@@ -148,3 +148,21 @@ def test_console_script_exits_zero_on_success(tiny_run_dir):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "FlexLoRACLI object" not in done.stdout
+
+
+def test_validate_and_predict_run_from_a_fit_checkpoint(tiny_run_dir):
+    fit = build_cli(["fit", "--config", str(tiny_run_dir / "tiny.yaml"), "--trainer.max_epochs", "3"])
+    ckpt = fit.trainer.checkpoint_callback.best_model_path or fit.trainer.checkpoint_callback.last_model_path
+    assert ckpt and Path(ckpt).exists()
+    validate = build_cli(["validate", "--config", str(tiny_run_dir / "tiny.yaml"), "--ckpt_path", ckpt])
+    assert {"val/accuracy", "val/f1", "val/score"} <= set(validate.trainer.callback_metrics)
+    # the fit checkpoint's ranks were restored, not the initial ones
+    restored = [layer.rank for _, layer in validate.model.flexlora_layers()]
+    assert restored == [layer.rank for _, layer in fit.model.flexlora_layers()]
+    assert restored != [2] * len(restored)
+
+    files = f"{{train: {tiny_run_dir}/train.csv, validation: {tiny_run_dir}/dev.csv, test: {tiny_run_dir}/dev.csv}}"
+    predict = build_cli(["predict", "--config", str(tiny_run_dir / "tiny.yaml"), "--ckpt_path", ckpt,
+                         "--data.init_args.data_files", files, "--return_predictions", "true"])
+    predictions = torch.cat(predict.trainer.predict_loop.predictions)
+    assert predictions.shape == (16,) and set(predictions.tolist()) <= {0, 1}
