@@ -7,6 +7,7 @@ modules, how a direction is pruned or added), :mod:`flexlora_pl.importance` (the
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -119,14 +120,7 @@ class RankReallocation(Callback):
                 "RankReallocation found no FlexLoRA layers in the LightningModule; "
                 "call inject_flexlora (or use FlexLoRAModule) before fitting"
             )
-        names = [name for name, _ in named]
-        if self.layer_names and self.layer_names != names:
-            raise ValueError(
-                f"RankReallocation state from the checkpoint names {len(self.layer_names)} layers that do not "
-                f"match the model's {len(names)} FlexLoRA layers (first checkpoint layer: "
-                f"{self.layer_names[0]!r}); resume with the same backbone and target_modules"
-            )
-        self.layer_names = names
+        self.layer_names = [name for name, _ in named]
         self._layers = [layer for _, layer in named]
         self._total = self.resolve_total_steps(trainer)
         if self.r_min > max(layer.max_rank for layer in self._layers):
@@ -258,9 +252,19 @@ class RankReallocation(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Lightning restores callbacks after ``setup``, so the model's layer names are known here.
+        saved_names = list(state_dict.get("layer_names", []))
+        if self.layer_names and saved_names and saved_names != self.layer_names:
+            pairs = itertools.zip_longest(saved_names, self.layer_names)
+            first = next((a, b) for a, b in pairs if a != b)
+            raise ValueError(
+                f"the checkpoint's RankReallocation history covers {len(saved_names)} FlexLoRA layers but the model "
+                f"has {len(self.layer_names)}; they first differ at {first[0]!r} (checkpoint) vs {first[1]!r} "
+                "(model). Resume with the backbone and target_modules the checkpoint was trained with."
+            )
         self.history = list(state_dict.get("history", []))
         self._last_step = state_dict.get("last_step")
-        self.layer_names = list(state_dict.get("layer_names", []))
+        self.layer_names = saved_names or self.layer_names
         if self.sensitivity is not None and "sensitivity" in state_dict:
             self.sensitivity.load_state_dict(state_dict["sensitivity"])
 

@@ -220,3 +220,13 @@ def test_orth_regulariser_is_logged_and_added(tmp_path):
     expected = torch.nn.functional.cross_entropy(module(x), y) + 0.5 * module.orthogonality_loss()
     torch.testing.assert_close(total, expected)
     assert module.orthogonality_loss().item() > 0
+
+
+def test_loading_a_history_for_other_layers_is_refused():
+    realloc = RankReallocation()
+    realloc.layer_names = ["backbone.0", "backbone.2"]
+    with pytest.raises(ValueError, match=r"first differ at 'backbone.4' \(checkpoint\) vs None \(model\)"):
+        realloc.load_state_dict({"history": [], "last_step": 3,
+                                 "layer_names": ["backbone.0", "backbone.2", "backbone.4"]})
+    realloc.load_state_dict({"history": [{"step": 3}], "last_step": 3, "layer_names": ["backbone.0", "backbone.2"]})
+    assert realloc.history == [{"step": 3}]
