@@ -1,10 +1,10 @@
 """FlexLoRA fine-tuning of Hugging Face encoders (DeBERTaV3, BERT, RoBERTa, MiniLM) for classification.
 
-The backbone is ``AutoModelForSequenceClassification`` loaded from a hub name or a local folder. Every
-module that the checkpoint does not provide (the classifier head, DeBERTa's context pooler) is trained
-in full, so nothing randomly initialised stays frozen. Validation metrics come from torchmetrics, per
-GLUE task as the paper reports them; the task's headline metric is also logged as ``val/score`` for
-checkpoint selection.
+The backbone is ``AutoModelForSequenceClassification`` loaded from a hub name or a local folder. The
+task head (the classifier, DeBERTa's context pooler) and every module that the checkpoint does not
+provide are trained in full, so nothing randomly initialised stays frozen. Validation metrics come
+from torchmetrics, per GLUE task as the paper reports them; the task's headline metric is also logged
+as ``val/score`` for checkpoint selection.
 """
 
 from __future__ import annotations
@@ -64,8 +64,9 @@ class FlexLoRASequenceClassifier(FlexLoRAModule):
         max_rank: rank capacity ``r_max``.
         alpha: LoRA α.
         dropout: dropout on adapter inputs.
-        modules_to_save: modules trained in full; ``None`` trains exactly those the checkpoint lacks
-            (the new classifier head, DeBERTa's pooler).
+        modules_to_save: modules trained in full; ``None`` trains the task head (every top-level module
+            besides the encoder: the classifier, DeBERTa's pooler) and anything the checkpoint lacks or
+            holds in another shape (a head for another number of labels is re-initialised).
         orth_reg_weight: γ of the orthogonality regulariser.
         optimizer: optimizer factory (default AdamW).
         lr_scheduler: LR scheduler factory, stepped every optimizer step.
@@ -100,7 +101,7 @@ class FlexLoRASequenceClassifier(FlexLoRAModule):
             raise ValueError(f"task={task!r} does not fit num_labels={num_labels} (1 means regression)")
         if not val_split_names:
             raise ValueError("val_split_names must name at least one validation split")
-        backbone, new_modules = _load_backbone(model_name_or_path, num_labels, trust_remote_code)
+        backbone, head_modules = _load_backbone(model_name_or_path, num_labels, trust_remote_code)
         super().__init__(
             backbone=backbone,
             target_modules=target_modules,
@@ -108,7 +109,7 @@ class FlexLoRASequenceClassifier(FlexLoRAModule):
             max_rank=max_rank,
             alpha=alpha,
             dropout=dropout,
-            modules_to_save=new_modules if modules_to_save is None else modules_to_save,
+            modules_to_save=head_modules if modules_to_save is None else modules_to_save,
             orth_reg_weight=orth_reg_weight,
             optimizer=optimizer,
             lr_scheduler=lr_scheduler,
@@ -196,14 +197,23 @@ def _load_backbone(name: str | None, num_labels: int, trust_remote_code: bool) -
         raise ValueError(f"model_name_or_path={name!r} is a folder without config.json, so it holds no saved model; "
                          "give the folder written by save_pretrained (config.json next to the weights)")
     try:
+        # A checkpoint fine-tuned for another label count (an MNLI head on a binary task, say) gets a fresh
+        # head of the right size: those weights count as new and are trained in full, like a missing head.
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            name, num_labels=num_labels, output_loading_info=True, trust_remote_code=trust_remote_code
+            name, num_labels=num_labels, output_loading_info=True, trust_remote_code=trust_remote_code,
+            ignore_mismatched_sizes=True,
         )
     except OSError as err:
         raise ValueError(
             f"could not load model_name_or_path={name!r}: {str(err).rstrip('.')}. Give a local model folder, or "
             "make the Hugging Face hub reachable (HF_HUB_OFFLINE unset)"
         ) from err
-    new_modules = sorted({key.rsplit(".", 1)[0] for key in info["missing_keys"]})
+    mismatched = [key[0] if isinstance(key, tuple) else key for key in info.get("mismatched_keys", ())]
+    new = {key.rsplit(".", 1)[0] for key in [*info["missing_keys"], *mismatched]}
+    # the task head: every top-level module with weights besides the encoder ("classifier"; DeBERTa's
+    # "pooler" too), whether the checkpoint had one or not
+    head = {name for name, child in model.named_children()
+            if name != model.base_model_prefix and any(True for _ in child.parameters())}
+    trained = sorted(new | head)
     # keep the outermost module of each group: "pooler.dense" and "classifier" rather than their params
-    return model, [m for m in new_modules if not any(m.startswith(o + ".") for o in new_modules if o != m)]
+    return model, [m for m in trained if not any(m.startswith(o + ".") for o in trained if o != m)]

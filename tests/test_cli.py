@@ -113,6 +113,7 @@ def test_fit_end_to_end_fires_events_and_writes_tensorboard(tiny_run_dir):
 
     cli = build_cli(["fit", "--config", str(tiny_run_dir / "tiny.yaml")])
     assert cli.model.num_labels == 2 and cli.model.task == "mrpc"  # linked from the data module
+    assert cli.model.modules_to_save == ["classifier"]  # the head trains even though the checkpoint had one
     log_dir = Path(cli.trainer.log_dir)
     pattern = json.loads((log_dir / "rank_pattern.json").read_text())
     steps = [event["step"] for event in pattern["events"]]
@@ -166,3 +167,26 @@ def test_validate_and_predict_run_from_a_fit_checkpoint(tiny_run_dir):
                          "--data.init_args.data_files", files, "--return_predictions", "true"])
     predictions = torch.cat(predict.trainer.predict_loop.predictions)
     assert predictions.shape == (16,) and set(predictions.tolist()) <= {0, 1}
+
+
+@pytest.mark.parametrize(
+    ("task", "header", "label", "files", "expected"),
+    [
+        ("mnli", "premise,hypothesis,label", lambda i: i % 3,
+         "{{train: {root}/t.csv, validation_matched: {root}/d.csv, validation_mismatched: {root}/d.csv}}",
+         {"val_matched/accuracy", "val_mismatched/accuracy", "val/score"}),
+        ("stsb", "sentence1,sentence2,label", lambda i: (i % 11) / 2,
+         "{{train: {root}/t.csv, validation: {root}/d.csv}}", {"val/pearson", "val/spearman", "val/score"}),
+    ],
+    ids=["mnli-two-dev-sets", "stsb-regression"],
+)
+def test_fit_links_the_task_layout_into_the_model(tiny_run_dir, task, header, label, files, expected):
+    words = ["the movie is good", "a bad film", "i love this story", "they hate the plot", "we see a city"]
+    for name, n in (("t.csv", 48), ("d.csv", 12)):
+        rows = [header] + [f"{words[i % 5]},{words[(i * 2) % 5]},{label(i)}" for i in range(n)]
+        (tiny_run_dir / name).write_text("\n".join(rows) + "\n")
+    cli = build_cli(["fit", "--config", str(tiny_run_dir / "tiny.yaml"), "--data.init_args.task_name", task,
+                     "--data.init_args.data_files", files.format(root=tiny_run_dir)])
+    assert cli.model.num_labels == (1 if task == "stsb" else 3)
+    assert cli.model.modules_to_save == ["classifier"]  # the saved 2-label head was re-initialised, and trains
+    assert expected <= set(cli.trainer.callback_metrics)
