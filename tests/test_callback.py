@@ -230,3 +230,16 @@ def test_loading_a_history_for_other_layers_is_refused():
                                  "layer_names": ["backbone.0", "backbone.2", "backbone.4"]})
     realloc.load_state_dict({"history": [{"step": 3}], "last_step": 3, "layer_names": ["backbone.0", "backbone.2"]})
     assert realloc.history == [{"step": 3}]
+
+
+def test_bf16_mixed_training_keeps_adapters_fp32_and_moves_ranks(tmp_path):
+    L.seed_everything(0)
+    realloc = RankReallocation(b0=1, t_warmup=2, t_final=2, delta_t=2, b_schedule="constant")
+    trainer = _trainer(tmp_path, [realloc], max_epochs=2, precision="bf16-mixed")
+    module = _module()
+    trainer.fit(module, _loader())
+    assert [e["step"] for e in realloc.history] == [4, 6, 8, 10, 12]
+    assert any(e["pruned"] for e in realloc.history)
+    for _, layer in module.flexlora_layers():
+        assert {p.dtype for p in (layer.lora_P, layer.lora_lambda, layer.lora_Q)} == {torch.float32}
+        assert torch.isfinite(layer.lora_lambda).all() and torch.all(layer.lora_lambda[~layer.rank_mask] == 0)
