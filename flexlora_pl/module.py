@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -200,12 +201,23 @@ class FlexLoRAModule(LightningModule):
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_finite("while saving a checkpoint")
-        checkpoint["flexlora_rng_states"] = capture_rng_states()
+        # One entry per process: under DDP each rank draws its own dropout masks. Every rank builds the
+        # checkpoint (Lightning then writes rank 0's), so the states are gathered here.
+        states = capture_rng_states()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            per_rank: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(per_rank, states)
+        else:
+            per_rank = [states]
+        checkpoint["flexlora_rng_states"] = per_rank
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._check_checkpoint_layout(checkpoint.get("state_dict", {}))
-        self._rng_to_restore = checkpoint.get("flexlora_rng_states")
+        per_rank = checkpoint.get("flexlora_rng_states") or []
+        if per_rank:  # another world size: data order changes too, so rank 0's states are as good as any
+            rank = self.global_rank if self.global_rank < len(per_rank) else 0
+            self._rng_to_restore = per_rank[rank]
 
     def _check_checkpoint_layout(self, saved: Mapping[str, Any]) -> None:
         """Refuse a checkpoint whose tensors do not fit this model, with one readable message."""

@@ -1,5 +1,9 @@
 """Train a tiny FlexLoRA model with ``devices`` CPU processes (gloo) and dump, per rank, the adapter state
-after every allocation event. Run by ``tests/test_ddp.py``: ``python ddp_script.py OUT DEVICES BATCH``."""
+after every allocation event and at the end. Run by ``tests/test_ddp.py``:
+
+    python ddp_script.py OUT DEVICES BATCH [DROPOUT [RESUME_CKPT]]
+
+With a dropout, a checkpoint is written at the end of every epoch into ``OUT/ckpt``."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -32,6 +37,13 @@ class Data(L.LightningDataModule):
                           generator=torch.Generator().manual_seed(0))
 
 
+class PerRankSeed(L.Callback):
+    """Give each process its own RNG stream (seed_everything gives all ranks the same one)."""
+
+    def on_train_start(self, trainer, pl_module):
+        torch.manual_seed(100 + trainer.global_rank)
+
+
 class Snapshots(L.Callback):
     """After each event, copy masks, λ, P and Q; at the end, save them with the event history."""
 
@@ -47,24 +59,31 @@ class Snapshots(L.Callback):
             }
 
     def on_fit_end(self, trainer, pl_module):
-        torch.save({"history": self.realloc.history, "snapshots": self.snapshots},
+        final = {name: p.detach().clone() for name, p in pl_module.named_parameters() if p.requires_grad}
+        torch.save({"history": self.realloc.history, "snapshots": self.snapshots, "final": final},
                    self.out / f"rank{trainer.global_rank}.pt")
 
 
-def main(out: Path, devices: int, batch_size: int) -> None:
+def main(out: Path, devices: int, batch_size: int, dropout: float = 0.0, resume: str | None = None) -> None:
     L.seed_everything(0)
     torch.manual_seed(0)
     backbone = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
     module = FlexLoRAModule(backbone, ["0", "2"], init_rank=3, max_rank=6, alpha=6.0, modules_to_save=["4"],
-                            optimizer=functools.partial(torch.optim.AdamW, lr=5e-2))
+                            dropout=dropout, optimizer=functools.partial(torch.optim.AdamW, lr=5e-2))
     realloc = RankReallocation(b0=1, t_warmup=2, t_final=2, delta_t=2, b_schedule="constant")
+    callbacks = [realloc, Snapshots(realloc, out)]
+    if dropout:
+        callbacks.append(PerRankSeed())
+        callbacks.append(ModelCheckpoint(dirpath=out / "ckpt", every_n_epochs=1, save_top_k=-1, filename="{epoch}"))
     trainer = L.Trainer(
         accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_epochs=3,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[realloc, Snapshots(realloc, out)], deterministic=True,
+        logger=False, enable_checkpointing=bool(dropout), enable_progress_bar=False, enable_model_summary=False,
+        callbacks=callbacks, deterministic=True,
     )
-    trainer.fit(module, Data(batch_size))
+    trainer.fit(module, Data(batch_size), ckpt_path=resume)
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
+    args = sys.argv[1:]
+    main(Path(args[0]), int(args[1]), int(args[2]), float(args[3]) if len(args) > 3 else 0.0,
+         args[4] if len(args) > 4 else None)

@@ -17,10 +17,10 @@ pytestmark = pytest.mark.slow
 SCRIPT = Path(__file__).with_name("ddp_script.py")
 
 
-def _run(out: Path, devices: int, batch_size: int) -> None:
-    out.mkdir()
+def _run(out: Path, devices: int, batch_size: int, *extra: str) -> None:
+    out.mkdir(exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    done = subprocess.run([sys.executable, str(SCRIPT), str(out), str(devices), str(batch_size)],
+    done = subprocess.run([sys.executable, str(SCRIPT), str(out), str(devices), str(batch_size), *extra],
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -43,3 +43,15 @@ def test_ddp_ranks_agree_bitwise_and_match_a_single_process(tmp_path):
     single_ranks = [(e["step"], e["ranks"], e["pruned"], e["expanded"]) for e in single["history"]]
     assert ddp_ranks == single_ranks
     assert any(e["pruned"] for e in rank0["history"]), "no rank ever moved"
+
+
+def test_ddp_resume_with_dropout_is_exact_on_every_rank(tmp_path):
+    # each rank draws its own dropout masks: the checkpoint must hold and restore every rank's RNG states
+    _run(tmp_path / "full", 2, 4, "0.3")
+    _run(tmp_path / "resumed", 2, 4, "0.3", str(tmp_path / "full" / "ckpt" / "epoch=0.ckpt"))
+    for rank in (0, 1):
+        full = torch.load(tmp_path / "full" / f"rank{rank}.pt", weights_only=False)
+        resumed = torch.load(tmp_path / "resumed" / f"rank{rank}.pt", weights_only=False)
+        assert resumed["history"] == full["history"]
+        for name, tensor in full["final"].items():
+            assert torch.equal(tensor, resumed["final"][name]), f"rank {rank}: {name} differs after resume"
