@@ -29,7 +29,7 @@ from typing_extensions import override
 from flexlora_pl.importance import importance_scores
 from flexlora_pl.inject import flexlora_layers, inject_flexlora
 from flexlora_pl.layer import FlexLoRALinear
-from flexlora_pl.orthogonality import group_by_shape, orthogonality_penalty
+from flexlora_pl.orthogonality import FactorBatch, group_by_shape, orthogonality_penalty
 from flexlora_pl.rng_state import capture_rng_states, restore_rng_states
 
 __all__ = ["FlexLoRAModule"]
@@ -94,7 +94,7 @@ class FlexLoRAModule(LightningModule):
         self.orth_reg_weight = orth_reg_weight
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
-        self._orth_groups: list[list[FlexLoRALinear]] | None = None
+        self._orth_plan: list[FactorBatch] | None = None
         self._rng_to_restore: dict[str, Any] | None = None
         # Step of the first non-finite training loss (-1: none yet). Kept on the device and only read
         # where the host syncs anyway (logging cadence, events, checkpoints), not every step.
@@ -147,9 +147,9 @@ class FlexLoRAModule(LightningModule):
 
     def orthogonality_loss(self) -> torch.Tensor:
         """R, the masked orthogonality regulariser averaged over modules (no host sync)."""
-        if self._orth_groups is None:
-            self._orth_groups = group_by_shape([layer for _, layer in self.flexlora_layers()])
-        return orthogonality_penalty(self._orth_groups)
+        if self._orth_plan is None:  # shapes never change: plan the batches once
+            self._orth_plan = group_by_shape([layer for _, layer in self.flexlora_layers()])
+        return orthogonality_penalty(self._orth_plan)
 
     def importance_scores(self, metric: str) -> torch.Tensor:
         """Importance of every FlexLoRA layer, shape (num_layers,), in :meth:`flexlora_layers` order.

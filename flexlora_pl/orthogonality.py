@@ -15,25 +15,33 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from flexlora_pl.layer import FlexLoRALinear
 
-__all__ = ["group_by_shape", "orthogonality_penalty"]
+__all__ = ["FactorBatch", "group_by_shape", "orthogonality_penalty"]
 
 
-def group_by_shape(layers: Sequence[FlexLoRALinear]) -> list[list[FlexLoRALinear]]:
-    """Split layers into groups of equal ``(d_out, d_in, r_max)``.
+@dataclass(frozen=True)
+class FactorBatch:
+    """Layers whose ``factor`` ("P" or "Q") has one shape: one batched Gram matmul per step."""
 
-    :func:`orthogonality_penalty` takes these groups (any grouping of the layers gives the same value)
-    and batches the factors across groups by their own shapes.
-    """
-    groups: dict[tuple[int, int, int], list[FlexLoRALinear]] = defaultdict(list)
+    factor: str
+    layers: tuple[FlexLoRALinear, ...]
+
+
+def group_by_shape(layers: Sequence[FlexLoRALinear]) -> list[FactorBatch]:
+    """The batching plan of R, computed once: every P of one ``(d_out, r_max)`` in one batch, every Q of
+    one ``(r_max, d_in)`` in another (four batches for a plain transformer, whatever its depth)."""
+    by_p: dict[tuple[int, int], list[FlexLoRALinear]] = defaultdict(list)
+    by_q: dict[tuple[int, int], list[FlexLoRALinear]] = defaultdict(list)
     for layer in layers:
-        groups[(layer.out_features, layer.in_features, layer.max_rank)].append(layer)
-    return list(groups.values())
+        by_p[(layer.out_features, layer.max_rank)].append(layer)
+        by_q[(layer.max_rank, layer.in_features)].append(layer)
+    return [FactorBatch("P", tuple(b)) for b in by_p.values()] + [FactorBatch("Q", tuple(b)) for b in by_q.values()]
 
 
 def _gram_penalty(gram: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -55,16 +63,10 @@ def _batched_penalty(layers: Sequence[FlexLoRALinear], factor: str) -> torch.Ten
         return _gram_penalty(gram, mask)  # gram: (B, r, r)
 
 
-def orthogonality_penalty(groups: Sequence[Sequence[FlexLoRALinear]]) -> torch.Tensor:
-    """The regulariser R averaged over all modules in ``groups`` (see :func:`group_by_shape`)."""
-    layers = [layer for group in groups for layer in group]
-    if not layers:
+def orthogonality_penalty(plan: Sequence[FactorBatch]) -> torch.Tensor:
+    """The regulariser R averaged over the modules of ``plan`` (build it once with :func:`group_by_shape`)."""
+    count = sum(len(batch.layers) for batch in plan if batch.factor == "P")  # each layer has one P batch
+    if count == 0:
         raise ValueError("orthogonality_penalty needs at least one FlexLoRA layer")
-    by_p: dict[tuple[int, int], list[FlexLoRALinear]] = defaultdict(list)  # (d_out, r_max) -> layers
-    by_q: dict[tuple[int, int], list[FlexLoRALinear]] = defaultdict(list)  # (r_max, d_in) -> layers
-    for layer in layers:
-        by_p[(layer.out_features, layer.max_rank)].append(layer)
-        by_q[(layer.max_rank, layer.in_features)].append(layer)
-    terms = [_batched_penalty(batch, "P") for batch in by_p.values()]
-    terms += [_batched_penalty(batch, "Q") for batch in by_q.values()]
-    return sum(terms[1:], terms[0]) / len(layers)
+    terms = [_batched_penalty(batch.layers, batch.factor) for batch in plan]
+    return sum(terms[1:], terms[0]) / count
