@@ -114,7 +114,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"--ckpt_path {path!r} is a directory; give the path of a .ckpt file inside it")
     size = os.path.getsize(path)
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: only the hyper-parameters are read here, not gigabytes of weights
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # torch raises EOFError, RuntimeError, UnpicklingError... for damaged files
         raise ValueError(
             f"--ckpt_path {path!r} is not a readable checkpoint ({size} bytes): the file is empty, truncated or "
