@@ -4,12 +4,15 @@ from flexlora_pl.allocation import AllocationDecision, decide_allocation, expand
 from flexlora_pl.callback import RankReallocation
 from flexlora_pl.importance import IMPORTANCE_METRICS, SensitivityTracker, importance_scores, spectral_entropy
 from flexlora_pl.inject import flexlora_layers, inject_flexlora
+from flexlora_pl.interrupt_checkpoint import InterruptCheckpoint
 from flexlora_pl.layer import FlexLoRALinear
 from flexlora_pl.lr_scheduler import LinearWarmupDecay
 from flexlora_pl.module import FlexLoRAModule
 from flexlora_pl.orthogonality import orthogonality_penalty
+from flexlora_pl.prediction_writer import PredictionWriter
 from flexlora_pl.rank_heatmap import RankHeatmap, render_heatmap
 from flexlora_pl.report import FinalMetricsReport
+from flexlora_pl.run_record import RunRecord
 from flexlora_pl.schedule import budget_at, event_steps, is_event_step
 from flexlora_pl.sequence_classification import FlexLoRASequenceClassifier
 
@@ -22,9 +25,12 @@ __all__ = [
     "FlexLoRALinear",
     "FlexLoRAModule",
     "FlexLoRASequenceClassifier",
+    "InterruptCheckpoint",
     "LinearWarmupDecay",
+    "PredictionWriter",
     "RankHeatmap",
     "RankReallocation",
+    "RunRecord",
     "SensitivityTracker",
     "budget_at",
     "decide_allocation",

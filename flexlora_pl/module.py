@@ -13,6 +13,7 @@ Rank reallocation itself runs in the :class:`~flexlora_pl.RankReallocation` call
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -31,6 +32,7 @@ from flexlora_pl.inject import flexlora_layers, inject_flexlora
 from flexlora_pl.layer import FlexLoRALinear
 from flexlora_pl.orthogonality import FactorBatch, group_by_shape, orthogonality_penalty
 from flexlora_pl.rng_state import capture_rng_states, restore_rng_states
+from flexlora_pl.seeding import resolve_seed
 
 __all__ = ["FlexLoRAModule"]
 
@@ -50,7 +52,7 @@ class FlexLoRAModule(LightningModule):
         optimizer: builds the optimizer from parameter groups (default AdamW).
         lr_scheduler: builds the LR scheduler from the optimizer; stepped every optimizer step. If it
             accepts ``total_steps``, the Trainer's number of optimizer steps is passed.
-        init_seed: seed of the initial P and Q draws.
+        init_seed: seed of the initial P and Q draws; ``None`` follows ``seed_everything``.
     """
 
     def __init__(
@@ -65,7 +67,7 @@ class FlexLoRAModule(LightningModule):
         orth_reg_weight: float = 0.1,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
-        init_seed: int = 0,
+        init_seed: int | None = None,
     ) -> None:
         super().__init__()
         if orth_reg_weight < 0:
@@ -89,7 +91,7 @@ class FlexLoRAModule(LightningModule):
             alpha=alpha,
             dropout=dropout,
             modules_to_save=self.modules_to_save,
-            seed=init_seed,
+            seed=resolve_seed(init_seed),
         )
         self.orth_reg_weight = orth_reg_weight
         self.optimizer_factory = optimizer
@@ -210,9 +212,70 @@ class FlexLoRAModule(LightningModule):
         else:
             per_rank = [states]
         checkpoint["flexlora_rng_states"] = per_rank
+        self._drop_frozen_base(checkpoint)
+
+    def frozen_parameter_names(self) -> list[str]:
+        """Names (as in :meth:`state_dict`) of the parameters training never changes: the frozen base."""
+        # remove_duplicate=False: a tied weight is in the state dict under each of its names
+        return [name for name, p in self.named_parameters(remove_duplicate=False) if not p.requires_grad]
+
+    def base_fingerprint(self) -> str:
+        """A cheap fingerprint of the frozen base: every frozen tensor's name and shape, and 64 of its values.
+
+        Values are compared at bfloat16 precision, so a base loaded in another float precision (a
+        ``bf16-true`` run exported on a CPU in float32) still matches, while another model does not.
+        """
+        digest = hashlib.sha256()
+        for name, param in self.named_parameters():
+            if param.requires_grad:
+                continue
+            flat = param.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 64)][:64]
+            values = sample.to(torch.bfloat16).float().cpu().numpy().tobytes()
+            digest.update(f"{name}:{tuple(param.shape)}:".encode() + values)
+        return digest.hexdigest()
+
+    def _drop_frozen_base(self, checkpoint: dict[str, Any]) -> None:
+        """Keep only what training changes in the checkpoint, plus what identifies the frozen base.
+
+        Adapters, rank masks, ``modules_to_save``, every buffer, the optimizer, schedulers, callbacks and
+        the data position stay; the frozen backbone weights are rebuilt from the model's own arguments
+        (``model_name_or_path``) when the checkpoint is loaded, and checked against the fingerprint.
+        """
+        if any(layer.merged for _, layer in self.flexlora_layers()):
+            return  # merged weights hold ΔW inside the base: keep the whole state
+        state = checkpoint.get("state_dict")
+        frozen = [name for name in self.frozen_parameter_names() if state is not None and name in state]
+        if not frozen:
+            return
+        for name in frozen:
+            del state[name]
+        checkpoint["flexlora_base"] = {
+            "source": getattr(self, "hparams", {}).get("model_name_or_path"),
+            "fingerprint": self.base_fingerprint(),
+            "frozen_tensors": len(frozen),
+        }
+
+    def _restore_frozen_base(self, checkpoint: dict[str, Any]) -> None:
+        """Fill a slim checkpoint's frozen weights from this module, after checking it is the same base."""
+        base = checkpoint.get("flexlora_base")
+        if not base:
+            return  # a full checkpoint
+        if base["fingerprint"] != self.base_fingerprint():
+            raise ValueError(
+                f"the checkpoint was trained on another base model than the one built now: its frozen weights "
+                f"(from {base.get('source')!r}) have another fingerprint than this model's (from "
+                f"{getattr(self, 'hparams', {}).get('model_name_or_path')!r}). Build the model from the base the "
+                "checkpoint was trained on (model_name_or_path; flexlora-export --base-model for a moved folder)."
+            )
+        state = checkpoint.setdefault("state_dict", {})
+        own = self.state_dict()
+        for name in self.frozen_parameter_names():
+            state.setdefault(name, own[name])
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._restore_frozen_base(checkpoint)
         self._check_checkpoint_layout(checkpoint.get("state_dict", {}))
         per_rank = checkpoint.get("flexlora_rng_states") or []
         if per_rank:  # another world size: data order changes too, so rank 0's states are as good as any

@@ -70,7 +70,9 @@ class FlexLoRASequenceClassifier(FlexLoRAModule):
         orth_reg_weight: γ of the orthogonality regulariser.
         optimizer: optimizer factory (default AdamW).
         lr_scheduler: LR scheduler factory, stepped every optimizer step.
-        init_seed: seed of the initial adapter draws.
+        init_seed: seed of the initial adapter draws; ``None`` follows ``seed_everything``.
+        label_names: class names in id order (linked from the data module); they go into the backbone's
+            ``config.id2label``, so predictions files and exported models name the classes.
         trust_remote_code: allow model code from the hub folder to run (off by default).
     """
 
@@ -89,7 +91,8 @@ class FlexLoRASequenceClassifier(FlexLoRAModule):
         orth_reg_weight: float = 0.1,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
-        init_seed: int = 0,
+        init_seed: int | None = None,
+        label_names: Sequence[str] | None = None,
         trust_remote_code: bool = False,
     ) -> None:
         if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
@@ -101,7 +104,12 @@ class FlexLoRASequenceClassifier(FlexLoRAModule):
             raise ValueError(f"task={task!r} does not fit num_labels={num_labels} (1 means regression)")
         if not val_split_names:
             raise ValueError("val_split_names must name at least one validation split")
+        if label_names is not None and num_labels > 1 and len(label_names) != num_labels:
+            raise ValueError(f"label_names has {len(label_names)} names but num_labels is {num_labels}")
         backbone, head_modules = _load_backbone(model_name_or_path, num_labels, trust_remote_code)
+        if label_names is not None and num_labels > 1:
+            backbone.config.id2label = dict(enumerate(label_names))
+            backbone.config.label2id = {name: i for i, name in enumerate(label_names)}
         super().__init__(
             backbone=backbone,
             target_modules=target_modules,
@@ -119,10 +127,47 @@ class FlexLoRASequenceClassifier(FlexLoRAModule):
         self.num_labels, self.task = num_labels, task
         self.metric_names, self.headline = TASK_METRICS[task]
         self.val_split_names = list(val_split_names)
-        self.val_metrics = nn.ModuleList(
-            MetricCollection({name: _metric(name, num_labels) for name in self.metric_names})
-            for _ in self.val_split_names
-        )
+        self.val_metrics = nn.ModuleList(self._metric_collection() for _ in self.val_split_names)
+        self.test_metrics = self._metric_collection()
+
+    def _metric_collection(self) -> MetricCollection:
+        return MetricCollection({name: _metric(name, self.num_labels) for name in self.metric_names})
+
+    @property
+    def label_names(self) -> list[str] | None:
+        """Class names in id order, from the backbone's ``config.id2label`` (``None`` for regression)."""
+        id2label = getattr(getattr(self.backbone, "config", None), "id2label", None)
+        if self.num_labels == 1 or not id2label:
+            return None
+        return [str(id2label[i]) for i in range(self.num_labels)]
+
+    # ---------------------------------------------------------------- set-up
+    @override
+    def setup(self, stage: str) -> None:
+        data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if data is None:
+            return
+        self._check_positions(data)
+        withheld = getattr(data, "labels_withheld", None)
+        if stage == "test" and callable(withheld) and withheld("test"):
+            raise ValueError(
+                "the test split has no labels (every label is -1, as in GLUE's public test files), so `test` cannot "
+                "score it. Run `flexlora predict` with the same arguments to write the predictions file instead, "
+                "or give data files whose test split is labelled."
+            )
+
+    def _check_positions(self, data: Any) -> None:
+        """Refuse a ``max_seq_length`` longer than the backbone's absolute position embeddings."""
+        config = getattr(self.backbone, "config", None)
+        limit = getattr(config, "max_position_embeddings", None)
+        length = getattr(data, "max_seq_length", None)
+        if limit is None or length is None or not getattr(config, "position_biased_input", True):
+            return  # relative positions only (DeBERTa): no hard limit
+        if length > limit:
+            raise ValueError(
+                f"max_seq_length={length} exceeds the backbone's max_position_embeddings={limit}: inputs that long "
+                f"would index past its position embeddings. Set data.init_args.max_seq_length <= {limit}."
+            )
 
     # ------------------------------------------------------------------ loss
     def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -168,13 +213,22 @@ class FlexLoRASequenceClassifier(FlexLoRAModule):
 
     @override
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        logits = self.logits(batch)
         labels = batch["labels"]
-        if (labels < 0).any():  # GLUE hides test labels: only predictions make sense there
-            return
-        self.log("test/loss", self.loss_from_logits(self.logits(batch), labels), batch_size=labels.shape[0])
+        self.log("test/loss", self.loss_from_logits(logits, labels), add_dataloader_idx=False,
+                 batch_size=labels.shape[0])
+        self.test_metrics.update(self.predictions(logits), labels)
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        values = self.test_metrics.compute()
+        self.test_metrics.reset()
+        self.log_dict({f"test/{k}": v for k, v in values.items()})
+        self.log("test/score", values[self.headline])
 
     @override
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> Any:
+        """The predicted class id (or score, for regression) of every row of the batch."""
         return self.predictions(self.logits(batch))
 
 

@@ -107,8 +107,9 @@ def make_tiny_glue_run(root, tokenizer_dir: str) -> None:
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
+    # 512 positions, like real encoders: the GLUE tasks' default max_seq_length (256) fits
     config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=48, max_position_embeddings=64)
+                        intermediate_size=48, max_position_embeddings=512)
     BertForSequenceClassification(config).save_pretrained(root / "model")
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(root / "model")
     words = ["the movie is good", "a bad film", "i love this story", "they hate the plot", "we see a city"]
