@@ -278,3 +278,77 @@ def test_unreachable_hub_says_to_pass_data_files(tiny_tokenizer_dir: str):
         dm.prepare_data()
     with pytest.raises(ConnectionError, match="Pass data_files="):
         dm.setup("fit")
+
+
+def _train_lengths(dm: GLUEDataModule) -> list[int]:
+    dm.setup("fit")
+    # Every row has a different length, so the lengths identify the rows.
+    return [int(n) for batch in dm.train_dataloader() for n in batch["attention_mask"].sum(dim=1)]
+
+
+def test_seed_none_follows_seed_everything(tmp_path: Path, tiny_tokenizer_dir: str, monkeypatch: pytest.MonkeyPatch):
+    files = glue_files(tmp_path, "cola")
+
+    def module(seed: int | None = None) -> GLUEDataModule:
+        return GLUEDataModule("cola", tiny_tokenizer_dir, data_files=files, batch_size=3, seed=seed)
+
+    monkeypatch.setenv("PL_GLOBAL_SEED", "7")  # what seed_everything(7) leaves for the modules it precedes
+    followed = module()
+    assert followed.seed == 7
+    assert _train_lengths(followed) == _train_lengths(module(seed=7))
+    monkeypatch.setenv("PL_GLOBAL_SEED", "8")
+    assert module().seed == 8 and _train_lengths(module()) != _train_lengths(followed)
+    explicit = module(seed=7)  # an explicit seed overrides the run's
+    assert explicit.seed == 7 and _train_lengths(explicit) == _train_lengths(followed)
+
+    monkeypatch.delenv("PL_GLOBAL_SEED")
+    assert module().seed == 0  # neither given: flexlora_pl.seeding.DEFAULT_SEED
+
+    import lightning
+
+    monkeypatch.setenv("PL_SEED_WORKERS", "0")  # seed_everything writes both; monkeypatch restores them after
+    monkeypatch.setenv("PL_GLOBAL_SEED", "0")
+    lightning.seed_everything(11)
+    assert module().seed == 11
+    with pytest.raises(ValueError, match="seed must be a non-negative integer or None"):
+        module(seed=-1)
+
+
+def test_encoding_of_local_files(tmp_path: Path, tiny_tokenizer_dir: str):
+    files = glue_files(tmp_path, "cola")
+    rows = "sentence,label\n" + "".join(f"{sentence(1 + i)},{i % 2}\n" for i in range(5)) + "un café crème,1\n"
+    files["train"] = str(tmp_path / "latin1.csv")
+    Path(files["train"]).write_bytes(rows.encode("latin-1"))
+
+    dm = GLUEDataModule("cola", tiny_tokenizer_dir, data_files=files)
+    assert dm.encoding == "utf-8"
+    with pytest.raises(ValueError, match=r"is not valid utf-8 text: byte\(s\) e9 .*\(line 7, near 'un caf\ufffd "
+                                         r"cr\ufffdme,1'\).*Set data\.init_args\.encoding .*e\.g\. latin-1") as info:
+        dm.prepare_data()
+    assert files["train"] in str(info.value) and "split 'train'" in str(info.value)
+
+    dm = GLUEDataModule("cola", tiny_tokenizer_dir, data_files=files, encoding="latin-1")
+    raw = dm.load_raw_splits(["train"])["train"].data
+    assert raw["sentence"][-1] == "un café crème"
+    dm.setup("fit")  # the utf-8 validation file reads the same in latin-1 (ASCII only)
+    assert len(dm.datasets["train"]) == 6
+
+
+def test_label_names_are_public(tiny_tokenizer_dir: str):
+    assert GLUEDataModule("mnli", tiny_tokenizer_dir).label_names == ["entailment", "neutral", "contradiction"]
+    assert GLUEDataModule("qqp", tiny_tokenizer_dir).label_names == ["not_duplicate", "duplicate"]
+    assert GLUEDataModule("stsb", tiny_tokenizer_dir).label_names is None  # regression
+
+
+def test_tokenizer_none_is_the_packaged_minilm_offline(tmp_path: Path):
+    from flexlora_pl.data import default_tokenizer_path
+
+    # conftest sets HF_HUB_OFFLINE=1 before transformers is imported, so any hub lookup here would fail.
+    dm = GLUEDataModule("rte", data_files=glue_files(tmp_path, "rte"), max_train_samples=4)
+    assert dm.tokenizer_name_or_path == default_tokenizer_path()
+    assert GLUEDataModule("rte", None).tokenizer_name_or_path == default_tokenizer_path()
+    assert dm.max_seq_length == 512 == dm.tokenizer.model_max_length  # RTE's default length fits MiniLM
+    assert dm.tokenizer.vocab_size == 30522  # the real pretrained uncased BERT vocabulary
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"][0, 0] == dm.tokenizer.cls_token_id

