@@ -33,3 +33,14 @@ class DumpAdapters(Callback):
         state["global_step"] = torch.tensor(trainer.global_step)
         torch.save(state, self.path)
 
+
+
+class CrashAt(Callback):
+    """Raise a ``RuntimeError`` after optimizer step ``step`` (a stand-in for any crash mid-run)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"simulated crash at step {self.step}")

@@ -33,8 +33,13 @@ def test_every_config_parses_with_the_real_cli(config, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert "seed_everything" in printed and printed["seed_everything"] is not None
     callbacks = [cb["class_path"] for cb in printed["trainer"]["callbacks"]]
-    assert "flexlora_pl.RankReallocation" in callbacks
+    assert "flexlora_pl.RankReallocation" not in callbacks  # it has its own group, so it never runs twice
+    assert printed["reallocation"]["b0"] == 4 and printed["reallocation"]["t_warmup"] >= 1
     assert "flexlora_pl.RankHeatmap" in callbacks
+    assert "flexlora_pl.InterruptCheckpoint" in callbacks
+    assert "lightning.pytorch.callbacks.OnExceptionCheckpoint" not in callbacks  # it makes every fit resume
+    for callback in printed["trainer"]["callbacks"]:  # checkpoints go into the run folder, never a shared one
+        assert (callback.get("init_args") or {}).get("dirpath") is None, callback
 
 
 # DeBERTaV3-base dimensions (microsoft/deberta-v3-base config.json)
@@ -74,11 +79,10 @@ trainer:
     class_path: lightning.pytorch.loggers.TensorBoardLogger
     init_args: {{save_dir: {root}/runs, name: tiny}}
   callbacks:
-    - class_path: flexlora_pl.RankReallocation
-      init_args: {{b0: 2, t_warmup: 3, t_final: 3, delta_t: 3, b_schedule: constant}}
     - class_path: flexlora_pl.RankHeatmap
     - class_path: lightning.pytorch.callbacks.LearningRateMonitor
       init_args: {{logging_interval: step}}
+reallocation: {{b0: 2, t_warmup: 3, t_final: 3, delta_t: 3, b_schedule: constant}}
 model:
   class_path: flexlora_pl.FlexLoRASequenceClassifier
   init_args:
@@ -132,7 +136,7 @@ def test_fit_end_to_end_fires_events_and_writes_tensorboard(tiny_run_dir):
     assert "train/orth_reg" in scalars and "val/f1" in scalars and "val/score" in scalars
     assert any(t.startswith("lr-") for t in scalars)
     images = events.Images("flexlora/rank_heatmap")
-    assert images and images[-1].width == 3 * 6 and images[-1].height == 6 * 6  # 3 events × 6 modules
+    assert images and images[-1].width > 300 and images[-1].height > 300  # a labelled figure, not 3×6 raw cells
 
 
 def test_bad_config_values_name_the_key(tiny_run_dir, capsys):
