@@ -29,8 +29,9 @@ from flexlora_pl.importance import METRIC_NAMES, SensitivityTracker, importance_
 from flexlora_pl.inject import flexlora_layers
 from flexlora_pl.layer import FlexLoRALinear
 from flexlora_pl.schedule import BUDGET_SCHEDULES, budget_at, event_steps, is_event_step
+from flexlora_pl.seeding import resolve_seed
 
-__all__ = ["RankReallocation"]
+__all__ = ["RankReallocation", "sensitivity_tracker"]
 
 
 class RankReallocation(Callback):
@@ -43,6 +44,16 @@ class RankReallocation(Callback):
     rank to the Trainer's loggers (at the event's step, whatever ``log_every_n_steps`` is), and keeps
     the whole trajectory in :attr:`history`, which is saved in checkpoints.
 
+    Scores come from the LightningModule's ``importance_scores(metric)`` whenever it has one
+    (:class:`~flexlora_pl.FlexLoRAModule` does): it is called with ``importance`` at every event, for
+    every metric, ``sensitivity`` included, so a subclass that overrides it always decides. A module
+    without the method is scored by the built-in metric. For ``sensitivity`` the callback feeds a
+    :class:`~flexlora_pl.importance.SensitivityTracker` before every optimizer step; the module reads it
+    through :func:`sensitivity_tracker`.
+
+    Everything is checked when fitting starts (``on_fit_start``, after the LightningModule's own
+    ``setup``, so the number of optimizer steps can depend on data built there), before the first step.
+
     Args:
         b0: initial budget: modules that prune (and expand) per event at the start of the schedule.
         t_warmup: optimizer steps before the first event may run.
@@ -54,9 +65,12 @@ class RankReallocation(Callback):
         mode: ``prune_and_expand`` (paper; total rank conserved), ``prune_only`` or ``expand_only``.
         init: initialisation of a new direction: ``zero_impact`` (paper), ``orthogonal``, ``small``
             or ``zero``.
-        r_min: no layer is pruned below this rank.
+        r_min: no layer is pruned below this rank. In ``prune_and_expand`` and ``prune_only`` at least
+            one layer must start above it, or no rank could ever move; ``expand_only`` ignores it.
         b_schedule: ``cubic`` (paper eq. 4) or ``constant`` (b0 at every event).
-        seed: seed of the draws for new directions (combined with the step and the layer index).
+        seed: seed of the draws for new directions (combined with the step and the layer index);
+            ``None`` follows ``seed_everything`` (the run's ``PL_GLOBAL_SEED``, read when the callback is
+            built), an explicit value overrides it.
         verbose: report each event through ``rank_zero_info``.
         allow_no_events: a schedule that can never fire (``t_warmup``, ``t_final`` and ``delta_t``
             leave no event step before ``T − t_final``) is a configuration error by default, raised
@@ -75,7 +89,7 @@ class RankReallocation(Callback):
         init: str = "zero_impact",
         r_min: int = 1,
         b_schedule: str = "cubic",
-        seed: int = 0,
+        seed: int | None = None,
         verbose: bool = False,
         allow_no_events: bool = False,
     ) -> None:
@@ -85,7 +99,8 @@ class RankReallocation(Callback):
         _require_int("t_final", t_final, minimum=0)
         _require_int("delta_t", delta_t, minimum=1)
         _require_int("r_min", r_min, minimum=0)
-        _require_int("seed", seed, minimum=0)
+        if seed is not None:
+            _require_int("seed", seed, minimum=0)
         if total_steps is not None:
             _require_int("total_steps", total_steps, minimum=1)
         for name, value, allowed in (
@@ -99,32 +114,41 @@ class RankReallocation(Callback):
         self.b0, self.t_warmup, self.t_final, self.delta_t = b0, t_warmup, t_final, delta_t
         self.total_steps = total_steps
         self.importance, self.mode, self.init, self.r_min = importance, mode, init, r_min
-        self.b_schedule, self.seed, self.verbose = b_schedule, seed, verbose
+        self.b_schedule, self.seed, self.verbose = b_schedule, resolve_seed(seed), verbose
         self.allow_no_events = allow_no_events
         self.sensitivity = SensitivityTracker() if importance == "sensitivity" else None
         self.history: list[dict[str, Any]] = []
         self.layer_names: list[str] = []
         self._layers: list[FlexLoRALinear] = []
+        self._named: list[tuple[str, FlexLoRALinear]] = []
         self._total: int | None = None
         self._last_step: int | None = None
+        # layer names of a restored history, checked against the model's once its layers are known
+        self._restored_names: list[str] | None = None
 
     # ------------------------------------------------------------------ hooks
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        # Checked in ``setup`` (before anything is written to the run directory), not at fit start.
-        if stage != "fit":
-            return
-        named = list(flexlora_layers(pl_module))
-        if not named:
+        # Only layer discovery here, so that ``load_state_dict`` (which Lightning calls after ``setup``)
+        # can check a restored history against the model's layers. The rest waits for ``on_fit_start``:
+        # Lightning runs this hook before the LightningModule's own ``setup``, where a module may build
+        # the data that the number of optimizer steps depends on, or the layers themselves.
+        if stage == "fit":
+            self._find_layers(pl_module)
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._find_layers(pl_module)
+        if not self._layers:
             raise ValueError(
                 "RankReallocation found no FlexLoRA layers in the LightningModule; "
                 "call inject_flexlora (or use FlexLoRAModule) before fitting"
             )
-        self.layer_names = [name for name, _ in named]
-        self._layers = [layer for _, layer in named]
+        if self._restored_names is not None:  # a history restored before the layers were known
+            self._check_layer_names(self._restored_names)
+            self._restored_names = None
+        self._check_r_min()
         self._total = self.resolve_total_steps(trainer)
-        if self.r_min > max(layer.max_rank for layer in self._layers):
-            raise ValueError(f"RankReallocation: r_min={self.r_min} exceeds every layer's max_rank")
         steps = event_steps(self.t_warmup, self.t_final, self.delta_t, self._total)
         if len(steps) == 0:
             message = (
@@ -140,11 +164,36 @@ class RankReallocation(Callback):
                 f"RankReallocation: {len(steps)} events over {self._total} steps "
                 f"(first at {steps[0]}, last at {steps[-1]}) across {len(self._layers)} layers"
             )
-
-    @override
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._last_step is None:
             self._last_step = trainer.global_step
+
+    def _find_layers(self, pl_module: LightningModule) -> None:
+        named = list(flexlora_layers(pl_module))
+        self._named = named
+        self.layer_names = [name for name, _ in named]
+        self._layers = [layer for _, layer in named]
+
+    def _check_r_min(self) -> None:
+        """Refuse an ``r_min`` that no layer's rank exceeds: no layer could be pruned, so nothing would move."""
+        if self.mode == "expand_only":  # never prunes: r_min plays no part
+            return
+        ranks = [layer.rank for layer in self._layers]
+        if any(rank > self.r_min for rank in ranks):
+            return
+        if self.history and all(rank == self.r_min for rank in ranks):
+            # resumed after earlier events pruned every layer down to the floor (prune_only): as configured
+            rank_zero_info(f"RankReallocation: every layer is at r_min={self.r_min}; later events move nothing")
+            return
+        initial = _span(layer.init_rank for layer in self._layers)
+        now = _span(ranks)
+        where = f"initial rank {initial}" + ("" if now == initial else f", now {now}")
+        raise ValueError(
+            f"RankReallocation: r_min={self.r_min} is not below the rank of any FlexLoRA layer ({where}). A layer "
+            f"is pruned only while its rank exceeds r_min, so with mode={self.mode!r} no layer could ever be "
+            "pruned, no rank would ever move, and the run would be plain LoRA. Lower r_min to "
+            f"{max(min(ranks) - 1, 0)} or less, raise init_rank above {self.r_min} (max_rank >= init_rank), "
+            "or use mode: expand_only, which never prunes."
+        )
 
     def resolve_total_steps(self, trainer: Trainer) -> int:
         """``total_steps`` if given, else the Trainer's estimate of optimizer steps."""
@@ -161,7 +210,7 @@ class RankReallocation(Callback):
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
         if self.sensitivity is not None:
-            self.sensitivity.update(list(zip(self.layer_names, self._layers, strict=True)))
+            self.sensitivity.update(self._named)
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx) -> None:
@@ -174,13 +223,24 @@ class RankReallocation(Callback):
 
     # ------------------------------------------------------------------ event
     def scores(self, pl_module: LightningModule) -> torch.Tensor:
-        """Importance of every layer (CPU float tensor), from the module's ``importance_scores`` if any."""
-        if self.sensitivity is not None:
-            return self.sensitivity.scores(list(zip(self.layer_names, self._layers, strict=True)))
+        """Importance of every layer, in :attr:`layer_names` order, as a float64 CPU tensor.
+
+        The LightningModule's ``importance_scores(metric)`` is the single entry point: when the module
+        has one (:class:`~flexlora_pl.FlexLoRAModule` does) it is called with :attr:`importance` for
+        every metric, ``sensitivity`` included (the module reads this callback's tracker through
+        :func:`sensitivity_tracker`). A module without it gets the built-in score directly.
+
+        Args:
+            pl_module: the LightningModule being fitted.
+        """
         score_fn = getattr(pl_module, "importance_scores", None)
         if callable(score_fn):
-            return torch.as_tensor(score_fn(self.importance), dtype=torch.float32).cpu()
-        return importance_scores(self._layers, self.importance)
+            raw = score_fn(self.importance)
+        elif self.sensitivity is not None:
+            raw = self.sensitivity.scores(self._named)
+        else:
+            raw = importance_scores(self._layers, self.importance)
+        return torch.as_tensor(raw, dtype=torch.float64).detach().cpu()
 
     @torch.no_grad()
     def reallocate(self, trainer: Trainer, pl_module: LightningModule, step: int) -> AllocationDecision:
@@ -211,7 +271,7 @@ class RankReallocation(Callback):
             "step": step,
             "budget": budget,
             "ranks": ranks,
-            "scores": [round(float(s), 6) for s in scores],
+            "scores": scores.tolist(),  # full precision: sensitivities are often ~1e-10
             "pruned": [self.layer_names[i] for i in decision.prune],
             "expanded": [self.layer_names[i] for i in decision.expand],
         }
@@ -252,9 +312,23 @@ class RankReallocation(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # Lightning restores callbacks after ``setup``, so the model's layer names are known here.
+        # Lightning restores callbacks after ``setup``, so the model's layer names are usually known here;
+        # they are checked again at fit start, where they always are (layers built in the module's
+        # ``setup`` or ``configure_model``, or a strategy that restores after fit start).
         saved_names = list(state_dict.get("layer_names", []))
-        if self.layer_names and saved_names and saved_names != self.layer_names:
+        if saved_names:
+            if self.layer_names:
+                self._check_layer_names(saved_names)
+            self._restored_names = saved_names
+        self.history = list(state_dict.get("history", []))
+        self._last_step = state_dict.get("last_step")
+        self.layer_names = saved_names or self.layer_names
+        if self.sensitivity is not None and "sensitivity" in state_dict:
+            self.sensitivity.load_state_dict(state_dict["sensitivity"])
+
+    def _check_layer_names(self, saved_names: list[str]) -> None:
+        """Refuse a restored history whose layers are not the model's (:attr:`layer_names`)."""
+        if saved_names != self.layer_names:
             pairs = itertools.zip_longest(saved_names, self.layer_names)
             first = next((a, b) for a, b in pairs if a != b)
             raise ValueError(
@@ -262,11 +336,36 @@ class RankReallocation(Callback):
                 f"has {len(self.layer_names)}; they first differ at {first[0]!r} (checkpoint) vs {first[1]!r} "
                 "(model). Resume with the backbone and target_modules the checkpoint was trained with."
             )
-        self.history = list(state_dict.get("history", []))
-        self._last_step = state_dict.get("last_step")
-        self.layer_names = saved_names or self.layer_names
-        if self.sensitivity is not None and "sensitivity" in state_dict:
-            self.sensitivity.load_state_dict(state_dict["sensitivity"])
+
+
+def sensitivity_tracker(trainer: Trainer | None) -> SensitivityTracker:
+    """The tracker that the Trainer's ``RankReallocation(importance="sensitivity")`` callback feeds.
+
+    :meth:`FlexLoRAModule.importance_scores <flexlora_pl.FlexLoRAModule.importance_scores>` reads it for
+    ``metric="sensitivity"``: smoothed sensitivities need the gradients of every optimizer step, which
+    only the callback sees.
+
+    Args:
+        trainer: the Trainer fitting the module, or ``None`` when the module is not attached to one.
+
+    Raises:
+        ValueError: no ``RankReallocation(importance="sensitivity")`` is attached to ``trainer``.
+    """
+    for callback in trainer.callbacks if trainer is not None else []:
+        if isinstance(callback, RankReallocation) and callback.sensitivity is not None:
+            return callback.sensitivity
+    owner = "the Trainer" if trainer is not None else "this module (it is not attached to a Trainer)"
+    raise ValueError(
+        "importance 'sensitivity' is gathered from the gradients of every optimizer step by a "
+        f"RankReallocation(importance='sensitivity') callback, and none is attached to {owner}. Add one to "
+        "trainer.callbacks, or score with a λ-based metric such as 'entropy'."
+    )
+
+
+def _span(values) -> str:
+    """``"8"`` for one distinct value, ``"4 to 8"`` for several."""
+    distinct = sorted(set(values))
+    return str(distinct[0]) if len(distinct) == 1 else f"{distinct[0]} to {distinct[-1]}"
 
 
 def _require_int(name: str, value: Any, minimum: int) -> None:

@@ -131,7 +131,15 @@ class SensitivityTracker:
     Per entry ``w``: ``I = |w · ∂L/∂w|``, ``Ī ← β1 Ī + (1 − β1) I``, ``Ū ← β2 Ū + (1 − β2) |I − Ī|``.
     A direction's score is ``s(λ_j) + mean_i s(P_ij) + mean_k s(Q_jk)`` (as in AdaLoRA), and a module's
     score the sum over its active directions. Call :meth:`update` once per optimizer step, while the
-    gradients are the step's gradients.
+    gradients are the step's gradients; it makes no host sync.
+
+    The statistics live on the device of the parameters they follow, in float32. Restored statistics
+    (:meth:`load_state_dict`; Lightning loads checkpoints on the CPU) move to the device of their module's
+    parameters the first time :meth:`update` meets it.
+
+    Args:
+        beta1: smoothing of the sensitivity ``Ī``, in [0, 1).
+        beta2: smoothing of the uncertainty ``Ū``, in [0, 1).
     """
 
     def __init__(self, beta1: float = 0.85, beta2: float = 0.85) -> None:
@@ -141,9 +149,15 @@ class SensitivityTracker:
         self.beta1, self.beta2 = beta1, beta2
         self.avg: dict[str, list[torch.Tensor]] = {}
         self.unc: dict[str, list[torch.Tensor]] = {}
+        self._restored: set[str] = set()  # modules whose restored statistics have not met their parameters yet
 
     @torch.no_grad()
     def update(self, named_layers: Sequence[tuple[str, object]]) -> None:
+        """Fold the current gradients into the statistics of every layer that has them.
+
+        Args:
+            named_layers: ``(name, FlexLoRA layer)`` pairs, the names keying the statistics.
+        """
         for name, layer in named_layers:
             params = (layer.lora_lambda, layer.lora_P, layer.lora_Q)
             if any(p.grad is None for p in params):
@@ -152,12 +166,21 @@ class SensitivityTracker:
             if name not in self.avg:
                 self.avg[name] = [torch.zeros_like(s) for s in sens]
                 self.unc[name] = [torch.zeros_like(s) for s in sens]
+            elif name in self._restored:
+                self._restored.discard(name)
+                for stats in (self.avg, self.unc):
+                    stats[name] = [t.to(device=s.device, dtype=s.dtype) for t, s in zip(stats[name], sens, strict=True)]
             for avg, unc, s in zip(self.avg[name], self.unc[name], sens, strict=True):
                 avg.mul_(self.beta1).add_(s, alpha=1 - self.beta1)
                 unc.mul_(self.beta2).add_((s - avg).abs(), alpha=1 - self.beta2)
 
     @torch.no_grad()
     def scores(self, named_layers: Sequence[tuple[str, object]]) -> torch.Tensor:
+        """The sensitivity of every layer (0 for one never updated), a float32 CPU tensor of shape (N,).
+
+        Args:
+            named_layers: ``(name, FlexLoRA layer)`` pairs; only a layer's active directions count.
+        """
         out = []
         for name, layer in named_layers:
             if name not in self.avg:
@@ -165,12 +188,17 @@ class SensitivityTracker:
                 continue
             s_lam, s_p, s_q = (a * u for a, u in zip(self.avg[name], self.unc[name], strict=True))
             per_direction = s_lam + s_p.mean(dim=0) + s_q.mean(dim=1)  # (r_max,)
-            out.append(per_direction[layer.rank_mask].sum().cpu())
+            out.append(per_direction[layer.rank_mask.to(per_direction.device)].sum().cpu())
         return torch.stack(out).float() if out else torch.zeros(0)
 
     @torch.no_grad()
     def reset_direction(self, name: str, index: int) -> None:
-        """Forget the statistics of one direction (called when it is pruned or re-initialised)."""
+        """Forget the statistics of one direction (called when it is pruned or re-initialised).
+
+        Args:
+            name: the module's name.
+            index: the direction's slot in ``[0, r_max)``.
+        """
         for stats in (self.avg.get(name), self.unc.get(name)):
             if stats:
                 stats[0][index] = 0
@@ -181,8 +209,15 @@ class SensitivityTracker:
         return {"beta1": self.beta1, "beta2": self.beta2, "avg": self.avg, "unc": self.unc}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output, on whatever device it was loaded to.
+
+        Args:
+            state: ``beta1``, ``beta2`` and the ``avg`` / ``unc`` statistics by module name.
+        """
         self.beta1, self.beta2 = state["beta1"], state["beta2"]
-        self.avg, self.unc = state["avg"], state["unc"]
+        self.avg = {name: list(stats) for name, stats in state["avg"].items()}
+        self.unc = {name: list(stats) for name, stats in state["unc"].items()}
+        self._restored = set(self.avg)
 
 
 def _check_1d(lam: torch.Tensor) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from flexlora_pl.layer import FlexLoRALinear, _check_ranks
+from flexlora_pl.layer import FlexLoRALinear, _check_capacity, _check_ranks
 
 __all__ = ["flexlora_layers", "inject_flexlora", "match_target"]
 
@@ -50,7 +50,8 @@ def inject_flexlora(
         target_modules: dotted-name suffixes (``"query"``, ``"attention.output.dense"``) or
             ``"re:<regex>"`` patterns selecting the linear layers to adapt.
         init_rank: initial active rank of every adapted layer.
-        max_rank: rank capacity of every adapted layer.
+        max_rank: rank capacity of every adapted layer; at most ``min(in_features, out_features)`` of
+            each (a larger capacity could never be used).
         alpha: LoRA α; the update is scaled by ``alpha / init_rank``.
         dropout: dropout on the adapter input.
         modules_to_save: names (same matching rules) of modules trained in full, e.g. a classifier.
@@ -62,7 +63,8 @@ def inject_flexlora(
 
     Raises:
         ValueError: a target or ``modules_to_save`` entry that matches nothing (the message lists
-            candidate names), a matched module that is not an ``nn.Linear``, bad ranks or α.
+            candidate names), a matched module that is not an ``nn.Linear``, bad ranks or α, a
+            ``max_rank`` above a matched layer's ``min(in_features, out_features)``.
     """
     if isinstance(target_modules, str):
         target_modules = [target_modules]
@@ -119,6 +121,10 @@ def inject_flexlora(
     overlap = [n for n in chosen if any(n == s or n.startswith(s + ".") for s in save_names)]
     if overlap:
         raise ValueError(f"modules {overlap[:5]} are both adapted and in modules_to_save; choose one")
+    widths = {n: min(named[n].in_features, named[n].out_features) for n in chosen}
+    narrow = [n for n in chosen if max_rank > widths[n]]
+    if narrow:  # r_max buffers beyond a layer's rank would be allocated and trained for nothing
+        _check_capacity(max_rank, named[narrow[0]], narrow[0], also=narrow[1:], fix=min(widths.values()))
 
     model.requires_grad_(False)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None

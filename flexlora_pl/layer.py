@@ -19,6 +19,7 @@ values and optimizer moments they stay exactly zero under AdamW with weight deca
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,8 @@ class FlexLoRALinear(nn.Module):
     Args:
         base: the linear layer to adapt; its parameters are frozen.
         init_rank: number of directions active at start (``r_init``); also fixes the scale α / r_init.
-        max_rank: capacity ``r_max``; the active rank never exceeds it.
+        max_rank: capacity ``r_max``; the active rank never exceeds it. At most ``min(in_features,
+            out_features)``, the rank a ``d_out × d_in`` update can have.
         alpha: LoRA α. The scale ``alpha / init_rank`` stays fixed when the rank changes.
         dropout: dropout probability on the adapter's input.
         init_std: standard deviation of the initial P and Q entries (λ starts at zero, so the wrapped
@@ -55,6 +57,7 @@ class FlexLoRALinear(nn.Module):
         if not isinstance(base, nn.Linear):
             raise TypeError(f"FlexLoRALinear wraps an nn.Linear, got {type(base).__name__}")
         _check_ranks(init_rank, max_rank)
+        _check_capacity(max_rank, base)
         if alpha <= 0:
             raise ValueError(f"alpha must be positive, got {alpha}")
         if not 0.0 <= dropout < 1.0:
@@ -157,6 +160,35 @@ def _check_ranks(init_rank: int, max_rank: int) -> None:
             f"max_rank ({max_rank}) must be >= init_rank ({init_rank}): the capacity r_max holds the "
             "initial directions plus room to expand"
         )
+
+
+def _check_capacity(
+    max_rank: int, base: nn.Linear, name: str | None = None, also: Sequence[str] = (), fix: int | None = None
+) -> None:
+    """Refuse a ``max_rank`` above ``min(in_features, out_features)``: those directions can never add rank.
+
+    Args:
+        max_rank: the capacity ``r_max`` asked for.
+        base: the linear layer to adapt.
+        name: its dotted name in the model, for the message.
+        also: names of other layers that are too narrow as well, for the message.
+        fix: the largest ``max_rank`` to suggest (default: this layer's limit).
+    """
+    d_in, d_out = base.in_features, base.out_features
+    limit = min(d_in, d_out)
+    if max_rank <= limit:
+        return
+    layer = f"layer {name!r}" if name is not None else "the layer"
+    others = ""
+    if also:
+        others = f" ({len(also)} more adapted layers are too narrow as well, e.g. {list(also[:3])})"
+    raise ValueError(
+        f"max_rank={max_rank} is more than {layer} can use: its weight is {d_out}×{d_in} (out_features × "
+        f"in_features), so its update has rank at most min(in_features, out_features) = {limit}, and the "
+        f"other {max_rank - limit} r_max directions would be allocated and trained for nothing{others}. Set "
+        f"max_rank <= {limit if fix is None else fix} (and init_rank <= max_rank), or leave "
+        f"{'such layers' if also else 'this layer'} out of target_modules."
+    )
 
 
 def gaussian_std(dim: int) -> float:

@@ -156,16 +156,49 @@ class FlexLoRAModule(LightningModule):
     def importance_scores(self, metric: str) -> torch.Tensor:
         """Importance of every FlexLoRA layer, shape (num_layers,), in :meth:`flexlora_layers` order.
 
-        Called by :class:`~flexlora_pl.RankReallocation` at each event. Override for a new score.
+        The single entry point for scores: :class:`~flexlora_pl.RankReallocation` calls it at every
+        event with its ``importance`` metric, whichever metric that is (``sensitivity`` included), and
+        moves rank by what it returns. Override it for a new score; an override can still reach the
+        built-in scores with ``super().importance_scores(metric)``. Host syncs are fine here: it only
+        runs at events.
+
+        Args:
+            metric: a λ-based metric (``entropy``, ``nuclear``, ``frobenius``, ``elem_energy_entropy``,
+                ``mat_energy_entropy``), computed from the current λ, or ``sensitivity``, read from the
+                :class:`~flexlora_pl.importance.SensitivityTracker` that the Trainer's
+                ``RankReallocation(importance="sensitivity")`` callback feeds before every optimizer step.
         """
-        return importance_scores([layer for _, layer in self.flexlora_layers()], metric)
+        named = list(self.flexlora_layers())
+        if metric == "sensitivity":
+            from flexlora_pl.callback import sensitivity_tracker
+
+            return sensitivity_tracker(self._trainer).scores(named)
+        return importance_scores([layer for _, layer in named], metric)
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """Task loss plus γ · R, without a host sync.
+
+        ``train/loss`` and ``train/orth_reg`` go to the loggers, which Lightning reads only at the
+        logging cadence. Lightning converts every metric logged with ``prog_bar=True`` to a Python
+        number after *every* batch, bar or no bar (a host sync per step for a tensor on the GPU), so
+        the progress bar gets ``loss`` instead: a CPU copy of the task loss, taken only when a progress
+        bar is attached and only on steps the loggers write (every ``log_every_n_steps`` optimizer
+        steps), which Lightning then re-reads from host memory at no cost.
+
+        Args:
+            batch: the batch, as :meth:`compute_loss` takes it.
+            batch_idx: its index in the epoch.
+        """
         task_loss = self.compute_loss(batch)
         orth = self.orthogonality_loss()
-        self.log("train/loss", task_loss, prog_bar=True)
+        self.log("train/loss", task_loss)
         self.log("train/orth_reg", orth)
+        trainer = self._trainer
+        if trainer is not None and trainer.progress_bar_callback is not None:
+            every = trainer.log_every_n_steps
+            if every > 0 and (trainer.global_step + 1) % every == 0:  # this step is logged: sync anyway
+                self.log("loss", task_loss.detach().to("cpu"), prog_bar=True, logger=False)
         loss = task_loss + self.orth_reg_weight * orth
         self._record_nonfinite(loss)
         return loss

@@ -10,6 +10,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -243,3 +244,148 @@ def test_bf16_mixed_training_keeps_adapters_fp32_and_moves_ranks(tmp_path):
     for _, layer in module.flexlora_layers():
         assert {p.dtype for p in (layer.lora_P, layer.lora_lambda, layer.lora_Q)} == {torch.float32}
         assert torch.isfinite(layer.lora_lambda).all() and torch.all(layer.lora_lambda[~layer.rank_mask] == 0)
+
+
+def test_seed_follows_seed_everything_unless_given(monkeypatch):
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    assert RankReallocation().seed == 0
+    L.seed_everything(7)
+    assert RankReallocation().seed == 7
+    assert RankReallocation(seed=3).seed == 3, "an explicit seed overrides seed_everything"
+    with pytest.raises(ValueError, match="seed must be an integer >= 0, got -1"):
+        RankReallocation(seed=-1)
+
+
+@pytest.mark.parametrize("mode", ["prune_and_expand", "prune_only"])
+@pytest.mark.parametrize("r_min", [3, 7])  # = init_rank, and > max_rank
+def test_an_r_min_that_freezes_every_rank_is_refused_when_fitting_starts(tmp_path, mode, r_min):
+    realloc = RankReallocation(b0=1, t_warmup=2, t_final=2, delta_t=2, r_min=r_min, mode=mode)
+    module = _module()  # init_rank 3, max_rank 6
+    before = {k: v.clone() for k, v in module.state_dict().items() if torch.is_tensor(v)}
+    message = (rf"r_min={r_min} is not below the rank of any FlexLoRA layer \(initial rank 3\).*mode='{mode}'.*"
+               rf"plain LoRA\. Lower r_min to 2 or less, raise init_rank above {r_min} .*or use mode: expand_only")
+    with pytest.raises(ValueError, match=message):
+        _trainer(tmp_path, [realloc], max_epochs=1).fit(module, _loader())
+    assert all(torch.equal(before[k], module.state_dict()[k]) for k in before), "trained before refusing"
+
+
+def test_expand_only_ignores_r_min(tmp_path):
+    realloc = RankReallocation(b0=1, t_warmup=2, t_final=0, delta_t=2, r_min=7, mode="expand_only",
+                               b_schedule="constant")
+    module = _module()
+    _trainer(tmp_path, [realloc], max_epochs=1).fit(module, _loader())
+    assert sum(layer.rank for _, layer in module.flexlora_layers()) == 9 + 2  # events at 4 and 6
+
+
+def test_a_prune_only_run_resumed_at_the_r_min_floor_is_accepted_but_a_raised_r_min_is_not(tmp_path):
+    def fit(root, epochs, r_min, ckpt_path=None):
+        realloc = RankReallocation(b0=3, t_warmup=2, t_final=0, delta_t=2, r_min=r_min, mode="prune_only",
+                                   b_schedule="constant")
+        ckpt = ModelCheckpoint(dirpath=root, every_n_epochs=1, save_top_k=-1, filename="{epoch}")
+        module = _module()
+        _trainer(root, [realloc, ckpt], max_epochs=epochs).fit(module, _loader(), ckpt_path=ckpt_path)
+        return module, realloc
+
+    module, realloc = fit(tmp_path / "a", 1, r_min=1)  # events at 4 and 6 prune every layer from 3 to 1
+    assert [layer.rank for _, layer in module.flexlora_layers()] == [1, 1, 1]
+    module, resumed = fit(tmp_path / "b", 2, r_min=1, ckpt_path=tmp_path / "a" / "epoch=0.ckpt")
+    assert resumed.history[: len(realloc.history)] == realloc.history
+    with pytest.raises(ValueError, match=r"r_min=2 is not below .*\(initial rank 3, now 1\).*Lower r_min to 0"):
+        fit(tmp_path / "c", 2, r_min=2, ckpt_path=tmp_path / "a" / "epoch=0.ckpt")
+
+
+class _DataInSetup(FlexLoRAModule):
+    """Builds its training data in its own ``setup``, which Lightning runs after the callbacks' ``setup``."""
+
+    def setup(self, stage):
+        self.train_data = _loader().dataset
+
+    def train_dataloader(self):
+        return DataLoader(self.train_data, batch_size=4)
+
+
+def test_total_steps_are_read_after_the_modules_own_setup(tmp_path):
+    L.seed_everything(0)
+    realloc = RankReallocation(b0=1, t_warmup=2, t_final=2, delta_t=2, b_schedule="constant")
+    module = _DataInSetup(**_module_kwargs())
+    _trainer(tmp_path, [realloc], max_epochs=2).fit(module)
+    assert [e["step"] for e in realloc.history] == list(event_steps(2, 2, 2, 16)) == [4, 6, 8, 10, 12]
+
+    never = RankReallocation(t_warmup=30, t_final=20, delta_t=5)
+    with pytest.raises(ValueError, match="never fire: .* run of 8 optimizer steps"):
+        _trainer(tmp_path, [never], max_epochs=1).fit(_DataInSetup(**_module_kwargs()))
+
+
+def test_a_restored_history_is_checked_against_the_layers_found_at_fit_start():
+    # layers built late (in the module's setup or configure_model) are not known when Lightning restores
+    # the callback: the check then runs at fit start
+    realloc = RankReallocation()
+    realloc.load_state_dict({"history": [], "last_step": 3, "layer_names": ["backbone.0", "backbone.9"]})
+    with pytest.raises(ValueError, match=r"first differ at 'backbone.9' \(checkpoint\) vs 'backbone.2' \(model\)"):
+        realloc.on_fit_start(None, _module())
+
+
+class _Metrics(Logger):
+    """Keeps what the loggers are given."""
+
+    def __init__(self):
+        super().__init__()
+        self.metrics: list[tuple[int, dict]] = []
+
+    @property
+    def name(self):
+        return "metrics"
+
+    @property
+    def version(self):
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.append((step, dict(metrics)))
+
+
+def test_importance_scores_keep_full_precision_in_history_and_loggers(tmp_path):
+    class TinyScores(FlexLoRAModule):  # sensitivities are often this small
+        def importance_scores(self, metric):
+            return torch.tensor([3e-10, 2e-10, 1e-10], dtype=torch.float64)
+
+    L.seed_everything(0)
+    realloc = RankReallocation(b0=1, t_warmup=2, t_final=2, delta_t=2, b_schedule="constant")
+    logger = _Metrics()
+    _trainer(tmp_path, [realloc], max_epochs=1, logger=logger).fit(TinyScores(**_module_kwargs()), _loader())
+    assert realloc.history and all(e["scores"] == [3e-10, 2e-10, 1e-10] for e in realloc.history)
+    events = [m for step, m in logger.metrics if "flexlora/budget" in m]
+    assert len(events) == len(realloc.history)
+    assert all(m["flexlora_importance/backbone.0"] == 3e-10 for m in events)
+
+
+def test_an_importance_override_is_called_under_sensitivity_too(tmp_path):
+    class FavourFirst(FlexLoRAModule):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.calls = []
+
+        def importance_scores(self, metric):
+            self.calls.append((metric, super().importance_scores(metric)))  # the tracker's scores
+            return torch.tensor([3.0, 2.0, 1.0])
+
+    L.seed_everything(0)
+    realloc = RankReallocation(b0=1, t_warmup=2, t_final=2, delta_t=2, importance="sensitivity",
+                               b_schedule="constant")
+    module = FavourFirst(**_module_kwargs())
+    _trainer(tmp_path, [realloc], max_epochs=2).fit(module, _loader())
+    assert len(module.calls) == len(realloc.history) == 5
+    assert all(metric == "sensitivity" for metric, _ in module.calls)
+    assert all(base.shape == (3,) and bool((base > 0).all()) for _, base in module.calls)
+    ranks = [layer.rank for _, layer in module.flexlora_layers()]
+    assert ranks[0] == 6 and ranks[2] < 3 and sum(ranks) == 9, "the override decides, not the tracker"
+    assert all(e["scores"] == [3.0, 2.0, 1.0] for e in realloc.history)
+
+
+def test_sensitivity_scores_need_the_callback_that_gathers_them(tmp_path):
+    with pytest.raises(ValueError, match=r"RankReallocation\(importance='sensitivity'\) callback, and none is "
+                                         r"attached to this module \(it is not attached to a Trainer\)"):
+        _module().importance_scores("sensitivity")

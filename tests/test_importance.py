@@ -87,6 +87,49 @@ def test_sensitivity_tracker_smooths_and_sums_active_directions():
     assert tracker.scores([("a", layer)]).tolist() == pytest.approx([0.0])
 
 
+def test_restored_sensitivity_statistics_follow_the_parameters_device_and_dtype(monkeypatch):
+    # Lightning loads checkpoints on the CPU: a GPU resume must move the statistics to the parameters'
+    # device before the first update. On CPU, a float64 state stands in for the foreign device.
+    def fresh_layer():
+        layer = FlexLoRALinear(nn.Linear(3, 2), init_rank=1, max_rank=2, alpha=1)
+        for value, p in zip((2.0, -1.0, 0.5), (layer.lora_P, layer.lora_lambda, layer.lora_Q), strict=True):
+            p.data.fill_(value)
+            p.grad = torch.full_like(p, 3.0)
+        return layer
+
+    layer = fresh_layer()
+    reference = SensitivityTracker()
+    reference.update([("a", layer)])
+    state = reference.state_dict()
+    foreign = {**state, "avg": {"a": [t.double() for t in state["avg"]["a"]]},
+               "unc": {"a": [t.double() for t in state["unc"]["a"]]}}
+    restored = SensitivityTracker()
+    restored.load_state_dict(foreign)
+    assert foreign["avg"]["a"][0].dtype == torch.float64
+
+    moves = []
+    original_to = torch.Tensor.to
+
+    def to(tensor, *args, **kwargs):
+        moves.append(kwargs.get("device"))
+        return original_to(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    restored.update([("a", layer)])
+    monkeypatch.undo()
+    assert moves.count(layer.lora_P.device) == 6, "every restored statistic goes to the parameters' device"
+    for t in restored.avg["a"] + restored.unc["a"]:
+        assert t.dtype == torch.float32 and t.device == layer.lora_P.device
+    reference.update([("a", layer)])
+    assert restored.scores([("a", layer)]).tolist() == reference.scores([("a", layer)]).tolist()
+    assert foreign["avg"]["a"][0].dtype == torch.float64, "the loaded state itself is not modified"
+    moves.clear()
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    restored.update([("a", layer)])  # moved once: later updates do not move anything
+    monkeypatch.undo()
+    assert moves.count(layer.lora_P.device) == 0
+
+
 # ---------------------------------------------------------------- schedule (eq. 4)
 @pytest.mark.parametrize("step", [101, 150, 300, 500, 899])
 def test_cubic_budget_matches_eq4(step):

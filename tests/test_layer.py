@@ -120,6 +120,7 @@ def test_mask_is_a_persistent_buffer_in_the_state_dict():
         ({"target_modules": ["attention"]}, "not an nn.Linear"),
         ({"target_modules": ["re:(unclosed"]}, "not a valid regular expression"),
         ({"target_modules": ["query"], "modules_to_save": ["heady"]}, "matches no module"),
+        ({"target_modules": ["query", "classifier"], "max_rank": 4}, "more than layer 'classifier' can use"),
     ],
 )
 def test_bad_injection_arguments_raise_before_touching_the_model(kwargs, message):
@@ -130,6 +131,24 @@ def test_bad_injection_arguments_raise_before_touching_the_model(kwargs, message
     assert not any(isinstance(m, FlexLoRALinear) for m in model.modules())
     assert all(p.requires_grad for p in model.parameters())
     assert state.keys() == model.state_dict().keys()
+
+
+def test_a_max_rank_above_a_layers_rank_is_refused_naming_layer_shape_limit_and_fix():
+    # tiny BERT: hidden 32, intermediate 48, so every attention and MLP matrix has rank <= 32
+    model = BACKBONES["bert"][0]()
+    with pytest.raises(ValueError) as err:
+        inject_flexlora(model, ["query", "intermediate.dense"], init_rank=8, max_rank=40, alpha=8)
+    message = str(err.value)
+    for part in ("max_rank=40", "'bert.encoder.layer.0.attention.self.query'", "32×32", "= 32",
+                 "8 r_max directions would be allocated and trained for nothing", "3 more adapted layers",
+                 "Set max_rank <= 32", "out of target_modules"):
+        assert part in message, (part, message)
+    assert not any(isinstance(m, FlexLoRALinear) for m in model.modules()), "touched the model before refusing"
+    # exactly min(d_in, d_out) is allowed, on a wide and on a tall layer
+    assert len(inject_flexlora(model, ["query", "intermediate.dense"], init_rank=8, max_rank=32, alpha=8)) == 4
+    FlexLoRALinear(nn.Linear(3, 10), init_rank=1, max_rank=3, alpha=1)
+    with pytest.raises(ValueError, match=r"max_rank=4 is more than the layer can use: its weight is 10×3 .* = 3"):
+        FlexLoRALinear(nn.Linear(3, 10), init_rank=1, max_rank=4, alpha=1)
 
 
 def test_unknown_target_error_lists_candidates():
