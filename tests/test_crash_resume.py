@@ -1,6 +1,10 @@
-"""A real ``flexlora fit`` killed with SIGKILL (or stopped by SIGTERM) mid-run and resumed with
-``--ckpt_path last`` finishes exactly like an uninterrupted run with the same seed: same rank
-trajectory, same final rank pattern, same final adapter tensors (bitwise, on CPU)."""
+"""A real ``flexlora fit`` killed with SIGKILL, or stopped by SIGTERM or Ctrl-C (SIGINT), mid-run and resumed
+with ``--ckpt_path last`` finishes exactly like an uninterrupted run with the same seed: same rank trajectory,
+same final rank pattern, same final adapter tensors (bitwise, on CPU). An interrupted run exits non-zero and
+keeps everything it wrote; repeating a finished command starts a new run instead of resuming it.
+
+The config carries the callbacks of the shipped configs (ModelCheckpoints without ``dirpath``,
+``InterruptCheckpoint``), so checkpoints live in the run folder ``runs/tiny/version_<n>/checkpoints``."""
 
 from __future__ import annotations
 
@@ -31,17 +35,17 @@ trainer:
     class_path: lightning.pytorch.loggers.TensorBoardLogger
     init_args: {{save_dir: {out}/runs, name: tiny}}
   callbacks:
-    - class_path: flexlora_pl.RankReallocation
-      init_args: {{b0: 2, t_warmup: 3, t_final: 3, delta_t: 2, b_schedule: constant}}
     - class_path: flexlora_pl.RankHeatmap
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {{dirpath: {out}/ckpt, every_n_train_steps: 3, save_last: true, filename: "periodic-{{step}}"}}
-    - class_path: lightning.pytorch.callbacks.OnExceptionCheckpoint
-      init_args: {{dirpath: {out}/ckpt}}
+      init_args: {{monitor: val/score, mode: max, filename: "best-{{step}}", save_last: true}}
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {{every_n_train_steps: 3, filename: "periodic-{{step}}"}}
+    - class_path: flexlora_pl.InterruptCheckpoint
     - class_path: run_helpers.SlowDown
       init_args: {{seconds: {sleep}}}
     - class_path: run_helpers.DumpAdapters
       init_args: {{path: {out}/final.pt}}
+reallocation: {{b0: 2, t_warmup: 3, t_final: 3, delta_t: 2, b_schedule: constant}}
 model:
   class_path: flexlora_pl.FlexLoRASequenceClassifier
   init_args:
@@ -81,13 +85,19 @@ def _write_config(root: Path, out: Path, sleep: float) -> Path:
     return path
 
 
-def _run(command: list[str]) -> None:
+def _run(command: list[str]) -> subprocess.CompletedProcess:
     done = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    return done
 
 
-def _interrupt(command: list[str], ckpt_dir: Path, sig: signal.Signals, after_step: int) -> int:
-    """Start the run, wait until a checkpoint at or after ``after_step`` exists, send ``sig``."""
+def _ckpt_dir(out: Path, version: int = 0) -> Path:
+    return out / "runs" / "tiny" / f"version_{version}" / "checkpoints"
+
+
+def _interrupt(command: list[str], ckpt_dir: Path, sig: signal.Signals, after_step: int) -> tuple[int, str]:
+    """Start the run, wait until a checkpoint at or after ``after_step`` exists, send ``sig``; returns the exit
+    status and the run's stderr."""
     process = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     try:
@@ -100,15 +110,16 @@ def _interrupt(command: list[str], ckpt_dir: Path, sig: signal.Signals, after_st
         else:
             pytest.fail("the run never reached the checkpoint to interrupt after")
         process.send_signal(sig)
-        return process.wait(timeout=120)
+        _, stderr = process.communicate(timeout=120)
+        return process.returncode, stderr
     finally:
         if process.poll() is None:
             process.kill()
 
 
-def _final(out: Path) -> tuple[dict, dict]:
-    patterns = sorted((out / "runs" / "tiny").glob("version_*/rank_pattern.json"))
-    return json.loads(patterns[-1].read_text()), torch.load(out / "final.pt", weights_only=True)
+def _final(out: Path, version: int = 0) -> tuple[dict, dict]:
+    pattern = out / "runs" / "tiny" / f"version_{version}" / "rank_pattern.json"
+    return json.loads(pattern.read_text()), torch.load(out / "final.pt", weights_only=True)
 
 
 @pytest.fixture(scope="module")
@@ -117,8 +128,15 @@ def reference(tmp_path_factory, tiny_tokenizer_dir):
     root, base = tmp_path_factory.mktemp("tiny"), tmp_path_factory.mktemp("out")
     make_tiny_glue_run(root, tiny_tokenizer_dir)
     out = base / "reference"
-    _run(_command(_write_config(root, out, sleep=0.0)))
-    return root, base, _final(out)
+    config = _write_config(root, out, sleep=0.0)
+    _run(_command(config))
+    reference = _final(out)
+    # The same command again is a new run from scratch (version_1), never a resume of the finished one.
+    again = _run(_command(config))
+    assert "this run writes" in again.stderr and str(out / "runs" / "tiny" / "version_1") in again.stderr
+    assert json.loads((out / "runs/tiny/version_1/metrics.json").read_text())["fit"]["global_step"] == 48
+    _assert_same_run(_final(out, version=1), reference)  # same seed, trained from scratch: the same run
+    return root, base, reference
 
 
 def _assert_same_run(resumed: tuple[dict, dict], reference: tuple[dict, dict]) -> None:
@@ -136,20 +154,29 @@ def test_sigkill_mid_epoch_then_resume_from_last_is_exact(reference):
     root, base, ref = reference
     out = base / "killed"
     config = _write_config(root, out, sleep=0.15)
-    code = _interrupt(_command(config), out / "ckpt", signal.SIGKILL, after_step=15)  # epoch 2 of 4, 12 steps each
+    code, _ = _interrupt(_command(config), _ckpt_dir(out), signal.SIGKILL, after_step=15)  # epoch 2 of 4
     assert code == -signal.SIGKILL
     assert not (out / "final.pt").exists()
-    assert (out / "ckpt" / "last.ckpt").exists()
     _run(_command(config, "--ckpt_path", "last"))
+    assert not (out / "runs" / "tiny" / "version_1").exists()  # resumed in the run's own folder
     _assert_same_run(_final(out), ref)
 
 
-def test_sigterm_leaves_a_resumable_checkpoint(reference):
+@pytest.mark.parametrize(("sig", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["sigterm", "ctrl-c"])
+def test_an_interrupted_run_exits_non_zero_keeps_its_logs_and_resumes_exactly(reference, sig, status):
     root, base, ref = reference
-    out = base / "terminated"
+    out = base / sig.name
     config = _write_config(root, out, sleep=0.15)
-    _interrupt(_command(config), out / "ckpt", signal.SIGTERM, after_step=8)
-    assert (out / "ckpt" / "on_exception.ckpt").exists(), list((out / "ckpt").iterdir())
+    code, stderr = _interrupt(_command(config), _ckpt_dir(out), sig, after_step=8)
+    assert code == status, stderr[-3000:]
+    assert f"stopped by {sig.name}" in stderr and "--ckpt_path last --version 0" in stderr
+    folder = out / "runs" / "tiny" / "version_0"
+    names = {p.name for p in folder.iterdir()}
+    assert {"config.yaml", "hparams.yaml", "metrics.json", "checkpoints"} <= names, names
+    assert any(name.startswith("events.out.tfevents") for name in names)
+    assert (folder / "checkpoints" / "on_exception.ckpt").exists()
+    record = json.loads((folder / "metrics.json").read_text())["fit"]
+    assert record["status"] == "interrupted" and 8 <= record["global_step"] < 48
     assert not (out / "final.pt").exists()
     _run(_command(config, "--ckpt_path", "last"))
     _assert_same_run(_final(out), ref)
