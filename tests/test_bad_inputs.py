@@ -38,9 +38,16 @@ trainer:
   logger:
     class_path: lightning.pytorch.loggers.TensorBoardLogger
     init_args: {{save_dir: {out}, name: tiny}}
-  callbacks:
-    - class_path: flexlora_pl.RankReallocation
-      init_args: {{b0: 1, t_warmup: 1, t_final: 1, delta_t: 1, b_schedule: constant}}
+  callbacks:   # the shipped configs' callbacks: a failed start must not make any of them write
+    - class_path: flexlora_pl.RankHeatmap
+    - class_path: lightning.pytorch.callbacks.LearningRateMonitor
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {{monitor: val/score, mode: max, filename: "best-{{epoch}}-{{step}}", save_last: true}}
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {{every_n_train_steps: 2, filename: "periodic-{{step}}"}}
+    - class_path: flexlora_pl.InterruptCheckpoint
+    - class_path: flexlora_pl.FinalMetricsReport
+reallocation: {{b0: 1, t_warmup: 1, t_final: 1, delta_t: 1, b_schedule: constant}}
 model:
   class_path: flexlora_pl.FlexLoRASequenceClassifier
   init_args:
@@ -54,6 +61,7 @@ data:
   init_args:
     task_name: mrpc
     batch_size: 8
+    max_seq_length: 32
     data_files: {{train: {data}/train.csv, validation: {data}/dev.csv}}
 """
 # 48 training rows in batches of 8: one epoch is 6 optimizer steps.
@@ -75,7 +83,10 @@ DATA_FILES = {
     "empty_cell.csv": f"{HEADER}\nthe movie,a film,1\na bad film,,0\n",
     "train.txt": f"{HEADER}\nthe movie,a film,1\n",
     "broken.yaml": "model:\n  init_args: {init_rank: 2\n",  # the flow mapping is never closed
+    "hidden.csv": "\n".join([HEADER] + [f"{WORDS[i % 5]},{WORDS[i * 3 % 5]},-1" for i in range(8)]) + "\n",
 }
+# name -> bytes: files in another encoding than UTF-8
+BINARY_FILES = {"latin1.csv": f"{HEADER}\nthe café,a film,1\na bad film,the plot,0\n".encode("latin-1")}
 
 
 @dataclass(frozen=True)
@@ -113,13 +124,14 @@ def shared(tmp_path_factory, tiny_tokenizer_dir) -> Shared:
     _save_backbone(root / "bert48", 48, tiny_tokenizer_dir)
     for name, text in DATA_FILES.items():
         (root / name).write_text(text)
+    for name, blob in BINARY_FILES.items():
+        (root / name).write_bytes(blob)
     (root / "no_config_json").mkdir()
 
     # One real training run (6 optimizer steps) gives the checkpoint that the checkpoint cases start from.
     first = root / "first_run"
     main(["fit", "--config", str(_write_config(root / "first.yaml", first, root / "bert32", root))])
-    (ckpt,) = first.rglob("*.ckpt")
-    shutil.copy(ckpt, root / "good.ckpt")
+    shutil.copy(next(first.rglob("last.ckpt")), root / "good.ckpt")
     blob = (root / "good.ckpt").read_bytes()
     (root / "truncated.ckpt").write_bytes(blob[:100])
     (root / "random_bytes.ckpt").write_bytes(random.Random(0).randbytes(4096))
@@ -165,7 +177,7 @@ def files(train: str, validation: str = "dev.csv") -> tuple[str, str]:
     return "--data.init_args.data_files", f"{{{{train: {{data}}/{train}, validation: {{data}}/{validation}}}}}"
 
 
-CB = "--trainer.callbacks.init_args."
+CB = "--reallocation."
 MODEL = "--model.init_args."
 
 CASES = {
@@ -182,6 +194,14 @@ CASES = {
                                        edit=("  max_epochs: 1", "  max_epoch: 1")),
     "config-wrong-type": Case(fit(), SystemExit, (r'key "init_rank"', r"Expected a <class 'int'>", r"two"),
                               edit=("    init_rank: 2", "    init_rank: two")),
+    "config-lightning-on-exception-checkpoint": Case(
+        fit(), ValueError, (r"OnExceptionCheckpoint makes every `fit` silently resume", r"flexlora_pl\.InterruptCheckpoint"),
+        edit=("    - class_path: flexlora_pl.InterruptCheckpoint",
+              "    - class_path: lightning.pytorch.callbacks.OnExceptionCheckpoint\n      init_args: {dirpath: ckpt}")),
+    "config-reallocation-in-trainer-callbacks": Case(
+        fit(), ValueError, (r"RankReallocation is configured in trainer\.callbacks", r"under `reallocation:`"),
+        edit=("    - class_path: flexlora_pl.RankHeatmap",
+              "    - class_path: flexlora_pl.RankReallocation\n    - class_path: flexlora_pl.RankHeatmap")),
     "config-unknown-class-path": Case(fit(), SystemExit, (r"flexlora_pl\.FlexLoRASequenceClassifer",
                                                           r"has no attribute 'FlexLoRASequenceClassifer'"),
                                       edit=("FlexLoRASequenceClassifier", "FlexLoRASequenceClassifer")),
@@ -197,9 +217,15 @@ CASES = {
     "schedule-never-fires": Case(fit(CB + "t_warmup", "4", CB + "t_final", "2"), ValueError,
                                  (r"t_warmup\W+4", r"t_final\W+2", r"\b6\b[^.]*steps|total_steps\W+6",
                                   r"[Ll]ower t_warmup|train longer")),
+    "config-r-min-freezes-every-rank": Case(fit(CB + "r_min", "2"), ValueError,
+                                            (r"r_min=2 is not below the rank of any FlexLoRA layer",
+                                             r"plain LoRA", r"Lower r_min to 1 or less")),
     # ------------------------------------------------------------------ model settings
     "config-max-rank-below-init-rank": Case(fit(MODEL + "max_rank", "1"), ValueError,
                                             (r"max_rank \(1\) must be >= init_rank \(2\)",)),
+    "config-max-rank-above-layer-width": Case(fit(MODEL + "max_rank", "40"), ValueError,
+                                              (r"max_rank=40 is more than layer '.*query' can use",
+                                               r"Set max_rank <= 32")),
     "config-alpha-not-positive": Case(fit(MODEL + "alpha", "0"), ValueError, (r"alpha must be positive, got 0",)),
     "config-dropout-out-of-range": Case(fit(MODEL + "dropout", "1.0"), ValueError,
                                         (r"dropout must be in \[0, 1\), got 1\.0",)),
@@ -228,6 +254,11 @@ CASES = {
     "config-data-files-missing-split": Case(fit("--data.init_args.data_files", "{{train: {data}/train.csv}}"),
                                             ValueError, (r"data_files has no 'validation' entry",
                                                          r"pass e\.g\. data_files=")),
+    "config-max-seq-length-above-positions": Case(fit("--data.init_args.max_seq_length", "100"), ValueError,
+                                                  (r"max_seq_length=100 exceeds the backbone's "
+                                                   r"max_position_embeddings=64", r"max_seq_length <= 64")),
+    "config-unknown-encoding": Case(fit("--data.init_args.encoding", "utf-9"), ValueError,
+                                    (r"encoding='utf-9' is not a known text encoding",)),
     "config-batch-size-zero": Case(fit("--data.init_args.batch_size", "0"), ValueError,
                                    (r"batch_size must be >= 1, got 0",)),
     # ------------------------------------------------------------------ data files
@@ -253,7 +284,16 @@ CASES = {
     "data-text-cell-empty": Case(fit(*files("empty_cell.csv")), ValueError,
                                  (r"empty_cell\.csv \(split 'train'\): column 'sentence2' is empty at row 1",
                                   r"fill in or drop")),
+    "data-file-wrong-encoding": Case(fit(*files("latin1.csv")), ValueError,
+                                     (r"latin1\.csv' for split 'train' is not valid utf-8 text", r"byte\(s\) e9",
+                                      r"line 2", r"encoding")),
+    "test-labels-withheld": Case(("test", "--config", "{config}", "--ckpt_path", "{data}/good.ckpt",
+                                  "--data.init_args.data_files",
+                                  "{{train: {data}/train.csv, validation: {data}/dev.csv, test: {data}/hidden.csv}}"),
+                                 ValueError, (r"test split has no labels", r"flexlora predict")),
     # ------------------------------------------------------------------ checkpoints (--ckpt_path)
+    "ckpt-last-without-a-run": Case(fit("--ckpt_path", "last"), ValueError,
+                                    (r"no run of 'tiny' under .* holds a checkpoint", r"without --ckpt_path")),
     "ckpt-missing": Case(fit("--ckpt_path", "{tmp}/no_such.ckpt"), FileNotFoundError,
                          (r"no_such\.ckpt", r"not found|does not exist")),
     "ckpt-is-a-directory": Case(fit("--ckpt_path", "{data}"), (IsADirectoryError, ValueError),
@@ -266,10 +306,9 @@ CASES = {
                               (r"random_bytes\.ckpt", r"corrupt|not a (PyTorch|Lightning) checkpoint")),
     "ckpt-other-backbone": Case(fit("--ckpt_path", "{data}/good.ckpt"), ValueError,
                                 (r"model_name_or_path", r"bert32", r"bert48"), model="bert48"),
-    "ckpt-backbone-folder-changed": Case(fit("--ckpt_path", "{data}/swapped_backbone.ckpt"),
-                                         (RuntimeError, ValueError),
-                                         (r"backbone\.bert\.embeddings\.word_embeddings\.weight",
-                                          r"[\[(]64, 32[\])]", r"[\[(]64, 48[\])]"), model="swapped_backbone"),
+    "ckpt-backbone-folder-changed": Case(fit("--ckpt_path", "{data}/swapped_backbone.ckpt"), ValueError,
+                                         (r"trained on another base model", r"swapped_backbone",
+                                          r"--base-model"), model="swapped_backbone"),
     "ckpt-other-max-rank": Case(fit("--ckpt_path", "{data}/good.ckpt", MODEL + "max_rank", "6"), ValueError,
                                 (r"max_rank", r"\b4\b", r"\b6\b")),
     "ckpt-other-target-modules": Case(fit("--ckpt_path", "{data}/good.ckpt", MODEL + "target_modules",
