@@ -94,10 +94,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flexlora_pl.callback import RankReallocation
-from flexlora_pl.inject import flexlora_layers, inject_flexlora
-from flexlora_pl.layer import FlexLoRALinear
-from flexlora_pl.orthogonality import group_by_shape, orthogonality_penalty
+from flexlora_pl.callbacks.rank_reallocation import RankReallocation
+from flexlora_pl.core.inject import flexlora_layers, inject_flexlora
+from flexlora_pl.core.layer import FlexLoRALinear
+from flexlora_pl.core.orthogonality import group_by_shape, orthogonality_penalty
 
 METHODS = ("full", "lora", "adalora", "flexlora")
 R_INIT, R_MAX, ALPHA, GAMMA, B0 = 8, 12, 16.0, 0.1, 4

@@ -1,20 +1,20 @@
 """flexlora_pl: FlexLoRA (entropy-guided flexible low-rank adaptation, ICLR 2026) for PyTorch Lightning."""
 
-from flexlora_pl.allocation import AllocationDecision, decide_allocation, expand_direction, prune_direction
-from flexlora_pl.callback import RankReallocation
-from flexlora_pl.importance import IMPORTANCE_METRICS, SensitivityTracker, importance_scores, spectral_entropy
-from flexlora_pl.inject import flexlora_layers, inject_flexlora
-from flexlora_pl.interrupt_checkpoint import InterruptCheckpoint
-from flexlora_pl.layer import FlexLoRALinear
-from flexlora_pl.lr_scheduler import LinearWarmupDecay
+from flexlora_pl.callbacks.final_report import FinalMetricsReport
+from flexlora_pl.callbacks.interrupt_checkpoint import InterruptCheckpoint
+from flexlora_pl.callbacks.prediction_writer import PredictionWriter
+from flexlora_pl.callbacks.rank_heatmap import RankHeatmap, render_heatmap
+from flexlora_pl.callbacks.rank_reallocation import RankReallocation
+from flexlora_pl.callbacks.run_record import RunRecord
+from flexlora_pl.core.allocation import AllocationDecision, decide_allocation, expand_direction, prune_direction
+from flexlora_pl.core.importance import IMPORTANCE_METRICS, SensitivityTracker, importance_scores, spectral_entropy
+from flexlora_pl.core.inject import flexlora_layers, inject_flexlora
+from flexlora_pl.core.layer import FlexLoRALinear
+from flexlora_pl.core.orthogonality import orthogonality_penalty
+from flexlora_pl.core.schedule import budget_at, event_steps, is_event_step
 from flexlora_pl.module import FlexLoRAModule
-from flexlora_pl.orthogonality import orthogonality_penalty
-from flexlora_pl.prediction_writer import PredictionWriter
-from flexlora_pl.rank_heatmap import RankHeatmap, render_heatmap
-from flexlora_pl.report import FinalMetricsReport
-from flexlora_pl.run_record import RunRecord
-from flexlora_pl.schedule import budget_at, event_steps, is_event_step
-from flexlora_pl.sequence_classification import FlexLoRASequenceClassifier
+from flexlora_pl.runs.lr_scheduler import LinearWarmupDecay
+from flexlora_pl.tasks.sequence_classification import FlexLoRASequenceClassifier
 
 __version__ = "0.1.0"
 

@@ -27,12 +27,12 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from flexlora_pl.importance import importance_scores
-from flexlora_pl.inject import flexlora_layers, inject_flexlora
-from flexlora_pl.layer import FlexLoRALinear
-from flexlora_pl.orthogonality import FactorBatch, group_by_shape, orthogonality_penalty
-from flexlora_pl.rng_state import capture_rng_states, restore_rng_states
-from flexlora_pl.seeding import resolve_seed
+from flexlora_pl.core.importance import importance_scores
+from flexlora_pl.core.inject import flexlora_layers, inject_flexlora
+from flexlora_pl.core.layer import FlexLoRALinear
+from flexlora_pl.core.orthogonality import FactorBatch, group_by_shape, orthogonality_penalty
+from flexlora_pl.runs.rng_state import capture_rng_states, restore_rng_states
+from flexlora_pl.runs.seeding import resolve_seed
 
 __all__ = ["FlexLoRAModule"]
 
@@ -165,12 +165,12 @@ class FlexLoRAModule(LightningModule):
         Args:
             metric: a λ-based metric (``entropy``, ``nuclear``, ``frobenius``, ``elem_energy_entropy``,
                 ``mat_energy_entropy``), computed from the current λ, or ``sensitivity``, read from the
-                :class:`~flexlora_pl.importance.SensitivityTracker` that the Trainer's
+                :class:`~flexlora_pl.core.importance.SensitivityTracker` that the Trainer's
                 ``RankReallocation(importance="sensitivity")`` callback feeds before every optimizer step.
         """
         named = list(self.flexlora_layers())
         if metric == "sensitivity":
-            from flexlora_pl.callback import sensitivity_tracker
+            from flexlora_pl.callbacks.rank_reallocation import sensitivity_tracker
 
             return sensitivity_tracker(self._trainer).scores(named)
         return importance_scores([layer for _, layer in named], metric)
@@ -356,7 +356,7 @@ class FlexLoRAModule(LightningModule):
     # ---------------------------------------------------------------- set-up
     @override
     def on_fit_start(self) -> None:
-        from flexlora_pl.callback import RankReallocation
+        from flexlora_pl.callbacks.rank_reallocation import RankReallocation
 
         if not any(isinstance(cb, RankReallocation) for cb in self.trainer.callbacks):
             rank_zero_warn(

@@ -18,8 +18,8 @@ from flexlora_pl import (
     orthogonality_penalty,
     prune_direction,
 )
-from flexlora_pl.allocation import event_generator
-from flexlora_pl.orthogonality import group_by_shape
+from flexlora_pl.core.allocation import event_generator
+from flexlora_pl.core.orthogonality import group_by_shape
 
 
 # ------------------------------------------------------------------ decisions

@@ -195,7 +195,8 @@ CASES = {
     "config-wrong-type": Case(fit(), SystemExit, (r'key "init_rank"', r"Expected a <class 'int'>", r"two"),
                               edit=("    init_rank: 2", "    init_rank: two")),
     "config-lightning-on-exception-checkpoint": Case(
-        fit(), ValueError, (r"OnExceptionCheckpoint makes every `fit` silently resume", r"flexlora_pl\.InterruptCheckpoint"),
+        fit(), ValueError,
+        (r"OnExceptionCheckpoint makes every `fit` silently resume", r"flexlora_pl\.InterruptCheckpoint"),
         edit=("    - class_path: flexlora_pl.InterruptCheckpoint",
               "    - class_path: lightning.pytorch.callbacks.OnExceptionCheckpoint\n      init_args: {dirpath: ckpt}")),
     "config-reallocation-in-trainer-callbacks": Case(

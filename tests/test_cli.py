@@ -13,7 +13,7 @@ import yaml
 from conftest import make_tiny_glue_run
 
 from flexlora_pl.cli import build_cli, main
-from flexlora_pl.inject import match_target
+from flexlora_pl.core.inject import match_target
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 GLUE_CONFIGS = [c for c in CONFIGS if c.name.startswith("glue_")]

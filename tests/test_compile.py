@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from flexlora_pl.allocation import event_generator, expand_direction, prune_direction
-from flexlora_pl.inject import flexlora_layers, inject_flexlora
-from flexlora_pl.layer import FlexLoRALinear
-from flexlora_pl.orthogonality import group_by_shape, orthogonality_penalty
+from flexlora_pl.core.allocation import event_generator, expand_direction, prune_direction
+from flexlora_pl.core.inject import flexlora_layers, inject_flexlora
+from flexlora_pl.core.layer import FlexLoRALinear
+from flexlora_pl.core.orthogonality import group_by_shape, orthogonality_penalty
 
 GAMMA = 0.1
 

@@ -302,7 +302,7 @@ def test_seed_none_follows_seed_everything(tmp_path: Path, tiny_tokenizer_dir: s
     assert explicit.seed == 7 and _train_lengths(explicit) == _train_lengths(followed)
 
     monkeypatch.delenv("PL_GLOBAL_SEED")
-    assert module().seed == 0  # neither given: flexlora_pl.seeding.DEFAULT_SEED
+    assert module().seed == 0  # neither given: flexlora_pl.runs.seeding.DEFAULT_SEED
 
     import lightning
 

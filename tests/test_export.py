@@ -28,6 +28,8 @@ from torch import nn
 
 from flexlora_pl import FlexLoRALinear, FlexLoRAModule, RankReallocation, expand_direction, prune_direction
 from flexlora_pl import export as export_mod
+from flexlora_pl.cli.export import main as export_main
+from flexlora_pl.core.inject import flexlora_layers, inject_flexlora
 from flexlora_pl.export import (
     ADAPTER_WEIGHTS_NAME,
     export_merged,
@@ -37,9 +39,8 @@ from flexlora_pl.export import (
     merged_model,
     save_adapter_checkpoint,
 )
-from flexlora_pl.export_cli import main as export_main
-from flexlora_pl.inject import flexlora_layers, inject_flexlora
-from flexlora_pl.sequence_classification import FlexLoRASequenceClassifier
+from flexlora_pl.export import adapter_checkpoint as adapter_checkpoint_mod
+from flexlora_pl.tasks.sequence_classification import FlexLoRASequenceClassifier
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 peft = pytest.importorskip("peft")
@@ -331,7 +332,7 @@ def test_outputs_are_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     def failing_save(*args: Any, **kwargs: Any) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(export_mod, "save_file", failing_save)
+    monkeypatch.setattr(adapter_checkpoint_mod, "save_file", failing_save)
     with pytest.raises(OSError, match="disk full"):
         save_adapter_checkpoint(module, tmp_path / "busy", overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]  # no temporary directory left
@@ -477,7 +478,7 @@ def test_cli_runs_as_a_process(lightning_ckpt, tmp_path: Path) -> None:
 
     path, _ = lightning_ckpt
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parents[1])])}
-    command = [sys.executable, "-m", "flexlora_pl.export_cli", "--ckpt", str(path), "--out", str(tmp_path / "o"),
+    command = [sys.executable, "-m", "flexlora_pl.cli.export", "--ckpt", str(path), "--out", str(tmp_path / "o"),
                "--format", "peft", "--module-class", f"{__name__}.TinyExportModule"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -485,7 +486,7 @@ def test_cli_runs_as_a_process(lightning_ckpt, tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- a base model that moved
-SEQ_CLS = "flexlora_pl.sequence_classification.FlexLoRASequenceClassifier"
+SEQ_CLS = "flexlora_pl.tasks.sequence_classification.FlexLoRASequenceClassifier"
 LABELS = ["negative", "positive"]
 SENTENCES = ["the movie is good", "a bad film", "i love this story", "they hate the plot", "we see a city"]
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from flexlora_pl import FlexLoRALinear, budget_at, event_steps, is_event_step, spectral_entropy
-from flexlora_pl.importance import IMPORTANCE_METRICS, SensitivityTracker, importance_scores
+from flexlora_pl.core.importance import IMPORTANCE_METRICS, SensitivityTracker, importance_scores
 
 
 def _entropy_by_hand(lam: list[float]) -> float:

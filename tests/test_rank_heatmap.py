@@ -13,9 +13,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from matplotlib import colormaps
 from test_callback import _loader, _module, _trainer
 
-import flexlora_pl.rank_heatmap as rank_heatmap
+import flexlora_pl.callbacks.rank_heatmap as rank_heatmap
 from flexlora_pl import RankHeatmap, RankReallocation
-from flexlora_pl.rank_heatmap import heatmap_figure, render_heatmap, shorten_module_names
+from flexlora_pl.callbacks.rank_heatmap import heatmap_figure, render_heatmap, shorten_module_names
 
 KINDS = ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
          "intermediate.dense", "output.dense"]

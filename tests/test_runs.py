@@ -18,7 +18,7 @@ import torch
 from conftest import make_tiny_glue_run
 
 from flexlora_pl.cli import build_cli, main
-from flexlora_pl.run_folder import RunFolder, newest_trained_checkpoint
+from flexlora_pl.runs.run_folder import RunFolder, newest_trained_checkpoint
 
 RUN_CONFIG = """
 seed_everything: 7
@@ -225,7 +225,7 @@ def test_evaluating_without_a_checkpoint_warns_loudly(run_root):
 
 
 def test_mnli_predictions_use_label_names_and_jsonl_elsewhere(tmp_path):
-    from flexlora_pl.prediction_writer import PredictionWriter
+    from flexlora_pl.callbacks.prediction_writer import PredictionWriter
 
     path = PredictionWriter._write_glue(tmp_path, "mnli", [0.0, 2.0, 1.0], ["entailment", "neutral", "contradiction"])
     assert path.name == "MNLI-m.tsv"

@@ -40,7 +40,7 @@ from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedToken
 from typing_extensions import override
 
 from flexlora_pl.data.resumable import ResumableDataLoader, ResumableSampler
-from flexlora_pl.seeding import resolve_seed
+from flexlora_pl.runs.seeding import resolve_seed
 
 __all__ = [
     "HIDDEN_LABEL",

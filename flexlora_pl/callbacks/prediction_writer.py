@@ -18,7 +18,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from flexlora_pl.run_record import run_dir
+from flexlora_pl.callbacks.run_record import run_dir
 
 __all__ = ["GLUE_SUBMISSION_FILES", "PredictionWriter"]
 

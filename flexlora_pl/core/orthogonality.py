@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from flexlora_pl.layer import FlexLoRALinear
+from flexlora_pl.core.layer import FlexLoRALinear
 
 __all__ = ["FactorBatch", "group_by_shape", "orthogonality_penalty"]
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from flexlora_pl.layer import FlexLoRALinear, _check_capacity, _check_ranks
+from flexlora_pl.core.layer import FlexLoRALinear, _check_capacity, _check_ranks
 
 __all__ = ["flexlora_layers", "inject_flexlora", "match_target"]
 

@@ -38,7 +38,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
-from flexlora_pl.run_folder import checkpoint_step
+from flexlora_pl.runs.run_folder import checkpoint_step
 
 __all__ = ["METRICS_FILENAME", "RunRecord", "read_metrics"]
 

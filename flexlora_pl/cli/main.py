@@ -31,13 +31,13 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from flexlora_pl.callback import RankReallocation
-from flexlora_pl.checkpoint_io import AtomicCheckpointIO
-from flexlora_pl.interrupt_checkpoint import InterruptCheckpoint
+from flexlora_pl.callbacks.interrupt_checkpoint import InterruptCheckpoint
+from flexlora_pl.callbacks.prediction_writer import PredictionWriter
+from flexlora_pl.callbacks.rank_reallocation import RankReallocation
+from flexlora_pl.callbacks.run_record import METRICS_FILENAME, RunRecord, read_metrics
 from flexlora_pl.module import FlexLoRAModule
-from flexlora_pl.prediction_writer import PredictionWriter
-from flexlora_pl.run_folder import RunFolder, newest_trained_checkpoint, run_folder_of, version_dirname, versions
-from flexlora_pl.run_record import METRICS_FILENAME, RunRecord, read_metrics
+from flexlora_pl.runs.checkpoint_io import AtomicCheckpointIO
+from flexlora_pl.runs.run_folder import RunFolder, newest_trained_checkpoint, run_folder_of, version_dirname, versions
 
 __all__ = ["FlexLoRACLI", "RunInterrupted", "build_cli", "main"]
 

@@ -1,8 +1,8 @@
 """The ``RankReallocation`` callback: runs FlexLoRA's allocation events during ``Trainer.fit``.
 
-The callback only decides *when*. What an event does lives in :mod:`flexlora_pl.allocation` (which
-modules, how a direction is pruned or added), :mod:`flexlora_pl.importance` (the scores) and
-:mod:`flexlora_pl.schedule` (the steps and the budget b(t)).
+The callback only decides *when*. What an event does lives in :mod:`flexlora_pl.core.allocation` (which
+modules, how a direction is pruned or added), :mod:`flexlora_pl.core.importance` (the scores) and
+:mod:`flexlora_pl.core.schedule` (the steps and the budget b(t)).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from flexlora_pl.allocation import (
+from flexlora_pl.core.allocation import (
     ALLOCATION_MODES,
     EXPANSION_INITS,
     AllocationDecision,
@@ -25,11 +25,11 @@ from flexlora_pl.allocation import (
     expand_direction,
     prune_direction,
 )
-from flexlora_pl.importance import METRIC_NAMES, SensitivityTracker, importance_scores
-from flexlora_pl.inject import flexlora_layers
-from flexlora_pl.layer import FlexLoRALinear
-from flexlora_pl.schedule import BUDGET_SCHEDULES, budget_at, event_steps, is_event_step
-from flexlora_pl.seeding import resolve_seed
+from flexlora_pl.core.importance import METRIC_NAMES, SensitivityTracker, importance_scores
+from flexlora_pl.core.inject import flexlora_layers
+from flexlora_pl.core.layer import FlexLoRALinear
+from flexlora_pl.core.schedule import BUDGET_SCHEDULES, budget_at, event_steps, is_event_step
+from flexlora_pl.runs.seeding import resolve_seed
 
 __all__ = ["RankReallocation", "sensitivity_tracker"]
 
@@ -48,7 +48,7 @@ class RankReallocation(Callback):
     (:class:`~flexlora_pl.FlexLoRAModule` does): it is called with ``importance`` at every event, for
     every metric, ``sensitivity`` included, so a subclass that overrides it always decides. A module
     without the method is scored by the built-in metric. For ``sensitivity`` the callback feeds a
-    :class:`~flexlora_pl.importance.SensitivityTracker` before every optimizer step; the module reads it
+    :class:`~flexlora_pl.core.importance.SensitivityTracker` before every optimizer step; the module reads it
     through :func:`sensitivity_tracker`.
 
     Everything is checked when fitting starts (``on_fit_start``, after the LightningModule's own

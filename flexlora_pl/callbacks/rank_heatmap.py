@@ -37,7 +37,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from typing_extensions import override
 
-from flexlora_pl.callback import RankReallocation
+from flexlora_pl.callbacks.rank_reallocation import RankReallocation
 
 __all__ = ["RankHeatmap", "heatmap_figure", "render_heatmap", "shorten_module_names"]
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from flexlora_pl.layer import FlexLoRALinear, gaussian_std
+from flexlora_pl.core.layer import FlexLoRALinear, gaussian_std
 
 __all__ = [
     "ALLOCATION_MODES",

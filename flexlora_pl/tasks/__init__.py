@@ -1,0 +1,5 @@
+"""LightningModules per task family, each a ``FlexLoRAModule`` that owns its backbone, head and metrics."""
+
+from flexlora_pl.tasks.sequence_classification import FlexLoRASequenceClassifier
+
+__all__ = ["FlexLoRASequenceClassifier"]
