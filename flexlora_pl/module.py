@@ -28,9 +28,9 @@ from torch import nn
 from typing_extensions import override
 
 from flexlora_pl.core.importance import importance_scores
-from flexlora_pl.core.inject import flexlora_layers, inject_flexlora
+from flexlora_pl.core.inject import flexlora_layers
 from flexlora_pl.core.layer import FlexLoRALinear
-from flexlora_pl.core.orthogonality import FactorBatch, group_by_shape, orthogonality_penalty
+from flexlora_pl.methods import AdaptationMethod, FlexLoRA, build_method
 from flexlora_pl.runs.rng_state import capture_rng_states, restore_rng_states
 from flexlora_pl.runs.seeding import resolve_seed
 
@@ -38,27 +38,36 @@ __all__ = ["FlexLoRAModule"]
 
 
 class FlexLoRAModule(LightningModule):
-    """A LightningModule that trains a backbone with FlexLoRA adapters.
+    """A LightningModule that trains an adapted backbone: FlexLoRA by default, or any registered method.
+
+    The adaptation method (:mod:`flexlora_pl.methods`: ``FlexLoRA``, ``LoRA``, ``AdaLoRA``, …) adds the
+    adapters and names the regulariser; this module owns the adapted backbone, adds ``γ · R`` to the task
+    loss, builds the optimizer and LR scheduler from injected callables, and reports parameter counts.
+    ``FlexLoRAModule(backbone, target_modules, init_rank=…, …)`` is short for
+    ``FlexLoRAModule(backbone, method=FlexLoRA(target_modules, init_rank=…, …))``.
 
     Args:
         backbone: the model to adapt, or a zero-argument callable that builds it.
-        target_modules: linear layers to adapt: dotted-name suffixes (``query``) or ``re:<regex>``.
-        init_rank: initial rank ``r_init`` of every adapted layer.
-        max_rank: rank capacity ``r_max`` of every adapted layer.
-        alpha: LoRA α; the update is scaled by ``alpha / init_rank``.
-        dropout: dropout on the adapter inputs.
+        target_modules: linear layers to adapt: dotted-name suffixes (``query``) or ``re:<regex>``; with a
+            ``method`` that names none, these are its targets.
+        init_rank: FlexLoRA's initial rank ``r_init`` (when ``method`` is not given).
+        max_rank: FlexLoRA's rank capacity ``r_max`` (when ``method`` is not given).
+        alpha: LoRA α (when ``method`` is not given).
+        dropout: dropout on the adapter inputs (when ``method`` is not given).
         modules_to_save: modules trained in full (e.g. ``["classifier"]``).
-        orth_reg_weight: γ, the weight of the orthogonality regulariser (paper: 0.1).
+        orth_reg_weight: γ, the weight of the orthogonality regulariser (when ``method`` is not given).
         optimizer: builds the optimizer from parameter groups (default AdamW).
         lr_scheduler: builds the LR scheduler from the optimizer; stepped every optimizer step. If it
             accepts ``total_steps``, the Trainer's number of optimizer steps is passed.
-        init_seed: seed of the initial P and Q draws; ``None`` follows ``seed_everything``.
+        init_seed: seed of the adapters' initial draws; ``None`` follows ``seed_everything``.
+        method: the adaptation method: an object, a registered name (``"lora"``) or a
+            ``{"class_path", "init_args"}`` dict; ``None`` builds FlexLoRA from the arguments above.
     """
 
     def __init__(
         self,
         backbone: nn.Module | Callable[[], nn.Module],
-        target_modules: Sequence[str],
+        target_modules: Sequence[str] | None = None,
         init_rank: int = 8,
         max_rank: int = 12,
         alpha: float = 16.0,
@@ -68,6 +77,7 @@ class FlexLoRAModule(LightningModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         init_seed: int | None = None,
+        method: AdaptationMethod | dict[str, Any] | str | None = None,
     ) -> None:
         super().__init__()
         if orth_reg_weight < 0:
@@ -78,29 +88,48 @@ class FlexLoRAModule(LightningModule):
             backbone = backbone()
             if not isinstance(backbone, nn.Module):
                 raise TypeError(f"the backbone factory returned {type(backbone).__name__}, not an nn.Module")
+        if method is None:
+            if target_modules is None:
+                raise ValueError("give target_modules (the linear layers to adapt) or a method that names them")
+            method = FlexLoRA(target_modules, init_rank=init_rank, max_rank=max_rank, alpha=alpha, dropout=dropout,
+                              orth_reg_weight=orth_reg_weight)
+        self.method = build_method(method)
+        if target_modules is not None:
+            self.method.with_default_targets(target_modules)
+        self.modules_to_save = list(modules_to_save or [])
         # Lightning keeps each sub-module's train/eval mode, and ``from_pretrained`` returns models in eval
         # mode: switch to train mode so the backbone's own dropout acts during fitting.
-        self.backbone = backbone.train()
-        self.target_modules = list(target_modules)
-        self.modules_to_save = list(modules_to_save or [])
-        self.adapted_modules = inject_flexlora(
-            self.backbone,
-            self.target_modules,
-            init_rank=init_rank,
-            max_rank=max_rank,
-            alpha=alpha,
-            dropout=dropout,
-            modules_to_save=self.modules_to_save,
-            seed=resolve_seed(init_seed),
-        )
-        self.orth_reg_weight = orth_reg_weight
+        self.backbone = self.method.adapt(backbone.train(), self.modules_to_save, resolve_seed(init_seed)).train()
+        self.target_modules = list(self.method.target_modules or [])
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
-        self._orth_plan: list[FactorBatch] | None = None
         self._rng_to_restore: dict[str, Any] | None = None
         # Step of the first non-finite training loss (-1: none yet). Kept on the device and only read
         # where the host syncs anyway (logging cadence, events, checkpoints), not every step.
         self.register_buffer("_first_nonfinite_step", torch.tensor(-1), persistent=False)
+
+    @property
+    def method_name(self) -> str:
+        """The adaptation method's registry name (``flexlora``, ``lora``, ``adalora``, …)."""
+        return self.method.name
+
+    @property
+    def orth_reg_weight(self) -> float:
+        """γ, the weight of the method's regulariser in the loss."""
+        return self.method.reg_weight
+
+    @property
+    def adapted_modules(self) -> list[str]:
+        """Names of the adapted matrices, relative to the backbone."""
+        return list(self.method.rank_pattern(self.backbone))
+
+    def rank_pattern(self) -> dict[str, int]:
+        """Active rank of every adapted matrix, by module name relative to this module, in depth order."""
+        return {f"backbone.{name}": rank for name, rank in self.method.rank_pattern(self.backbone).items()}
+
+    def max_ranks(self) -> dict[str, int]:
+        """Rank capacity of every adapted matrix, named as in :meth:`rank_pattern`."""
+        return {f"backbone.{name}": rank for name, rank in self.method.max_ranks(self.backbone).items()}
 
     # -------------------------------------------------------------- structure
     def flexlora_layers(self) -> Iterator[tuple[str, FlexLoRALinear]]:
@@ -108,24 +137,22 @@ class FlexLoRAModule(LightningModule):
         return flexlora_layers(self)
 
     def adapter_parameters(self) -> list[nn.Parameter]:
-        return [p for _, layer in self.flexlora_layers() for p in (layer.lora_P, layer.lora_lambda, layer.lora_Q)]
+        """The adapter parameters (the optimizer's ``adapter`` group), as the method names them."""
+        return self.method.adapter_parameters(self.backbone)
 
     def saved_module_parameters(self) -> list[nn.Parameter]:
         adapter = {id(p) for p in self.adapter_parameters()}
         return [p for p in self.parameters() if p.requires_grad and id(p) not in adapter]
 
     def parameter_counts(self) -> dict[str, int]:
-        """Adapter parameters *active* (what the paper counts) and *allocated* (with r_max buffers),
+        """Adapter parameters *active* (what the papers count) and *allocated* (with spare rank capacity),
         plus parameters of ``modules_to_save`` and the frozen rest."""
-        active = allocated = 0
-        for _, layer in self.flexlora_layers():
-            per_direction = layer.in_features + layer.out_features + 1  # a P column, a Q row, a λ
-            active += layer.rank * per_direction
-            allocated += layer.max_rank * per_direction
+        counts = self.method.parameter_counts(self.backbone)
+        adapter = sum(p.numel() for p in self.adapter_parameters())
         saved = sum(p.numel() for p in self.saved_module_parameters())
         total = sum(p.numel() for p in self.parameters())
-        return {"active": active, "allocated": allocated, "modules_to_save": saved,
-                "frozen": total - allocated - saved}
+        return {"active": counts["active"], "allocated": counts["allocated"], "modules_to_save": saved,
+                "frozen": total - adapter - saved}
 
     # ------------------------------------------------------------------ steps
     @override
@@ -148,10 +175,10 @@ class FlexLoRAModule(LightningModule):
         return F.cross_entropy(self(x), y)
 
     def orthogonality_loss(self) -> torch.Tensor:
-        """R, the masked orthogonality regulariser averaged over modules (no host sync)."""
-        if self._orth_plan is None:  # shapes never change: plan the batches once
-            self._orth_plan = group_by_shape([layer for _, layer in self.flexlora_layers()])
-        return orthogonality_penalty(self._orth_plan)
+        """R, the method's regulariser (FlexLoRA: the masked orthogonality term averaged over modules), no
+        host sync. Zero for a method without one."""
+        reg = self.method.regularizer(self.backbone)
+        return reg if reg is not None else self._first_nonfinite_step.new_zeros((), dtype=torch.float32)
 
     def importance_scores(self, metric: str) -> torch.Tensor:
         """Importance of every FlexLoRA layer, shape (num_layers,), in :meth:`flexlora_layers` order.
@@ -358,16 +385,17 @@ class FlexLoRAModule(LightningModule):
     def on_fit_start(self) -> None:
         from flexlora_pl.callbacks.rank_reallocation import RankReallocation
 
-        if not any(isinstance(cb, RankReallocation) for cb in self.trainer.callbacks):
+        if isinstance(self.method, FlexLoRA) and not any(
+                isinstance(cb, RankReallocation) for cb in self.trainer.callbacks):
             rank_zero_warn(
                 "FlexLoRAModule holds FlexLoRA layers but no RankReallocation callback is attached: ranks "
                 "will stay fixed (plain LoRA in SVD form). Add RankReallocation to trainer callbacks."
             )
         counts = self.parameter_counts()
         rank_zero_info(
-            f"FlexLoRA: {len(self.adapted_modules)} adapted layers, {counts['active']:,} active adapter "
-            f"parameters ({counts['allocated']:,} allocated with r_max buffers), "
-            f"{counts['modules_to_save']:,} in modules_to_save"
+            f"{type(self.method).__name__}: {len(self.adapted_modules)} adapted layers, {counts['active']:,} active "
+            f"adapter parameters ({counts['allocated']:,} allocated), {counts['modules_to_save']:,} in "
+            "modules_to_save"
         )
 
     @override

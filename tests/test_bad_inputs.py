@@ -52,10 +52,13 @@ model:
   class_path: flexlora_pl.FlexLoRASequenceClassifier
   init_args:
     model_name_or_path: {model}
-    target_modules: [query, value]
-    init_rank: 2
-    max_rank: 4
-    alpha: 4
+    method:
+      class_path: flexlora_pl.methods.FlexLoRA
+      init_args:
+        target_modules: [query, value]
+        init_rank: 2
+        max_rank: 4
+        alpha: 4
 data:
   class_path: flexlora_pl.data.GLUEDataModule
   init_args:
@@ -179,6 +182,7 @@ def files(train: str, validation: str = "dev.csv") -> tuple[str, str]:
 
 CB = "--reallocation."
 MODEL = "--model.init_args."
+METHOD = "--model.init_args.method.init_args."
 
 CASES = {
     # ------------------------------------------------------------------ command line and config file
@@ -222,20 +226,20 @@ CASES = {
                                             (r"r_min=2 is not below the rank of any FlexLoRA layer",
                                              r"plain LoRA", r"Lower r_min to 1 or less")),
     # ------------------------------------------------------------------ model settings
-    "config-max-rank-below-init-rank": Case(fit(MODEL + "max_rank", "1"), ValueError,
+    "config-max-rank-below-init-rank": Case(fit(METHOD + "max_rank", "1"), ValueError,
                                             (r"max_rank \(1\) must be >= init_rank \(2\)",)),
-    "config-max-rank-above-layer-width": Case(fit(MODEL + "max_rank", "40"), ValueError,
+    "config-max-rank-above-layer-width": Case(fit(METHOD + "max_rank", "40"), ValueError,
                                               (r"max_rank=40 is more than layer '.*query' can use",
                                                r"Set max_rank <= 32")),
-    "config-alpha-not-positive": Case(fit(MODEL + "alpha", "0"), ValueError, (r"alpha must be positive, got 0",)),
-    "config-dropout-out-of-range": Case(fit(MODEL + "dropout", "1.0"), ValueError,
+    "config-alpha-not-positive": Case(fit(METHOD + "alpha", "0"), ValueError, (r"alpha must be positive, got 0",)),
+    "config-dropout-out-of-range": Case(fit(METHOD + "dropout", "1.0"), ValueError,
                                         (r"dropout must be in \[0, 1\), got 1\.0",)),
-    "config-target-matches-nothing": Case(fit(MODEL + "target_modules", "[qkv]"), ValueError,
+    "config-target-matches-nothing": Case(fit(METHOD + "target_modules", "[qkv]"), ValueError,
                                           (r"target_modules \['qkv'\] match no nn\.Linear",
                                            r"Linear layers look like: .*attention\.self\.query")),
-    "config-target-is-a-container": Case(fit(MODEL + "target_modules", "[attention]"), ValueError,
+    "config-target-is-a-container": Case(fit(METHOD + "target_modules", "[attention]"), ValueError,
                                          (r"a BertAttention, not an nn\.Linear", r"name its linear sub-layers")),
-    "config-target-bad-regex": Case(fit(MODEL + "target_modules", "[re:(]"), ValueError,
+    "config-target-bad-regex": Case(fit(METHOD + "target_modules", "[re:(]"), ValueError,
                                     (r"target 're:\(' is not a valid regular expression",)),
     "config-modules-to-save-matches-nothing": Case(fit(MODEL + "modules_to_save", "[head]"), ValueError,
                                                    (r"modules_to_save entry 'head' matches no module",
@@ -310,9 +314,9 @@ CASES = {
     "ckpt-backbone-folder-changed": Case(fit("--ckpt_path", "{data}/swapped_backbone.ckpt"), ValueError,
                                          (r"trained on another base model", r"swapped_backbone",
                                           r"--base-model"), model="swapped_backbone"),
-    "ckpt-other-max-rank": Case(fit("--ckpt_path", "{data}/good.ckpt", MODEL + "max_rank", "6"), ValueError,
+    "ckpt-other-max-rank": Case(fit("--ckpt_path", "{data}/good.ckpt", METHOD + "max_rank", "6"), ValueError,
                                 (r"max_rank", r"\b4\b", r"\b6\b")),
-    "ckpt-other-target-modules": Case(fit("--ckpt_path", "{data}/good.ckpt", MODEL + "target_modules",
+    "ckpt-other-target-modules": Case(fit("--ckpt_path", "{data}/good.ckpt", METHOD + "target_modules",
                                           "[query,key,value]"), ValueError, (r"target_modules", r"\bkey\b")),
 }
 

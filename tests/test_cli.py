@@ -53,8 +53,8 @@ DEBERTA_V3_BASE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_h
 def test_glue_config_adapter_counts_match_the_paper(config):
     from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
 
-    model_args = yaml.safe_load(config.read_text())["model"]["init_args"]
-    assert model_args["model_name_or_path"] == "microsoft/deberta-v3-base"
+    model_args = yaml.safe_load(config.read_text())["model"]["init_args"]["method"]["init_args"]
+    assert yaml.safe_load(config.read_text())["model"]["init_args"]["model_name_or_path"] == "microsoft/deberta-v3-base"
     with torch.device("meta"):  # the real architecture, no weights, no download
         model = DebertaV2ForSequenceClassification(DebertaV2Config(**DEBERTA_V3_BASE))
     matched = [m for n, m in model.named_modules()
@@ -87,10 +87,13 @@ model:
   class_path: flexlora_pl.FlexLoRASequenceClassifier
   init_args:
     model_name_or_path: {root}/model
-    target_modules: [query, value, attention.output.dense]
-    init_rank: 2
-    max_rank: 4
-    alpha: 4
+    method:
+      class_path: flexlora_pl.methods.FlexLoRA
+      init_args:
+        target_modules: [query, value, attention.output.dense]
+        init_rank: 2
+        max_rank: 4
+        alpha: 4
     optimizer:
       class_path: torch.optim.AdamW
       init_args: {{lr: 0.01}}
@@ -141,7 +144,8 @@ def test_fit_end_to_end_fires_events_and_writes_tensorboard(tiny_run_dir):
 
 def test_bad_config_values_name_the_key(tiny_run_dir, capsys):
     with pytest.raises(SystemExit):
-        main(["fit", "--config", str(tiny_run_dir / "tiny.yaml"), "--model.init_args.init_rank", "two"])
+        main(["fit", "--config", str(tiny_run_dir / "tiny.yaml"),
+              "--model.init_args.method.init_args.init_rank", "two"])
     assert "init_rank" in capsys.readouterr().err
 
 

@@ -50,10 +50,13 @@ model:
   class_path: flexlora_pl.FlexLoRASequenceClassifier
   init_args:
     model_name_or_path: {root}/model
-    target_modules: [query, value, attention.output.dense]
-    init_rank: 2
-    max_rank: 4
-    alpha: 4
+    method:
+      class_path: flexlora_pl.methods.FlexLoRA
+      init_args:
+        target_modules: [query, value, attention.output.dense]
+        init_rank: 2
+        max_rank: 4
+        alpha: 4
     optimizer:
       class_path: torch.optim.AdamW
       init_args: {{lr: 0.01}}

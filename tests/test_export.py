@@ -7,7 +7,6 @@ that the exported artefact reproduces the adapted model's outputs when loaded wi
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import re
@@ -40,6 +39,7 @@ from flexlora_pl.export import (
     save_adapter_checkpoint,
 )
 from flexlora_pl.export import adapter_checkpoint as adapter_checkpoint_mod
+from flexlora_pl.methods import FlexLoRA
 from flexlora_pl.tasks.sequence_classification import FlexLoRASequenceClassifier
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -494,15 +494,9 @@ SENTENCES = ["the movie is good", "a bad film", "i love this story", "they hate 
 def train_sequence_classifier(root: Path, tokenizer_dir: str) -> tuple[Path, FlexLoRASequenceClassifier]:
     """A tiny BERT classifier saved in ``root/model`` (with its tokenizer), briefly fitted; its ``.ckpt``."""
     make_tiny_glue_run(root, tokenizer_dir)
-    kwargs: dict[str, Any] = {"num_labels": 2, "target_modules": ["query", "value"], "init_rank": 2, "max_rank": 3,
-                              "alpha": 8.0, "init_seed": 0, "optimizer": partial(torch.optim.AdamW, lr=0.05)}
-    has_label_names = "label_names" in inspect.signature(FlexLoRASequenceClassifier).parameters
-    if has_label_names:
-        kwargs["label_names"] = LABELS
-    module = FlexLoRASequenceClassifier(str(root / "model"), **kwargs)
-    if not has_label_names:
-        module.backbone.config.id2label = dict(enumerate(LABELS))
-        module.backbone.config.label2id = {name: i for i, name in enumerate(LABELS)}
+    method = FlexLoRA(["query", "value"], init_rank=2, max_rank=3, alpha=8.0)
+    module = FlexLoRASequenceClassifier(str(root / "model"), num_labels=2, method=method, init_seed=0,
+                                        optimizer=partial(torch.optim.AdamW, lr=0.05), label_names=LABELS)
     fit_briefly(module, num_labels=2).save_checkpoint(root / "tiny.ckpt")
     return root / "tiny.ckpt", module.eval()
 

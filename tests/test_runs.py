@@ -46,11 +46,14 @@ model:
   class_path: flexlora_pl.FlexLoRASequenceClassifier
   init_args:
     model_name_or_path: {root}/model
-    target_modules: [query, value]
-    init_rank: 2
-    max_rank: 4
-    alpha: 4
-    dropout: 0.1
+    method:
+      class_path: flexlora_pl.methods.FlexLoRA
+      init_args:
+        target_modules: [query, value]
+        init_rank: 2
+        max_rank: 4
+        alpha: 4
+        dropout: 0.1
     optimizer:
       class_path: torch.optim.AdamW
       init_args: {{lr: 0.01}}
@@ -91,11 +94,11 @@ def metrics(folder: Path) -> dict:
 # --------------------------------------------------------------------------- run folders
 def test_repeating_a_command_starts_a_new_run_from_scratch(run_root):
     first = fit(run_root)
-    second = fit(run_root, "--model.init_args.alpha", "8")  # changed settings: the new run uses them
+    second = fit(run_root, "--model.init_args.method.init_args.alpha", "8")  # changed settings: the run uses them
     one, two = Path(first.trainer.log_dir), Path(second.trainer.log_dir)
     assert (one.name, two.name) == ("version_0", "version_1")
     assert second.trainer.global_step == 12  # trained from step 0, not resumed from the first run
-    assert second.model.hparams.alpha == 8
+    assert second.model.method.alpha == 8
     for folder in (one, two):  # everything a run writes is in its own folder
         names = {p.name for p in folder.iterdir()}
         assert {"config.yaml", "hparams.yaml", "rank_pattern.json", "metrics.json", "checkpoints"} <= names
@@ -131,8 +134,9 @@ def test_ckpt_path_last_resumes_the_most_trained_state_not_the_newest_file(run_r
 
 def test_resume_is_refused_when_it_would_mix_configs_or_runs(run_root):
     first = fit(run_root, "--trainer.max_epochs", "1")
-    with pytest.raises(ValueError, match=r"alpha=4\.0 in the checkpoint but alpha=8\.0 in the config"):
-        fit(run_root, "--ckpt_path", "last", "--model.init_args.alpha", "8")
+    with pytest.raises(ValueError, match=r"method\.init_args\.alpha=4\.0 in the checkpoint but "
+                                         r"method\.init_args\.alpha=8\.0 in the config"):
+        fit(run_root, "--ckpt_path", "last", "--model.init_args.method.init_args.alpha", "8")
     other = fit(run_root, "--name", "other", "--trainer.max_epochs", "1")
     with pytest.raises(ValueError, match=r"belongs to run .*other/version_0.*would mix two runs"):
         fit(run_root, "--ckpt_path", other.trainer.checkpoint_callback.last_model_path)

@@ -38,6 +38,7 @@ from matplotlib.ticker import MaxNLocator
 from typing_extensions import override
 
 from flexlora_pl.callbacks.rank_reallocation import RankReallocation
+from flexlora_pl.core.inject import flexlora_layers
 
 __all__ = ["RankHeatmap", "heatmap_figure", "render_heatmap", "shorten_module_names"]
 
@@ -283,16 +284,18 @@ class RankHeatmap(Callback):
         if not loggers:  # rendering costs a fraction of a second: skip it when nobody would see it
             return
         ranks = torch.tensor([event["ranks"] for event in realloc.history]).T  # (modules, events)
-        layers = list(pl_module.flexlora_layers())
+        pattern, capacity = _ranks(pl_module)
         # The callback's names are those its history was recorded with (restored from a checkpoint on
         # resume); the module's own are the fallback should they not be set.
-        names = realloc.layer_names or [name for name, _ in layers]
+        names = realloc.layer_names or list(pattern)
+        method = getattr(pl_module, "method", None)
         image = render_heatmap(
             ranks,
-            max(layer.max_rank for _, layer in layers),
+            max(capacity.values()),
             module_names=names,
             event_steps=[event["step"] for event in realloc.history],
-            title=f"FlexLoRA rank allocation — step {trainer.global_step}",
+            title=f"{type(method).__name__ if method is not None else 'FlexLoRA'} rank allocation — step "
+                  f"{trainer.global_step}",
             dpi=self.dpi,
         )
         for logger in loggers:
@@ -307,12 +310,13 @@ class RankHeatmap(Callback):
     def write_json(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Write the final rank pattern, the per-module maxima and every event into the log directory."""
         realloc = self._reallocation(trainer)
-        layers = list(pl_module.flexlora_layers())
+        pattern, capacity = _ranks(pl_module)
         record: dict[str, Any] = {
             "global_step": trainer.global_step,
-            "rank_pattern": {name: layer.rank for name, layer in layers},
-            "max_rank": {name: layer.max_rank for name, layer in layers},
-            "total_rank": sum(layer.rank for _, layer in layers),
+            "method": getattr(pl_module, "method_name", "flexlora"),
+            "rank_pattern": pattern,
+            "max_rank": capacity,
+            "total_rank": sum(pattern.values()),
             "events": realloc.history if realloc is not None else [],
         }
         directory = trainer.log_dir or trainer.default_root_dir
@@ -323,3 +327,11 @@ class RankHeatmap(Callback):
             json.dump(record, f, indent=1)
         os.replace(tmp, path)  # never leave a half-written file behind
         rank_zero_info(f"FlexLoRA: final rank pattern written to {path}")
+
+
+def _ranks(pl_module: LightningModule) -> tuple[dict[str, int], dict[str, int]]:
+    """``(active rank, capacity)`` of every adapted matrix: from the module's method, else its FlexLoRA layers."""
+    if callable(getattr(pl_module, "rank_pattern", None)) and callable(getattr(pl_module, "max_ranks", None)):
+        return pl_module.rank_pattern(), pl_module.max_ranks()
+    layers = list(flexlora_layers(pl_module))
+    return {name: layer.rank for name, layer in layers}, {name: layer.max_rank for name, layer in layers}

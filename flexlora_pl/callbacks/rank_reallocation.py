@@ -18,7 +18,9 @@ from typing_extensions import override
 
 from flexlora_pl.core.allocation import (
     ALLOCATION_MODES,
+    DIRECTION_STDS,
     EXPANSION_INITS,
+    PRUNE_CRITERIA,
     AllocationDecision,
     decide_allocation,
     event_generator,
@@ -28,7 +30,7 @@ from flexlora_pl.core.allocation import (
 from flexlora_pl.core.importance import METRIC_NAMES, SensitivityTracker, importance_scores
 from flexlora_pl.core.inject import flexlora_layers
 from flexlora_pl.core.layer import FlexLoRALinear
-from flexlora_pl.core.schedule import BUDGET_SCHEDULES, budget_at, event_steps, is_event_step
+from flexlora_pl.core.schedule import BUDGET_FORMULAS, BUDGET_SCHEDULES, budget_at, event_steps, is_event_step
 from flexlora_pl.runs.seeding import resolve_seed
 
 __all__ = ["RankReallocation", "sensitivity_tracker"]
@@ -75,6 +77,32 @@ class RankReallocation(Callback):
         allow_no_events: a schedule that can never fire (``t_warmup``, ``t_final`` and ``delta_t``
             leave no event step before ``T − t_final``) is a configuration error by default, raised
             before training starts; ``True`` turns it into a warning (ranks then stay fixed).
+
+    The arguments below reproduce behaviours of the authors' reference code, so that what each costs can
+    be measured (``docs/differences.md``; ``configs/ablations/reference_code.yaml`` turns them all on).
+    Their defaults keep this implementation's behaviour.
+
+    Args:
+        budget_formula: the ``cubic`` schedule's formula: ``paper`` (eq. 4,
+            ``round(b0 · (1 − (t − t_warmup)/(T − t_final))³)``) or ``reference`` (the authors' code:
+            ``round(b0 · (1 − p³))`` with ``p = (t − t_warmup)/(T − t_final − t_warmup)`` clamped to [0, 1],
+            halves rounded to even). No effect with ``b_schedule: constant``.
+        rank_cap: ``True``: only layers below their ``max_rank`` compete for expansion and no layer both
+            prunes and expands at one event. ``False`` (the authors' code, which has no cap): the ``b(t)``
+            most important layers expand whatever their rank, a pruned layer may expand too, and a layer
+            still at ``max_rank`` after pruning forfeits its slot (capacity is fixed here; set ``max_rank``
+            to ``init_rank`` + the number of events and no slot is ever forfeited).
+        prune_by: which direction a pruned layer loses: ``magnitude`` (smallest |λ|) or ``signed``
+            (smallest signed λ, the authors' code: the most negative λ, possibly the strongest direction).
+        new_direction_std: σ of a ``zero_impact`` direction's P column and Q row: ``scaled`` (1/√d, unit
+            expected norm) or ``unit`` (σ = 1, the authors' code). ``orthogonal`` and ``small`` draw unit
+            vectors either way; ``zero`` draws nothing.
+        rebuild_optimizer: after every event with b(t) > 0, replace the optimizer as the authors' code
+            does: a new one of the same class over the same parameters with its constructor defaults
+            (the base learning rate) and weight decay 0, so every moment is lost, and the LR scheduler
+            keeps stepping the old optimizer, so the learning rate stays at its base value from the
+            first event on. Needs a single optimizer and a strategy that does not wrap it (single
+            device or DDP).
     """
 
     def __init__(
@@ -92,6 +120,11 @@ class RankReallocation(Callback):
         seed: int | None = None,
         verbose: bool = False,
         allow_no_events: bool = False,
+        budget_formula: str = "paper",
+        rank_cap: bool = True,
+        prune_by: str = "magnitude",
+        new_direction_std: str = "scaled",
+        rebuild_optimizer: bool = False,
     ) -> None:
         super().__init__()
         _require_int("b0", b0, minimum=0)
@@ -108,14 +141,22 @@ class RankReallocation(Callback):
             ("mode", mode, ALLOCATION_MODES),
             ("init", init, EXPANSION_INITS),
             ("b_schedule", b_schedule, BUDGET_SCHEDULES),
+            ("budget_formula", budget_formula, BUDGET_FORMULAS),
+            ("prune_by", prune_by, PRUNE_CRITERIA),
+            ("new_direction_std", new_direction_std, DIRECTION_STDS),
         ):
             if value not in allowed:
                 raise ValueError(f"RankReallocation: {name}={value!r} is not one of {list(allowed)}")
+        for name, value in (("rank_cap", rank_cap), ("rebuild_optimizer", rebuild_optimizer)):
+            if not isinstance(value, bool):
+                raise ValueError(f"RankReallocation: {name} must be true or false, got {value!r}")
         self.b0, self.t_warmup, self.t_final, self.delta_t = b0, t_warmup, t_final, delta_t
         self.total_steps = total_steps
         self.importance, self.mode, self.init, self.r_min = importance, mode, init, r_min
         self.b_schedule, self.seed, self.verbose = b_schedule, resolve_seed(seed), verbose
         self.allow_no_events = allow_no_events
+        self.budget_formula, self.rank_cap, self.prune_by = budget_formula, rank_cap, prune_by
+        self.new_direction_std, self.rebuild_optimizer = new_direction_std, rebuild_optimizer
         self.sensitivity = SensitivityTracker() if importance == "sensitivity" else None
         self.history: list[dict[str, Any]] = []
         self.layer_names: list[str] = []
@@ -125,6 +166,10 @@ class RankReallocation(Callback):
         self._last_step: int | None = None
         # layer names of a restored history, checked against the model's once its layers are known
         self._restored_names: list[str] | None = None
+        # another method's allocation (AdaLoRA), driven on this schedule; ``_idle``: a method with fixed ranks
+        self._driver: Any = None
+        self._driver_state: dict[str, Any] | None = None
+        self._idle = False
 
     # ------------------------------------------------------------------ hooks
     @override
@@ -138,6 +183,10 @@ class RankReallocation(Callback):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        method = getattr(pl_module, "method", None)
+        if method is not None and method.name != "flexlora":
+            self._start_other_method(trainer, pl_module, method)
+            return
         self._find_layers(pl_module)
         if not self._layers:
             raise ValueError(
@@ -164,6 +213,22 @@ class RankReallocation(Callback):
                 f"RankReallocation: {len(steps)} events over {self._total} steps "
                 f"(first at {steps[0]}, last at {steps[-1]}) across {len(self._layers)} layers"
             )
+        if self._last_step is None:
+            self._last_step = trainer.global_step
+
+    def _start_other_method(self, trainer: Trainer, pl_module: LightningModule, method: Any) -> None:
+        """Hand the schedule to a method that allocates its own way (AdaLoRA), or stand down (LoRA)."""
+        self._total = self.resolve_total_steps(trainer)
+        self._driver = method.allocation_driver(self)
+        if self._driver is None:
+            self._idle = True
+            rank_zero_info(f"RankReallocation: method '{method.name}' keeps every rank fixed; no allocation event "
+                           "fires in this run")
+        else:
+            self._driver.on_fit_start(trainer, pl_module)
+            if self._driver_state is not None:
+                self._driver.load_state_dict(self._driver_state)
+                self._driver_state = None
         if self._last_step is None:
             self._last_step = trainer.global_step
 
@@ -209,6 +274,8 @@ class RankReallocation(Callback):
 
     @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
+        if self._idle or self._driver is not None:
+            return
         if self.sensitivity is not None:
             self.sensitivity.update(self._named)
 
@@ -218,6 +285,11 @@ class RankReallocation(Callback):
         if step == self._last_step:  # accumulating micro-batches: no optimizer step happened
             return
         self._last_step = step
+        if self._idle:
+            return
+        if self._driver is not None:  # after optimizer.step() and before the next zero_grad(), once per step
+            self._driver.after_optimizer_step(trainer, pl_module, step)
+            return
         if is_event_step(step, self.t_warmup, self.t_final, self.delta_t, self._total):
             self.reallocate(trainer, pl_module, step)
 
@@ -252,17 +324,22 @@ class RankReallocation(Callback):
         if scores.shape != (len(self._layers),):
             raise ValueError(f"importance scores must have shape ({len(self._layers)},), got {tuple(scores.shape)}")
         ranks = torch.stack([layer.rank_mask.sum() for layer in self._layers]).tolist()
-        budget = budget_at(step, self.b0, self.t_warmup, self.t_final, self._total, self.b_schedule)
+        budget = budget_at(
+            step, self.b0, self.t_warmup, self.t_final, self._total, self.b_schedule, self.budget_formula
+        )
         decision = decide_allocation(
-            scores, ranks, self.r_min, [layer.max_rank for layer in self._layers], budget, self.mode
+            scores, ranks, self.r_min, [layer.max_rank for layer in self._layers], budget, self.mode,
+            rank_cap=self.rank_cap,
         )
         for i in decision.prune:
-            index = prune_direction(self._layers[i], trainer.optimizers)
+            index = prune_direction(self._layers[i], trainer.optimizers, by=self.prune_by)
             if self.sensitivity is not None:
                 self.sensitivity.reset_direction(self.layer_names[i], index)
         for i in decision.expand:
             generator = event_generator(self.seed, step, i)
-            expand_direction(self._layers[i], trainer.optimizers, self.init, generator)
+            expand_direction(self._layers[i], trainer.optimizers, self.init, generator, std=self.new_direction_std)
+        if self.rebuild_optimizer and budget > 0:  # the authors' code rebuilds whenever its b is positive
+            self._rebuild_optimizer(trainer)
         for i in decision.prune:
             ranks[i] -= 1
         for i in decision.expand:
@@ -278,6 +355,39 @@ class RankReallocation(Callback):
         self.history.append(record)
         self._log_event(trainer, record)
         return decision
+
+    @staticmethod
+    def _rebuild_optimizer(trainer: Trainer) -> None:
+        """Replace the optimizer as the authors' code does after an event (``rebuild_optimizer``).
+
+        Their patched HF Trainer builds ``type(opt)(model.parameters(), **opt.defaults)`` and tries to keep
+        the state of unchanged parameters, but compares ``id(param)`` with the integer keys of
+        ``state_dict()`` and so keeps none; ``defaults`` carries the base learning rate and weight decay 0
+        (HF's AdamW default; the decay went into parameter groups that are not rebuilt); the LR scheduler
+        still holds the old optimizer. Here the new optimizer keeps the parameter groups (so checkpoints
+        keep their layout) with every group's hyper-parameters reset to those defaults, which is the same
+        update as one group; the scheduler configs are left untouched, so they step the old optimizer.
+        """
+        optimizers = trainer.optimizers
+        if len(optimizers) != 1:
+            raise ValueError(
+                f"RankReallocation(rebuild_optimizer=True) rebuilds a single optimizer, as the authors' code does; "
+                f"this run has {len(optimizers)}"
+            )
+        strategy = type(trainer.strategy).__name__
+        if "DeepSpeed" in strategy or "FSDP" in strategy:
+            raise ValueError(
+                f"RankReallocation(rebuild_optimizer=True) cannot replace the optimizer under {strategy}, which "
+                "wraps it; use a single device or DDP, or leave rebuild_optimizer off"
+            )
+        old = optimizers[0]
+        defaults = dict(old.defaults)
+        if "weight_decay" in defaults:
+            defaults["weight_decay"] = 0.0
+        # keep only the parameters and the group names (what LearningRateMonitor labels by); every
+        # hyper-parameter, and the scheduler's ``initial_lr``, comes from the defaults again
+        groups = [{key: group[key] for key in ("params", "name") if key in group} for group in old.param_groups]
+        trainer.optimizers = [type(old)(groups, **defaults)]
 
     def _log_event(self, trainer: Trainer, record: dict[str, Any]) -> None:
         metrics: dict[str, float] = {
@@ -308,6 +418,8 @@ class RankReallocation(Callback):
         state = {"history": self.history, "last_step": self._last_step, "layer_names": self.layer_names}
         if self.sensitivity is not None:
             state["sensitivity"] = self.sensitivity.state_dict()
+        if self._driver is not None:
+            state["driver"] = self._driver.state_dict()
         return state
 
     @override
@@ -325,6 +437,11 @@ class RankReallocation(Callback):
         self.layer_names = saved_names or self.layer_names
         if self.sensitivity is not None and "sensitivity" in state_dict:
             self.sensitivity.load_state_dict(state_dict["sensitivity"])
+        if "driver" in state_dict:  # restored before fit start: handed to the driver once it exists
+            if self._driver is not None:
+                self._driver.load_state_dict(state_dict["driver"])
+            else:
+                self._driver_state = state_dict["driver"]
 
     def _check_layer_names(self, saved_names: list[str]) -> None:
         """Refuse a restored history whose layers are not the model's (:attr:`layer_names`)."""

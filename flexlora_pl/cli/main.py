@@ -172,10 +172,9 @@ class FlexLoRACLI(LightningCLI):
             )
         init_args = model_config.get("init_args") or {}
         differences = [
-            f"{key}={_plain(saved)!r} in the checkpoint but {key}={_plain(init_args[key])!r} in the config"
-            for key, saved in hparams.items()
-            if key in init_args and key not in self.linked_model_args and _plain(init_args[key]) != _plain(saved)
-            and not (key in _SEED_ARGS and init_args[key] is None)
+            difference for key, saved in hparams.items()
+            if key in init_args and key not in self.linked_model_args
+            for difference in _differences(key, _plain(init_args[key]), _plain(saved))
         ]
         if differences:
             raise ValueError(
@@ -282,7 +281,6 @@ class FlexLoRACLI(LightningCLI):
 
 
 _SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
-_SEED_ARGS = ("init_seed",)
 _RESULT_TRAINER_KEYS = ("max_epochs", "max_steps", "accumulate_grad_batches", "precision", "gradient_clip_val",
                         "gradient_clip_algorithm", "limit_train_batches", "devices", "num_nodes", "deterministic")
 
@@ -398,6 +396,24 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(f"--ckpt_path {path!r} is not a Lightning checkpoint (no 'state_dict' entry)")
     return checkpoint
+
+
+def _differences(key: str, configured: Any, saved: Any) -> list[str]:
+    """Where a config value contradicts the checkpoint's, as ``key=saved in the checkpoint but key=... in the
+    config`` lines. A ``None`` in the config means "the default" and contradicts nothing; a method given as
+    ``{class_path, init_args}`` is compared by class name, then argument by argument."""
+    if configured is None or configured == saved:
+        return []
+    if isinstance(configured, dict) and isinstance(saved, dict):
+        if "class_path" in configured and "class_path" in saved:
+            if str(configured["class_path"]).rsplit(".", 1)[-1] != str(saved["class_path"]).rsplit(".", 1)[-1]:
+                return [f"{key}={saved['class_path']!r} in the checkpoint but {key}={configured['class_path']!r} in "
+                        "the config"]
+            configured, saved = configured.get("init_args") or {}, saved.get("init_args") or {}
+            key = f"{key}.init_args"
+        return [line for name in configured if name in saved
+                for line in _differences(f"{key}.{name}", configured[name], saved[name])]
+    return [f"{key}={saved!r} in the checkpoint but {key}={configured!r} in the config"]
 
 
 def _plain(value: Any) -> Any:

@@ -23,6 +23,7 @@ from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 from typing_extensions import override
 
 from flexlora_pl.data.glue import GLUE_TASKS
+from flexlora_pl.methods import AdaptationMethod, build_method
 from flexlora_pl.module import FlexLoRAModule
 
 __all__ = ["DEBERTA_TARGETS", "TASK_METRICS", "FlexLoRASequenceClassifier"]
@@ -59,15 +60,12 @@ class FlexLoRASequenceClassifier(FlexLoRAModule):
             ``None`` picks ``classification`` or ``regression`` from ``num_labels``.
         val_split_names: names of the validation dataloaders, in order (linked from the data module;
             MNLI has ``validation_matched`` and ``validation_mismatched``).
-        target_modules: linear layers to adapt (default: DeBERTaV3's 6 matrices per layer).
-        init_rank: initial rank ``r_init``.
-        max_rank: rank capacity ``r_max``.
-        alpha: LoRA α.
-        dropout: dropout on adapter inputs.
+        method: how the encoder is adapted (:mod:`flexlora_pl.methods`): ``FlexLoRA`` (default), ``LoRA``,
+            ``AdaLoRA``, … with its own settings. A method that names no ``target_modules`` adapts
+            DeBERTaV3's 6 matrices per layer (:data:`DEBERTA_TARGETS`).
         modules_to_save: modules trained in full; ``None`` trains the task head (every top-level module
             besides the encoder: the classifier, DeBERTa's pooler) and anything the checkpoint lacks or
             holds in another shape (a head for another number of labels is re-initialised).
-        orth_reg_weight: γ of the orthogonality regulariser.
         optimizer: optimizer factory (default AdamW).
         lr_scheduler: LR scheduler factory, stepped every optimizer step.
         init_seed: seed of the initial adapter draws; ``None`` follows ``seed_everything``.
@@ -82,13 +80,8 @@ class FlexLoRASequenceClassifier(FlexLoRAModule):
         num_labels: int = 2,
         task: str | None = None,
         val_split_names: Sequence[str] = ("validation",),
-        target_modules: Sequence[str] = tuple(DEBERTA_TARGETS),
-        init_rank: int = 8,
-        max_rank: int = 12,
-        alpha: float = 16.0,
-        dropout: float = 0.0,
+        method: AdaptationMethod | None = None,
         modules_to_save: Sequence[str] | None = None,
-        orth_reg_weight: float = 0.1,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         init_seed: int | None = None,
@@ -110,20 +103,17 @@ class FlexLoRASequenceClassifier(FlexLoRAModule):
         if label_names is not None and num_labels > 1:
             backbone.config.id2label = dict(enumerate(label_names))
             backbone.config.label2id = {name: i for i, name in enumerate(label_names)}
+        method = build_method(method).with_default_targets(DEBERTA_TARGETS)
         super().__init__(
             backbone=backbone,
-            target_modules=target_modules,
-            init_rank=init_rank,
-            max_rank=max_rank,
-            alpha=alpha,
-            dropout=dropout,
             modules_to_save=head_modules if modules_to_save is None else modules_to_save,
-            orth_reg_weight=orth_reg_weight,
             optimizer=optimizer,
             lr_scheduler=lr_scheduler,
             init_seed=init_seed,
+            method=method,
         )
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "method"])
+        self.hparams["method"] = self.method.as_config()  # a plain dict, whichever way the method was given
         self.num_labels, self.task = num_labels, task
         self.metric_names, self.headline = TASK_METRICS[task]
         self.val_split_names = list(val_split_names)
