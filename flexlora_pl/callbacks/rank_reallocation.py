@@ -7,6 +7,7 @@ modules, how a direction is pruned or added), :mod:`flexlora_pl.core.importance`
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 from typing import Any
@@ -56,6 +57,11 @@ class RankReallocation(Callback):
     Everything is checked when fitting starts (``on_fit_start``, after the LightningModule's own
     ``setup``, so the number of optimizer steps can depend on data built there), before the first step.
 
+    ``budget_formula``, ``rank_cap``, ``prune_by``, ``new_direction_std`` and ``rebuild_optimizer`` reproduce
+    behaviours of the authors' reference code, so that what each costs can be measured
+    (``docs/differences.md``; ``configs/ablations/reference_code.yaml`` turns them all on). Their defaults
+    keep this implementation's behaviour.
+
     Args:
         b0: initial budget: modules that prune (and expand) per event at the start of the schedule.
         t_warmup: optimizer steps before the first event may run.
@@ -77,12 +83,6 @@ class RankReallocation(Callback):
         allow_no_events: a schedule that can never fire (``t_warmup``, ``t_final`` and ``delta_t``
             leave no event step before ``T − t_final``) is a configuration error by default, raised
             before training starts; ``True`` turns it into a warning (ranks then stay fixed).
-
-    The arguments below reproduce behaviours of the authors' reference code, so that what each costs can
-    be measured (``docs/differences.md``; ``configs/ablations/reference_code.yaml`` turns them all on).
-    Their defaults keep this implementation's behaviour.
-
-    Args:
         budget_formula: the ``cubic`` schedule's formula: ``paper`` (eq. 4,
             ``round(b0 · (1 − (t − t_warmup)/(T − t_final))³)``) or ``reference`` (the authors' code:
             ``round(b0 · (1 − p³))`` with ``p = (t − t_warmup)/(T − t_final − t_warmup)`` clamped to [0, 1],
@@ -102,7 +102,8 @@ class RankReallocation(Callback):
             (the base learning rate) and weight decay 0, so every moment is lost, and the LR scheduler
             keeps stepping the old optimizer, so the learning rate stays at its base value from the
             first event on. Needs a single optimizer and a strategy that does not wrap it (single
-            device or DDP).
+            device or DDP). A run resumed after an event does not yet continue exactly
+            (``docs/differences.md``, section 4).
     """
 
     def __init__(
@@ -215,6 +216,10 @@ class RankReallocation(Callback):
             )
         if self._last_step is None:
             self._last_step = trainer.global_step
+        if self.rebuild_optimizer and any(event["budget"] > 0 for event in self.history):
+            # a resumed run whose earlier events rebuilt the optimizer: Lightning would reattach the LR schedule
+            # to the restored optimizer, which the uninterrupted run no longer had (runs before the restore)
+            self._rebuild_optimizer(trainer)
 
     def _start_other_method(self, trainer: Trainer, pl_module: LightningModule, method: Any) -> None:
         """Hand the schedule to a method that allocates its own way (AdaLoRA), or stand down (LoRA)."""
@@ -381,7 +386,9 @@ class RankReallocation(Callback):
                 "wraps it; use a single device or DDP, or leave rebuild_optimizer off"
             )
         old = optimizers[0]
-        defaults = dict(old.defaults)
+        accepted = inspect.signature(type(old)).parameters  # ``defaults`` may hold more (AdamW: decoupled_weight_decay)
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+        defaults = {key: value for key, value in old.defaults.items() if takes_any or key in accepted}
         if "weight_decay" in defaults:
             defaults["weight_decay"] = 0.0
         # keep only the parameters and the group names (what LearningRateMonitor labels by); every

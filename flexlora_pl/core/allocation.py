@@ -3,12 +3,16 @@
 :func:`decide_allocation` is a pure function of the scores and ranks: the ``b`` least important
 modules that can shrink (``r > r_min``) each lose one direction and the ``b`` most important ones that
 can grow (``r < r_max``) each gain one. A module never does both in one event, ties break by module
-order, and in the default mode the total active rank is conserved.
+order, and in the default mode the total active rank is conserved. ``rank_cap=False`` selects as the
+authors' code does instead (no per-module cap there): the ``b`` most important modules expand whatever
+their rank, a module may both prune and expand, and one still at ``r_max`` after pruning forfeits its
+slot (capacity is fixed here; the authors' code would grow the tensor).
 
-:func:`prune_direction` switches off the active direction with the smallest |λ| and zeroes its λ, P
-column, Q row, gradients and optimizer moments. :func:`expand_direction` switches on the first free
-slot with the chosen initialisation; ``zero_impact`` (the paper's) sets λ = 0 and draws P and Q from a
-Gaussian with σ = 1/√d, so the model output does not change. Draws come from a generator seeded by
+:func:`prune_direction` switches off the active direction with the smallest |λ| (``by="signed"``: the
+smallest signed λ, as the authors' code does) and zeroes its λ, P column, Q row, gradients and optimizer
+moments. :func:`expand_direction` switches on the first free slot with the chosen initialisation;
+``zero_impact`` (the paper's) sets λ = 0 and draws P and Q from a Gaussian with σ = 1/√d (``std="unit"``:
+σ = 1, the authors' code's), so the model output does not change. Draws come from a generator seeded by
 ``(seed, step, module index)``: every DDP rank, and a resumed run, draws the same numbers.
 """
 
@@ -23,7 +27,9 @@ from flexlora_pl.core.layer import FlexLoRALinear, gaussian_std
 
 __all__ = [
     "ALLOCATION_MODES",
+    "DIRECTION_STDS",
     "EXPANSION_INITS",
+    "PRUNE_CRITERIA",
     "AllocationDecision",
     "decide_allocation",
     "event_generator",
@@ -33,6 +39,8 @@ __all__ = [
 
 ALLOCATION_MODES = ("prune_and_expand", "prune_only", "expand_only")
 EXPANSION_INITS = ("zero_impact", "small", "zero", "orthogonal")
+PRUNE_CRITERIA = ("magnitude", "signed")  # which active direction a pruned module loses
+DIRECTION_STDS = ("scaled", "unit")  # σ of a zero_impact direction's P column and Q row: 1/√d or 1
 SMALL_LAMBDA = 1e-3  # λ of a new direction under the ``small`` initialisation
 
 
@@ -51,6 +59,7 @@ def decide_allocation(
     r_max: int | Sequence[int],
     budget: int,
     mode: str = "prune_and_expand",
+    rank_cap: bool = True,
 ) -> AllocationDecision:
     """Choose the modules that prune and expand at one event (paper Algorithm 1, lines 6–9).
 
@@ -61,6 +70,9 @@ def decide_allocation(
         r_max: a module never grows above this rank (one value or one per module).
         budget: ``b(t)``, the most modules that prune (and expand).
         mode: ``prune_and_expand`` (conserves total rank), ``prune_only`` or ``expand_only``.
+        rank_cap: ``True``: only modules below ``r_max`` compete for expansion and no module both prunes
+            and expands. ``False`` (the authors' code): the ``budget`` most important modules expand,
+            pruned or not, and those still at ``r_max`` after pruning are skipped, slot unused.
     """
     if mode not in ALLOCATION_MODES:
         raise ValueError(f"unknown allocation mode {mode!r}; choose one of {list(ALLOCATION_MODES)}")
@@ -77,6 +89,8 @@ def decide_allocation(
 
     n = len(ranks)
     lowest = sorted((i for i in range(n) if ranks[i] > r_min), key=lambda i: (scores[i], i))
+    if not rank_cap:
+        return _uncapped_decision(scores, ranks, caps, lowest, budget, mode)
     highest = sorted((i for i in range(n) if ranks[i] < caps[i]), key=lambda i: (-scores[i], i))
     if mode == "prune_only":
         return AllocationDecision(prune=tuple(lowest[:budget]))
@@ -92,6 +106,19 @@ def decide_allocation(
     return AllocationDecision()
 
 
+def _uncapped_decision(
+    scores: list[float], ranks: list[int], caps: list[int], lowest: list[int], budget: int, mode: str
+) -> AllocationDecision:
+    """The authors' selection: prune the ``budget`` lowest above ``r_min``, expand the ``budget`` highest
+    of all modules; a pruned module may expand too, and one left at its capacity forfeits its slot."""
+    prune = [] if mode == "expand_only" else lowest[:budget]
+    if mode == "prune_only":
+        return AllocationDecision(prune=tuple(prune))
+    top = sorted(range(len(ranks)), key=lambda i: (-scores[i], i))[:budget]
+    expand = [i for i in top if ranks[i] - (i in prune) < caps[i]]
+    return AllocationDecision(prune=tuple(prune), expand=tuple(expand))
+
+
 def event_generator(seed: int, step: int, module_index: int) -> torch.Generator:
     """A CPU generator determined by ``(seed, step, module_index)`` alone."""
     mixed = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + module_index * 0x94D049BB133111EB)
@@ -100,14 +127,21 @@ def event_generator(seed: int, step: int, module_index: int) -> torch.Generator:
 
 @torch.no_grad()
 def prune_direction(
-    layer: FlexLoRALinear, optimizers: Iterable[torch.optim.Optimizer] = ()
+    layer: FlexLoRALinear, optimizers: Iterable[torch.optim.Optimizer] = (), by: str = "magnitude"
 ) -> int:
-    """Switch off the active direction with the smallest |λ| (lowest index on ties); return its index."""
+    """Switch off the active direction with the smallest |λ| (lowest index on ties); return its index.
+
+    ``by="signed"`` picks the smallest signed λ instead, as the authors' code does: the most negative
+    λ, which may be the module's strongest direction.
+    """
+    if by not in PRUNE_CRITERIA:
+        raise ValueError(f"unknown pruning criterion {by!r}; choose one of {list(PRUNE_CRITERIA)}")
     active = layer.rank_mask.nonzero().flatten()
     if active.numel() == 0:
         raise ValueError("cannot prune a layer with no active direction")
-    magnitudes = layer.lora_lambda.detach().abs()[active]
-    index = int(active[int(torch.argmin(magnitudes))])  # argmin returns the first minimum
+    values = layer.lora_lambda.detach()[active]
+    key = values.abs() if by == "magnitude" else values
+    index = int(active[int(torch.argmin(key))])  # argmin returns the first minimum
     layer.rank_mask[index] = False
     _reset_direction(layer, index, optimizers)
     return index
@@ -119,6 +153,7 @@ def expand_direction(
     optimizers: Iterable[torch.optim.Optimizer] = (),
     init: str = "zero_impact",
     generator: torch.Generator | None = None,
+    std: str = "scaled",
 ) -> int:
     """Switch on the first free slot, initialised by ``init``; return its index.
 
@@ -126,9 +161,14 @@ def expand_direction(
     ``orthogonal``: λ = 0, unit vectors orthogonal to the active P columns / Q rows — output unchanged.
     ``small``: as ``orthogonal`` but λ = 1e-3 (the output moves slightly).
     ``zero``: λ, P and Q zero: the direction receives no gradient and stays frozen.
+
+    ``std="unit"`` draws the ``zero_impact`` vectors with σ = 1, as the authors' code does (norm ≈ √d);
+    ``orthogonal`` and ``small`` normalise their vectors to unit norm whatever ``std`` is.
     """
     if init not in EXPANSION_INITS:
         raise ValueError(f"unknown expansion init {init!r}; choose one of {list(EXPANSION_INITS)}")
+    if std not in DIRECTION_STDS:
+        raise ValueError(f"unknown new-direction std {std!r}; choose one of {list(DIRECTION_STDS)}")
     free = (~layer.rank_mask).nonzero().flatten()
     if free.numel() == 0:
         raise ValueError(f"cannot expand a layer at full capacity (max_rank={layer.max_rank})")
@@ -138,8 +178,10 @@ def expand_direction(
     P, Q, lam = layer.lora_P, layer.lora_Q, layer.lora_lambda
     if init != "zero":
         kw = {"generator": generator} if generator is not None else {}
-        p = torch.randn(d_out, **kw) * gaussian_std(d_out)
-        q = torch.randn(d_in, **kw) * gaussian_std(d_in)
+        p = torch.randn(d_out, **kw)
+        q = torch.randn(d_in, **kw)
+        if std == "scaled":
+            p, q = p * gaussian_std(d_out), q * gaussian_std(d_in)
         if init in ("orthogonal", "small"):
             active = layer.rank_mask
             p = _orthonormal_to(p, P.detach()[:, active].float().cpu())
