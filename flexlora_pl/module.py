@@ -385,11 +385,13 @@ class FlexLoRAModule(LightningModule):
     def on_fit_start(self) -> None:
         from flexlora_pl.callbacks.rank_reallocation import RankReallocation
 
-        if isinstance(self.method, FlexLoRA) and not any(
-                isinstance(cb, RankReallocation) for cb in self.trainer.callbacks):
+        moves_ranks = isinstance(self.method, FlexLoRA) or (
+            type(self.method).allocation_driver is not AdaptationMethod.allocation_driver)
+        if moves_ranks and not any(isinstance(cb, RankReallocation) for cb in self.trainer.callbacks):
             rank_zero_warn(
-                "FlexLoRAModule holds FlexLoRA layers but no RankReallocation callback is attached: ranks "
-                "will stay fixed (plain LoRA in SVD form). Add RankReallocation to trainer callbacks."
+                f"the {type(self.method).__name__} method moves ranks, but no RankReallocation callback is attached: "
+                "ranks will stay fixed. Add RankReallocation to trainer callbacks (the `flexlora` command always "
+                "does, from the `reallocation:` group)."
             )
         counts = self.parameter_counts()
         rank_zero_info(

@@ -1,5 +1,6 @@
 """The merged model: ΔW added into the base weights, every FlexLoRA layer replaced by its plain
-``nn.Linear``; transformers models carry their tokenizer and label names."""
+``nn.Linear`` (peft's layers of the LoRA and AdaLoRA methods by peft's ``merge_and_unload``);
+transformers models carry their tokenizer and label names."""
 
 from __future__ import annotations
 
@@ -17,12 +18,16 @@ from torch import nn
 from flexlora_pl.core.inject import flexlora_layers
 from flexlora_pl.export.common import _backbone, _require_layers
 from flexlora_pl.export.files import _atomic_output, check_output_dir
+from flexlora_pl.export.peft_adapter import _unloaded_copy
+from flexlora_pl.methods.lora import peft_tuner_layers
 
 
 def merged_model(model_or_module: nn.Module) -> nn.Module:
     """A copy of the backbone with every ΔW merged and every FlexLoRA layer replaced by its ``nn.Linear``.
 
     The caller's model is left untouched (the backbone is deep-copied, so peak memory holds two copies).
+    A backbone adapted by a peft-based method (:class:`~flexlora_pl.methods.LoRA`,
+    :class:`~flexlora_pl.methods.AdaLoRA`) is merged by peft's ``merge_and_unload`` (with its NaN check).
 
     Args:
         model_or_module: a :class:`~flexlora_pl.FlexLoRAModule` or any ``nn.Module`` with FlexLoRA layers.
@@ -30,7 +35,10 @@ def merged_model(model_or_module: nn.Module) -> nn.Module:
     Returns:
         The plain model: no FlexLoRA module, same outputs, the base model's inference cost.
     """
-    plain = copy.deepcopy(_backbone(model_or_module))
+    backbone = _backbone(model_or_module)
+    if next(peft_tuner_layers(backbone), None) is not None:
+        return _unloaded_copy(backbone, merge=True)
+    plain = copy.deepcopy(backbone)
     for name, layer in list(flexlora_layers(plain)):
         layer.merge()  # a no-op when the layer is already merged: then the base weight holds ΔW
         if not name:
@@ -73,7 +81,8 @@ def export_merged(
         ValueError: ``tokenizer`` was given but cannot be loaded, or the model is not a transformers model.
     """
     out = check_output_dir(out_dir, overwrite)
-    _require_layers(_backbone(model_or_module))
+    if next(peft_tuner_layers(_backbone(model_or_module)), None) is None:
+        _require_layers(_backbone(model_or_module))
     plain = merged_model(model_or_module)
     tokenizer = _merged_tokenizer(model_or_module, plain, tokenizer, out)
     with _atomic_output(out, overwrite) as tmp:

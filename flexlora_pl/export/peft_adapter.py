@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 import re
 from collections import Counter
@@ -18,6 +19,7 @@ from flexlora_pl.core.inject import flexlora_layers
 from flexlora_pl.core.layer import FlexLoRALinear
 from flexlora_pl.export.common import _backbone, _require_layers, _saved_module_names, _saved_module_tensors
 from flexlora_pl.export.files import _atomic_output, check_output_dir
+from flexlora_pl.methods.lora import ADAPTER_NAME, drop_peft_tuner, peft_target_modules, peft_tuner, peft_tuner_layers
 
 PEFT_MIN_VERSION = "0.14"  # the oldest peft the project supports (setup.cfg); older releases are untested
 _PEFT_PREFIX = "base_model.model."  # where peft's LoRA model keeps the wrapped model in its state dict
@@ -30,7 +32,12 @@ def export_peft_adapter(
     modules_to_save: Sequence[str] | None = None,
     overwrite: bool = False,
 ) -> Any:
-    """Write a standard PEFT LoRA adapter equivalent to the model's FlexLoRA update.
+    """Write a standard PEFT LoRA adapter equivalent to the model's FlexLoRA update (or its peft adapter).
+
+    A model adapted by a peft-based method (:class:`~flexlora_pl.methods.LoRA`,
+    :class:`~flexlora_pl.methods.AdaLoRA`) is saved by peft itself: ``save_pretrained`` of a ``PeftModel``
+    holding its trained adapters, with the modules trained in full as ``modules_to_save`` (see
+    :func:`_export_peft_method`).
 
     Load it with ``peft.PeftModel.from_pretrained(base_model, out_dir)`` on the un-adapted base model
     (the backbone as it was before injection). Module paths are relative to the backbone.
@@ -48,7 +55,7 @@ def export_peft_adapter(
         overwrite: replace an existing non-empty ``out_dir``.
 
     Returns:
-        The ``peft.LoraConfig`` that was written.
+        The ``peft.LoraConfig`` (``peft.AdaLoraConfig`` for AdaLoRA) that was written.
 
     Raises:
         ImportError: peft is missing or older than 0.14.
@@ -58,6 +65,9 @@ def export_peft_adapter(
     peft = _require_peft()
     out = check_output_dir(out_dir, overwrite)
     backbone = _backbone(model_or_module)
+    if next(peft_tuner_layers(backbone), None) is not None:
+        return _export_peft_method(peft, model_or_module, backbone, out, overwrite, base_model_name_or_path,
+                                   task_type, modules_to_save)
     layers = _require_layers(backbone)
     exported = {name: layer for name, layer in layers.items() if _has_update(layer)}
     if not exported:
@@ -193,3 +203,92 @@ def _require_peft() -> Any:
             "pip install -U 'peft>=0.14'"
         )
     return peft
+
+
+# ---------------------------------------------------------------------- peft-based methods (LoRA, AdaLoRA)
+def _export_peft_method(
+    peft: Any,
+    model_or_module: nn.Module,
+    backbone: nn.Module,
+    out: Path,
+    overwrite: bool,
+    base_model_name_or_path: str | None,
+    task_type: str | None,
+    modules_to_save: Sequence[str] | None,
+) -> Any:
+    """``save_pretrained`` of a ``PeftModel`` equal to ``backbone``, whose peft layers were injected in place.
+
+    The methods keep peft's layers inside the backbone (no ``PeftModel`` wrapper, the head trained in
+    place), so a copy of the backbone is unloaded to the plain model (trained head included), wrapped by
+    ``peft.get_peft_model`` with the run's config plus ``modules_to_save``, given the trained adapter
+    tensors (same module paths), and saved by peft. For AdaLoRA the config's ``rank_pattern`` keeps every
+    direction whose singular value is non-zero, so peft stores only those and the adapter computes exactly
+    what the model computes (also mid-run, when peft's soft masks have let pruned values grow back); a
+    matrix pruned to rank 0 is left out of the adapter.
+    """
+    tuner = peft_tuner(backbone)
+    if tuner is None:
+        raise ValueError(
+            f"{type(backbone).__name__} holds peft layers but not the tuner that injected them; export models "
+            "adapted by flexlora_pl.methods (LoRA, AdaLoRA), or save a peft.PeftModel with its own save_pretrained"
+        )
+    config = copy.deepcopy(tuner.peft_config[ADAPTER_NAME])
+    adalora = config.peft_type == peft.PeftType.ADALORA
+    plain = _unloaded_copy(backbone, merge=False)
+    if adalora:  # a matrix pruned to rank 0 has no update: left out, as FlexLoRA's export does
+        nonzero = {name: layer.lora_E[ADAPTER_NAME] != 0 for name, layer in peft_tuner_layers(backbone)}
+        kept = [name for name, values in nonzero.items() if bool(values.any())]
+        if not kept:
+            raise ValueError(
+                "no AdaLoRA layer has a non-zero update (every singular value is zero): the model equals its base "
+                "model; use export_merged or keep the checkpoint instead"
+            )
+        if len(kept) < len(nonzero):
+            config.target_modules = peft_target_modules(plain, kept)
+    saved = _saved_module_names(model_or_module, plain, modules_to_save)
+    config.modules_to_save = saved or None
+    config.inference_mode = True
+    config.task_type = None  # a generic PeftModel: a task class would add modules_to_save of its own
+    method = getattr(model_or_module, "method", None)
+    if adalora and hasattr(method, "orth_reg_weight"):
+        config.orth_reg_weight = method.orth_reg_weight  # the run's γ (training kept peft's at 0)
+    with torch.random.fork_rng(devices=[]):  # the fresh adapter's draws are overwritten: leave the RNG alone
+        peft_model = peft.get_peft_model(plain, config, adapter_name=ADAPTER_NAME)
+    trained = dict(backbone.named_parameters())
+    with torch.no_grad():
+        for name, param in peft_model.get_base_model().named_parameters():
+            if ".lora_" in name or ".ranknum." in name:
+                if name not in trained:
+                    raise ValueError(f"the adapter tensor {name!r} of the export has no counterpart in the model")
+                param.copy_(trained[name])
+    saved_config = peft_model.peft_config[ADAPTER_NAME]
+    if adalora:
+        saved_config.rank_pattern = {
+            f"{name}.lora_E.{ADAPTER_NAME}": (layer.lora_E[ADAPTER_NAME] != 0).view(-1).tolist()
+            for name, layer in peft_tuner_layers(peft_model.get_base_model())
+        }
+    saved_config.task_type = task_type
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(plain, "name_or_path", None) or None
+    saved_config.base_model_name_or_path = base_model_name_or_path
+    with _atomic_output(out, overwrite) as tmp:
+        peft_model.save_pretrained(str(tmp), save_embedding_layers=False)
+    return saved_config
+
+
+def _unloaded_copy(backbone: nn.Module, merge: bool) -> nn.Module:
+    """A copy of ``backbone`` without its peft layers (``merge``: with their updates merged into the weights).
+
+    peft's own ``merge_and_unload`` / ``unload`` on the copy's tuner; the caller's model is left untouched.
+    """
+    if peft_tuner(backbone) is None:
+        raise ValueError(
+            f"{type(backbone).__name__} holds peft layers but not the tuner that injected them; only models adapted "
+            "by flexlora_pl.methods (LoRA, AdaLoRA) can be unloaded here"
+        )
+    duplicate = copy.deepcopy(backbone)  # the tuner is copied with it and points at the copy
+    tuner = peft_tuner(duplicate)
+    plain = tuner.merge_and_unload(safe_merge=True) if merge else tuner.unload()
+    drop_peft_tuner(plain)
+    plain.__dict__.pop("peft_config", None)  # peft removes it; a leftover would make transformers see an adapter
+    return plain

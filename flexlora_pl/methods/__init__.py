@@ -4,10 +4,15 @@
 name      class
 ========  ==========================================================================================
 flexlora  :class:`FlexLoRA`: masked SVD-form adapters, ranks moved by spectral-entropy importance
+lora      :class:`LoRA`: peft's LoRA, rank ``r`` everywhere, fixed (``configs/methods/lora.yaml``)
+adalora   :class:`AdaLoRA`: peft's AdaLoRA, ``init_rank`` pruned to an average ``target_rank`` by
+          sensitivity on the ``reallocation:`` schedule (``configs/methods/adalora.yaml``)
 ========  ==========================================================================================
 """
 
+from flexlora_pl.methods.adalora import AdaLoRA
 from flexlora_pl.methods.base import METHODS, AdaptationMethod, build_method, register_method
 from flexlora_pl.methods.flexlora import FlexLoRA
+from flexlora_pl.methods.lora import LoRA
 
-__all__ = ["METHODS", "AdaptationMethod", "FlexLoRA", "build_method", "register_method"]
+__all__ = ["METHODS", "AdaLoRA", "AdaptationMethod", "FlexLoRA", "LoRA", "build_method", "register_method"]

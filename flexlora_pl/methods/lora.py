@@ -1,0 +1,304 @@
+"""LoRA (Hu et al., ICLR 2022, https://arxiv.org/abs/2106.09685): a fixed-rank update trained beside a frozen weight.
+
+Every adapted linear layer ``W`` (d_out × d_in) gets
+
+    ΔW = (α / r) · B A        A: r × d_in (Kaiming-uniform),  B: d_out × r (zeros, so ΔW = 0 at start)
+
+and computes ``y = W x + b + (α / r) · B (A drop(x))``. Ranks never move: there is no allocation event
+and no regulariser. The paper's baseline (SPEC §5) is peft's ``LoraConfig(r, lora_alpha, lora_dropout,
+target_modules)`` with the classifier head trained in full, so the layers here are peft's own.
+
+How peft is plugged in (shared with :class:`~flexlora_pl.methods.AdaLoRA`, see :class:`PeftAdapterMethod`):
+peft's tuner injects its layers **in place** (what ``peft.inject_adapter_in_model`` does), so the
+backbone stays the model it was: the task calls it as before, it returns what it returned before, and
+every state-dict name keeps its path (``bert.encoder.layer.0.attention.self.query.lora_A.default.weight``
+next to ``...query.base_layer.weight``; the head keeps ``classifier.weight``). Rank patterns, TensorBoard
+tags and checkpoints therefore name the same modules under every method, and no peft forward wrapper
+can add anything to the loss. The head is trained in place (``requires_grad``) rather than through
+peft's ``modules_to_save`` copies; the export (:func:`flexlora_pl.export.export_peft_adapter`) writes it
+into the adapter as ``modules_to_save``.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from flexlora_pl.core.inject import match_target
+from flexlora_pl.core.layer import FlexLoRALinear
+from flexlora_pl.methods.base import AdaptationMethod, register_method
+
+__all__ = ["LoRA", "PeftAdapterMethod", "drop_peft_tuner", "peft_tuner", "peft_tuner_layers"]
+
+#: peft's name for the one adapter a method injects
+ADAPTER_NAME = "default"
+#: where the tuner that injected the adapters is kept on the adapted model (a plain attribute, not a submodule)
+_TUNER_ATTRIBUTE = "_flexlora_peft_tuner"
+
+
+def peft_tuner_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Yield ``(dotted name, layer)`` for every peft tuner layer of ``model``, in model order."""
+    tuners_utils = sys.modules.get("peft.tuners.tuners_utils")
+    if tuners_utils is None:  # peft never imported: no layer of it can exist (and importing it takes seconds)
+        return
+    for name, module in model.named_modules():
+        if isinstance(module, tuners_utils.BaseTunerLayer):
+            yield name, module
+
+
+def peft_tuner(model: nn.Module) -> Any:
+    """The peft tuner (``LoraModel``, ``AdaLoraModel``) that injected the adapters of ``model``, or ``None``.
+
+    It is kept as a plain attribute of the adapted model so that it travels with it (``deepcopy``, pickling)
+    without being a submodule: the tuner's own ``model`` is the adapted model, so registering it would
+    make the module tree a cycle.
+    """
+    return model.__dict__.get(_TUNER_ATTRIBUTE)
+
+
+def drop_peft_tuner(model: nn.Module) -> None:
+    """Forget the tuner kept on ``model`` (once its peft layers are unloaded)."""
+    model.__dict__.pop(_TUNER_ATTRIBUTE, None)
+
+
+class PeftAdapterMethod(AdaptationMethod):
+    """Base of the methods whose layers are peft's: targets, freezing, seeding and in-place injection.
+
+    A subclass implements :meth:`peft_config`, :meth:`tuner_class`, :meth:`is_own_layer`,
+    :meth:`layer_parameters`, :meth:`layer_rank`, :meth:`layer_capacity` and :meth:`capacity`. peft is
+    imported only when a model is adapted (importing it takes seconds).
+    """
+
+    #: parameters per direction besides the ``d_in + d_out`` of a factor pair (AdaLoRA's singular value: 1)
+    extra_per_direction: ClassVar[int] = 0
+
+    # ---------------------------------------------------------------- to implement
+    def tuner_class(self) -> type:
+        """The peft tuner (``LoraModel``, ``AdaLoraModel``) that injects this method's layers."""
+        raise NotImplementedError
+
+    def is_own_layer(self, layer: nn.Module) -> bool:
+        """Whether a peft tuner ``layer`` is one of this method's."""
+        raise NotImplementedError
+
+    def peft_config(self, target_modules: list[str] | str) -> Any:
+        """The peft config to inject with, for ``target_modules`` in peft's form (a list, or a regex)."""
+        raise NotImplementedError
+
+    def layer_parameters(self, layer: nn.Module) -> list[nn.Parameter]:
+        """The trained adapter parameters of one injected peft ``layer``."""
+        raise NotImplementedError
+
+    def layer_rank(self, layer: nn.Module) -> int:
+        """The active rank of one injected peft ``layer``."""
+        raise NotImplementedError
+
+    def layer_capacity(self, layer: nn.Module) -> int:
+        """The rank capacity of one injected peft ``layer``."""
+        raise NotImplementedError
+
+    def capacity(self) -> int:
+        """The rank every adapted layer is built with (checked against the layers' widths)."""
+        raise NotImplementedError
+
+    def after_injection(self, model: nn.Module, tuner: Any) -> None:
+        """Called once after injection (AdaLoRA adds its rank masks here)."""
+
+    # ---------------------------------------------------------------- adapt
+    def adapt(self, backbone: nn.Module, modules_to_save: Sequence[str], seed: int | None) -> nn.Module:
+        """Inject peft layers into ``backbone`` in place; freeze all but them and ``modules_to_save``.
+
+        Args:
+            backbone: the model to adapt; it is modified in place and returned.
+            modules_to_save: modules trained in full (the task head), same matching as ``target_modules``.
+            seed: seed of the adapters' initial draws (``None``: the global RNG). The global RNG state is
+                left as it was.
+
+        Raises:
+            ValueError: no targets, a target or ``modules_to_save`` entry that matches nothing, a target
+                that is not an ``nn.Linear``, a module both adapted and saved, a rank wider than a layer,
+                or a backbone that already holds adapters.
+        """
+        if not self.target_modules:
+            raise ValueError(f"{type(self).__name__} needs target_modules: name the linear layers to adapt")
+        if any(isinstance(m, FlexLoRALinear) for m in backbone.modules()) or next(peft_tuner_layers(backbone), None):
+            raise ValueError(f"{type(self).__name__}: the backbone already holds adapters; adapt a fresh model")
+        chosen, saved = resolve_targets(backbone, self.target_modules, modules_to_save)
+        named = dict(backbone.named_modules())
+        narrow = [n for n in chosen if self.capacity() > min(named[n].in_features, named[n].out_features)]
+        if narrow:
+            narrowest = min(min(named[n].in_features, named[n].out_features) for n in chosen)
+            raise ValueError(
+                f"{type(self).__name__}: rank {self.capacity()} exceeds min(in_features, out_features) of "
+                f"{narrow[0]!r} ({len(narrow)} layers in all); a rank above a layer's width adds nothing. "
+                f"Use a rank of at most {narrowest}, or leave those layers out of target_modules"
+            )
+        config = self.peft_config(peft_target_modules(backbone, chosen))
+        if seed is None:
+            tuner = self.tuner_class()(backbone, config, ADAPTER_NAME)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                tuner = self.tuner_class()(backbone, config, ADAPTER_NAME)
+        # peft freezes the base itself; freeze again so that nothing it leaves trainable (a ranknum built on
+        # the meta device is) reaches the optimizer, and train the adapters and the saved modules only
+        backbone.requires_grad_(False)
+        for p in self.adapter_parameters(backbone):
+            p.requires_grad_(True)
+        for name in saved:
+            backbone.get_submodule(name).requires_grad_(True)
+        backbone.__dict__[_TUNER_ATTRIBUTE] = tuner
+        self.after_injection(backbone, tuner)
+        return backbone
+
+    # ---------------------------------------------------------------- report
+    def layers(self, model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+        """``(name, layer)`` for every peft layer of this method in ``model``, in model order."""
+        for name, layer in peft_tuner_layers(model):
+            if self.is_own_layer(layer) and ADAPTER_NAME in getattr(layer, "lora_A", {}):
+                yield name, layer
+
+    def adapter_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        return [p for _, layer in self.layers(model) for p in self.layer_parameters(layer)]
+
+    def rank_pattern(self, model: nn.Module) -> dict[str, int]:
+        return {name: self.layer_rank(layer) for name, layer in self.layers(model)}
+
+    def max_ranks(self, model: nn.Module) -> dict[str, int]:
+        return {name: self.layer_capacity(layer) for name, layer in self.layers(model)}
+
+    def matrix_shapes(self, model: nn.Module) -> dict[str, int]:
+        return {name: layer.in_features + layer.out_features + self.extra_per_direction
+                for name, layer in self.layers(model)}
+
+    def parameter_counts(self, model: nn.Module) -> dict[str, int]:
+        shapes = self.matrix_shapes(model)
+        capacity = self.max_ranks(model)
+        active = sum(rank * shapes[name] for name, rank in self.rank_pattern(model).items())
+        return {"active": active, "allocated": sum(capacity[name] * per for name, per in shapes.items())}
+
+
+@register_method
+class LoRA(PeftAdapterMethod):
+    """LoRA through peft's ``LoraConfig``: rank ``r`` in every adapted layer, fixed for the whole run.
+
+    Args:
+        target_modules: linear layers to adapt: dotted-name suffixes (``query``) or ``re:<regex>``, matched
+            as for FlexLoRA (``None``: the task's defaults).
+        r: the rank of every adapted layer (paper: 8 on GLUE and commonsense, 14 on VTAB).
+        alpha: LoRA α; the update is scaled by α / r.
+        dropout: dropout on the adapter inputs.
+    """
+
+    name = "lora"
+    extra_per_direction = 0
+
+    def __init__(self, target_modules: Sequence[str] | None = None, r: int = 8, alpha: float = 16.0,
+                 dropout: float = 0.0) -> None:
+        super().__init__(target_modules, alpha, dropout, reg_weight=0.0)
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"LoRA: r must be an integer >= 1, got {r!r}")
+        self.r = r
+
+    def tuner_class(self) -> type:
+        from peft.tuners.lora import LoraModel
+
+        return LoraModel
+
+    def is_own_layer(self, layer: nn.Module) -> bool:
+        from peft.tuners.adalora import AdaLoraLayer
+        from peft.tuners.lora import LoraLayer
+
+        return isinstance(layer, LoraLayer) and not isinstance(layer, AdaLoraLayer)  # AdaLoRA's subclass LoRA's
+
+    def peft_config(self, target_modules: list[str] | str) -> Any:
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=target_modules,
+                          bias="none")
+
+    def layer_parameters(self, layer: nn.Module) -> list[nn.Parameter]:
+        return [layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight]
+
+    def layer_rank(self, layer: nn.Module) -> int:
+        return int(layer.r[ADAPTER_NAME])
+
+    def layer_capacity(self, layer: nn.Module) -> int:
+        return int(layer.r[ADAPTER_NAME])
+
+    def capacity(self) -> int:
+        return self.r
+
+
+# ---------------------------------------------------------------------- targets
+def resolve_targets(model: nn.Module, target_modules: Sequence[str],
+                    modules_to_save: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The exact names of the linear layers to adapt and of the modules to train in full.
+
+    Matching is FlexLoRA's (:func:`~flexlora_pl.core.inject.match_target`: dotted-name suffixes or
+    ``re:<regex>``), so a config selects the same layers under every method.
+
+    Args:
+        model: the backbone, before injection.
+        target_modules: the method's targets.
+        modules_to_save: the task's modules trained in full.
+
+    Raises:
+        ValueError: a pattern that is not a valid regex or matches nothing, a target naming a container
+            or a non-linear module, or a module both adapted and saved.
+    """
+    targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    saves = [modules_to_save] if isinstance(modules_to_save, str) else list(modules_to_save or [])
+    for pattern in targets + saves:
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as err:
+                raise ValueError(f"target {pattern!r} is not a valid regular expression: {err}") from err
+    named = dict(model.named_modules())
+    linear = [n for n, m in named.items() if isinstance(m, nn.Linear)]
+    chosen = [n for n in linear if match_target(n, targets)]
+    matched = {match_target(n, targets) for n in chosen}
+    for name, module in named.items():
+        if name and not isinstance(module, nn.Linear) and match_target(name, targets) \
+                and not any(c.startswith(name + ".") for c in chosen):
+            raise ValueError(f"target_modules entry matches {name!r}, a {type(module).__name__}, not an nn.Linear; "
+                             f"name its linear sub-layers instead, e.g. {_examples(linear, name)}")
+    missing = [t for t in targets if t not in matched]
+    if missing:
+        raise ValueError(f"target_modules {missing} match no nn.Linear in {type(model).__name__}. "
+                         f"Linear layers look like: {_examples(linear)}")
+    saved: list[str] = []
+    for pattern in saves:
+        hits = [n for n in named if n and match_target(n, [pattern])]
+        if not hits:
+            raise ValueError(f"modules_to_save entry {pattern!r} matches no module in {type(model).__name__}; "
+                             f"top-level modules are: {[n for n, _ in model.named_children()]}")
+        saved.extend(h for h in hits if h not in saved)
+    overlap = [n for n in chosen if any(n == s or n.startswith(s + ".") for s in saved)]
+    if overlap:
+        raise ValueError(f"modules {overlap[:5]} are both adapted and in modules_to_save; choose one")
+    return chosen, saved
+
+
+def peft_target_modules(model: nn.Module, chosen: Sequence[str]) -> list[str] | str:
+    """``chosen`` as peft's ``target_modules``: the exact list, or an anchored regex where the list would
+    select more (peft also adapts every module whose name ends with ``"." + entry``)."""
+    chosen_set = set(chosen)
+    others = [n for n, _ in model.named_modules() if n and n not in chosen_set]
+    if any(other.endswith("." + name) for other in others for name in chosen):
+        return "(?:" + "|".join(re.escape(n) for n in chosen) + ")"
+    return list(chosen)
+
+
+def _examples(names: Sequence[str], near: str | None = None, k: int = 6) -> list[str]:
+    pool = [n for n in names if near and n.startswith(near + ".")] or list(names)
+    seen: dict[str, str] = {}
+    for n in pool:
+        seen.setdefault(re.sub(r"\.\d+\.", ".N.", n), n)
+    return list(seen.values())[:k]
