@@ -117,3 +117,20 @@ def make_tiny_glue_run(root, tokenizer_dir: str) -> None:
         rows = ["sentence1,sentence2,label"]
         rows += [f"{words[i % 5]},{words[(i * 3) % 5]},{int(i % 5 == (i * 3) % 5)}" for i in range(n)]
         (root / name).write_text("\n".join(rows) + "\n")
+
+
+@pytest.fixture(scope="session")
+def tiny_glue_root(tmp_path_factory, tiny_tokenizer_dir):
+    """One tiny model and MRPC-layout data (see :func:`make_tiny_glue_run`), shared by the CLI run tests."""
+    root = tmp_path_factory.mktemp("tiny_glue")
+    make_tiny_glue_run(root, tiny_tokenizer_dir)
+    return root
+
+
+def tiny_run_folder(folder, tiny_glue_root, config: str):
+    """Link the shared tiny model and data into ``folder`` and write ``run.yaml`` (``{root}`` = ``folder``)."""
+    for name in ("model", "train.csv", "dev.csv"):
+        (folder / name).symlink_to(tiny_glue_root / name)
+    (folder / "run.yaml").write_text(config.format(root=folder))
+    return folder
+

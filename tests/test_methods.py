@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import make_tiny_glue_run, tiny_bert
+from conftest import tiny_bert, tiny_run_folder
 from test_cli import DEBERTA_V3_BASE
 from test_runs import RUN_CONFIG
 
@@ -144,19 +144,10 @@ def test_bad_settings_are_refused_with_the_fix():
 
 
 # --------------------------------------------------------------------------- runs through the CLI
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory, tiny_tokenizer_dir) -> Path:
-    root = tmp_path_factory.mktemp("tiny_methods")
-    make_tiny_glue_run(root, tiny_tokenizer_dir)
-    return root
-
-
 @pytest.fixture
-def run_root(tmp_path, tiny_root) -> Path:
-    for name in ("model", "train.csv", "dev.csv"):
-        (tmp_path / name).symlink_to(tiny_root / name)
-    (tmp_path / "run.yaml").write_text(RUN_CONFIG.format(root=tmp_path))
-    return tmp_path
+def run_root(tmp_path, tiny_glue_root) -> Path:
+    """A fresh folder with the tiny model and data (links) and ``run.yaml``; runs go to ``<it>/runs``."""
+    return tiny_run_folder(tmp_path, tiny_glue_root, RUN_CONFIG)
 
 
 def fit(root: Path, method: str, *extra: str, command: str = "fit"):
@@ -300,9 +291,9 @@ def test_adalora_resume_reproduces_the_uninterrupted_run(run_root):
         assert n == m and torch.equal(p, q), n
 
 
-def test_adalora_orthogonality_term_is_peft_s_and_is_added_once(tiny_root):
+def test_adalora_orthogonality_term_is_peft_s_and_is_added_once(tiny_glue_root):
     method = AdaLoRA(TARGETS, init_rank=4, target_rank=2, alpha=4, orth_reg_weight=0.3)
-    module = FlexLoRASequenceClassifier(model_name_or_path=str(tiny_root / "model"), method=method)
+    module = FlexLoRASequenceClassifier(model_name_or_path=str(tiny_glue_root / "model"), method=method)
     scramble(module)
     module.eval()  # no dropout: the forward passes below are comparable
     x = batch()
@@ -326,12 +317,12 @@ def test_adalora_orthogonality_term_is_peft_s_and_is_added_once(tiny_root):
     assert module.orthogonality_loss() == reg and module.orth_reg_weight == 0.3
 
 
-def test_peft_exports_equal_the_model_mid_run_and_leave_it_untouched(tiny_root, tmp_path):
+def test_peft_exports_equal_the_model_mid_run_and_leave_it_untouched(tiny_glue_root, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
     method = AdaLoRA(TARGETS, init_rank=4, target_rank=2, alpha=4)
-    module = FlexLoRASequenceClassifier(model_name_or_path=str(tiny_root / "model"), method=method).eval()
+    module = FlexLoRASequenceClassifier(model_name_or_path=str(tiny_glue_root / "model"), method=method).eval()
     scramble(module)
     layers = list(method.layers(module.backbone))
     with torch.no_grad():  # mid-run: a pruned λ grew back (soft mask), a matrix at rank 1, one at rank 0
@@ -351,7 +342,7 @@ def test_peft_exports_equal_the_model_mid_run_and_leave_it_untouched(tiny_root, 
     assert config.orth_reg_weight == method.orth_reg_weight and config.modules_to_save == ["classifier"]
     saved = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert saved["peft_type"] == "ADALORA" and saved["init_r"] == 4
-    base = AutoModelForSequenceClassification.from_pretrained(tiny_root / "model").eval()
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_glue_root / "model").eval()
     loaded = PeftModel.from_pretrained(base, str(tmp_path / "peft")).eval()
     torch.testing.assert_close(loaded(**x).logits, expected, rtol=1e-4, atol=1e-5)
     export_merged(module, tmp_path / "merged")

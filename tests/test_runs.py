@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_glue_run
+from conftest import tiny_run_folder
 
 from flexlora_pl.cli import build_cli, main
 from flexlora_pl.runs.run_folder import RunFolder, newest_trained_checkpoint
@@ -67,20 +67,10 @@ data:
 # 48 training rows in batches of 8: 6 optimizer steps per epoch, 12 in a run.
 
 
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory, tiny_tokenizer_dir) -> Path:
-    root = tmp_path_factory.mktemp("tiny_run")
-    make_tiny_glue_run(root, tiny_tokenizer_dir)
-    return root
-
-
 @pytest.fixture
-def run_root(tmp_path, tiny_root) -> Path:
+def run_root(tmp_path, tiny_glue_root) -> Path:
     """A fresh folder with the tiny model and data (links) and ``run.yaml``; runs go to ``<it>/runs``."""
-    for name in ("model", "train.csv", "dev.csv"):
-        (tmp_path / name).symlink_to(tiny_root / name)
-    (tmp_path / "run.yaml").write_text(RUN_CONFIG.format(root=tmp_path))
-    return tmp_path
+    return tiny_run_folder(tmp_path, tiny_glue_root, RUN_CONFIG)
 
 
 def fit(root: Path, *extra: str):
