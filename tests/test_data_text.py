@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from flexlora_pl.data import GLUEDataModule, check_encoding, load_data_files
-from flexlora_pl.data import text as text_module
+from flexlora_pl.data import files as files_module
 
 # Five plain rows, then one whose text holds an "é": in latin-1 that is the single byte 0xe9, invalid in UTF-8.
 ROWS = [{"sentence": f"row {i} is fine", "label": i % 2} for i in range(5)] + [{"sentence": "café au lait",
@@ -60,7 +60,7 @@ def test_decoding_check_finds_the_same_place_across_read_chunks(tmp_path: Path, 
     path = write_latin1(tmp_path / "latin1.csv")
     with pytest.raises(ValueError) as whole:
         load_data_files(path)
-    monkeypatch.setattr(text_module, "_DECODE_CHUNK", 3)  # the bad byte lands mid-way in a tiny chunk
+    monkeypatch.setattr(files_module, "_DECODE_CHUNK", 3)  # the bad byte lands mid-way in a tiny chunk
     with pytest.raises(ValueError) as chunked:
         load_data_files(path)
     assert str(chunked.value) == str(whole.value)
