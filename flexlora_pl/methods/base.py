@@ -112,9 +112,9 @@ class AdaptationMethod(ABC):
 
     def parameter_counts(self, model: nn.Module) -> dict[str, int]:
         """Adapter parameters ``active`` (what the papers count) and ``allocated`` (with spare capacity)."""
-        shapes = self.matrix_shapes(model)
-        active = sum(rank * per for rank, per in zip(self.rank_pattern(model).values(), shapes.values(), strict=True))
-        allocated = sum(p.numel() for p in self.adapter_parameters(model))
+        shapes, capacity = self.matrix_shapes(model), self.max_ranks(model)
+        active = sum(rank * shapes[name] for name, rank in self.rank_pattern(model).items())
+        allocated = sum(capacity[name] * per for name, per in shapes.items())
         return {"active": active, "allocated": allocated}
 
     def matrix_shapes(self, model: nn.Module) -> dict[str, int]:

@@ -77,9 +77,3 @@ class FlexLoRA(AdaptationMethod):
     def matrix_shapes(self, model: nn.Module) -> dict[str, int]:
         # a direction is a P column, a Q row and a λ
         return {name: layer.in_features + layer.out_features + 1 for name, layer in flexlora_layers(model)}
-
-    def parameter_counts(self, model: nn.Module) -> dict[str, int]:
-        shapes = self.matrix_shapes(model)
-        active = sum(rank * shapes[name] for name, rank in self.rank_pattern(model).items())
-        allocated = sum(self.max_ranks(model)[name] * per for name, per in shapes.items())
-        return {"active": active, "allocated": allocated}

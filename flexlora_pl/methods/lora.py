@@ -176,12 +176,6 @@ class PeftAdapterMethod(AdaptationMethod):
         return {name: layer.in_features + layer.out_features + self.extra_per_direction
                 for name, layer in self.layers(model)}
 
-    def parameter_counts(self, model: nn.Module) -> dict[str, int]:
-        shapes = self.matrix_shapes(model)
-        capacity = self.max_ranks(model)
-        active = sum(rank * shapes[name] for name, rank in self.rank_pattern(model).items())
-        return {"active": active, "allocated": sum(capacity[name] * per for name, per in shapes.items())}
-
 
 @register_method
 class LoRA(PeftAdapterMethod):
