@@ -34,7 +34,7 @@ from flexlora_pl.methods import AdaptationMethod, FlexLoRA, build_method
 from flexlora_pl.runs.rng_state import capture_rng_states, restore_rng_states
 from flexlora_pl.runs.seeding import resolve_seed
 
-__all__ = ["FlexLoRAModule"]
+__all__ = ["FlexLoRAModule", "refuse_sharded_strategy"]
 
 
 class FlexLoRAModule(LightningModule):
@@ -382,6 +382,12 @@ class FlexLoRAModule(LightningModule):
 
     # ---------------------------------------------------------------- set-up
     @override
+    def setup(self, stage: str) -> None:
+        """Refuse strategies that shard parameters; subclasses that override ``setup`` call this first."""
+        if self._trainer is not None:
+            refuse_sharded_strategy(self.trainer)
+
+    @override
     def on_fit_start(self) -> None:
         from flexlora_pl.callbacks.rank_reallocation import RankReallocation
 
@@ -414,6 +420,23 @@ class FlexLoRAModule(LightningModule):
             kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
         scheduler = self.lr_scheduler_factory(optimizer, **kwargs)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def refuse_sharded_strategy(trainer: Any) -> None:
+    """Raise before any work when the Trainer's strategy shards parameters or optimizer state (FSDP, DeepSpeed).
+
+    Rank masks, the optimizer-state surgery of allocation events, importance scores over whole λ vectors
+    and the slim checkpoints all assume every process holds whole adapter tensors; on shards they would
+    be silently wrong, so these strategies are refused rather than half supported.
+    """
+    strategy = type(trainer.strategy).__name__
+    if "FSDP" in strategy or "DeepSpeed" in strategy:
+        raise ValueError(
+            f"strategy {strategy} shards parameters and optimizer state, which flexlora_pl does not support: rank "
+            "masks, allocation events and checkpoints need whole adapter tensors on every process. Use "
+            "trainer.strategy: ddp (the adapters are small; only the frozen base is replicated) with "
+            "trainer.precision: bf16-true or bf16-mixed to fit the base model on each GPU."
+        )
 
 
 def _needs(factory: Callable, name: str) -> bool:

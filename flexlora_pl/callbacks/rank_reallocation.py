@@ -9,32 +9,41 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import json
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
 from flexlora_pl.core.allocation import (
     ALLOCATION_MODES,
     DIRECTION_STDS,
     EXPANSION_INITS,
+    NEW_DIRECTION_MOMENTS,
     PRUNE_CRITERIA,
     AllocationDecision,
     decide_allocation,
     event_generator,
     expand_direction,
     prune_direction,
+    warm_second_moments,
 )
 from flexlora_pl.core.importance import METRIC_NAMES, SensitivityTracker, importance_scores
 from flexlora_pl.core.inject import flexlora_layers
 from flexlora_pl.core.layer import FlexLoRALinear
 from flexlora_pl.core.schedule import BUDGET_FORMULAS, BUDGET_SCHEDULES, budget_at, event_steps, is_event_step
+from flexlora_pl.module import refuse_sharded_strategy
 from flexlora_pl.runs.seeding import resolve_seed
 
-__all__ = ["RankReallocation", "sensitivity_tracker"]
+__all__ = ["SPECTRA_FILENAME", "RankReallocation", "sensitivity_tracker"]
+
+SPECTRA_FILENAME = "lambda_spectra.json"
+"""Written into the run folder at every event: every module's active λ as scored there (paper Figure 3)."""
 
 
 class RankReallocation(Callback):
@@ -53,6 +62,15 @@ class RankReallocation(Callback):
     without the method is scored by the built-in metric. For ``sensitivity`` the callback feeds a
     :class:`~flexlora_pl.core.importance.SensitivityTracker` before every optimizer step; the module reads it
     through :func:`sensitivity_tracker`.
+
+    Every event also records, per module, the active λ it was scored on (the run folder's
+    ``lambda_spectra.json``, :data:`SPECTRA_FILENAME`), the directions it pruned and added by slot, and
+    how many of its prunes removed a direction the previous event had added (a *flip-flop*: eq. 3
+    divides by ``log r``, so a module's score drops when it gains a zero direction); the cumulative
+    count is logged as ``flexlora/flip_flops``. At the optimizer step after an event, the size of the
+    new directions' first λ update relative to the same step's update of the module's other active λ
+    entries is logged as ``flexlora/new_direction_update_ratio`` (≈ 3.2 for zeroed Adam moments and a
+    steady gradient; see ``new_direction_moments``).
 
     Everything is checked when fitting starts (``on_fit_start``, after the LightningModule's own
     ``setup``, so the number of optimizer steps can depend on data built there), before the first step.
@@ -104,6 +122,12 @@ class RankReallocation(Callback):
             first event on. Needs a single optimizer and a strategy that does not wrap it (single
             device or DDP). A run resumed after an event does not yet continue exactly
             (``docs/differences.md``, section 4).
+        new_direction_moments: Adam second moments of a new direction: ``zero`` (the SPEC: every moment
+            of the slot is reset) or ``warm`` (``exp_avg_sq`` starts at the mean of the tensor's active
+            entries, so the first updates are not ~3× larger than settled ones; see
+            :func:`~flexlora_pl.core.allocation.warm_second_moments`).
+        expand_cooldown: events after gaining a direction during which a module may not prune (0: the
+            paper). 1 stops a module from losing at the next event the zero direction it just gained.
     """
 
     def __init__(
@@ -126,6 +150,8 @@ class RankReallocation(Callback):
         prune_by: str = "magnitude",
         new_direction_std: str = "scaled",
         rebuild_optimizer: bool = False,
+        new_direction_moments: str = "zero",
+        expand_cooldown: int = 0,
     ) -> None:
         super().__init__()
         _require_int("b0", b0, minimum=0)
@@ -133,6 +159,7 @@ class RankReallocation(Callback):
         _require_int("t_final", t_final, minimum=0)
         _require_int("delta_t", delta_t, minimum=1)
         _require_int("r_min", r_min, minimum=0)
+        _require_int("expand_cooldown", expand_cooldown, minimum=0)
         if seed is not None:
             _require_int("seed", seed, minimum=0)
         if total_steps is not None:
@@ -145,6 +172,7 @@ class RankReallocation(Callback):
             ("budget_formula", budget_formula, BUDGET_FORMULAS),
             ("prune_by", prune_by, PRUNE_CRITERIA),
             ("new_direction_std", new_direction_std, DIRECTION_STDS),
+            ("new_direction_moments", new_direction_moments, NEW_DIRECTION_MOMENTS),
         ):
             if value not in allowed:
                 raise ValueError(f"RankReallocation: {name}={value!r} is not one of {list(allowed)}")
@@ -158,8 +186,13 @@ class RankReallocation(Callback):
         self.allow_no_events = allow_no_events
         self.budget_formula, self.rank_cap, self.prune_by = budget_formula, rank_cap, prune_by
         self.new_direction_std, self.rebuild_optimizer = new_direction_std, rebuild_optimizer
+        self.new_direction_moments, self.expand_cooldown = new_direction_moments, expand_cooldown
         self.sensitivity = SensitivityTracker() if importance == "sensitivity" else None
         self.history: list[dict[str, Any]] = []
+        # per event: {"step", "spectra": {module: active λ as scored}}; saved with the history
+        self.spectra: list[dict[str, Any]] = []
+        # new directions waiting for their first update: (layer index, slot, λ of the layer after the event)
+        self._first_update_pending: list[tuple[int, int, torch.Tensor]] = []
         self.layer_names: list[str] = []
         self._layers: list[FlexLoRALinear] = []
         self._named: list[tuple[str, FlexLoRALinear]] = []
@@ -180,6 +213,7 @@ class RankReallocation(Callback):
         # Lightning runs this hook before the LightningModule's own ``setup``, where a module may build
         # the data that the number of optimizer steps depends on, or the layers themselves.
         if stage == "fit":
+            refuse_sharded_strategy(trainer)
             self._find_layers(pl_module)
 
     @override
@@ -292,6 +326,8 @@ class RankReallocation(Callback):
         self._last_step = step
         if self._idle:
             return
+        if self._first_update_pending:
+            self._measure_first_updates(trainer, step)
         if self._driver is not None:  # after optimizer.step() and before the next zero_grad(), once per step
             self._driver.after_optimizer_step(trainer, pl_module, step)
             return
@@ -332,17 +368,26 @@ class RankReallocation(Callback):
         budget = budget_at(
             step, self.b0, self.t_warmup, self.t_final, self._total, self.b_schedule, self.budget_formula
         )
+        spectra = {name: layer.lora_lambda.detach()[layer.rank_mask].float().cpu().tolist()
+                   for name, layer in zip(self.layer_names, self._layers, strict=True)}
         decision = decide_allocation(
             scores, ranks, self.r_min, [layer.max_rank for layer in self._layers], budget, self.mode,
-            rank_cap=self.rank_cap,
+            rank_cap=self.rank_cap, protected=self._cooling_down(),
         )
+        pruned_slots, expanded_slots = [], []
         for i in decision.prune:
             index = prune_direction(self._layers[i], trainer.optimizers, by=self.prune_by)
+            pruned_slots.append(index)
             if self.sensitivity is not None:
                 self.sensitivity.reset_direction(self.layer_names[i], index)
         for i in decision.expand:
             generator = event_generator(self.seed, step, i)
-            expand_direction(self._layers[i], trainer.optimizers, self.init, generator, std=self.new_direction_std)
+            layer = self._layers[i]
+            index = expand_direction(layer, trainer.optimizers, self.init, generator, std=self.new_direction_std)
+            if self.new_direction_moments == "warm":
+                warm_second_moments(layer, index, trainer.optimizers)
+            expanded_slots.append(index)
+            self._first_update_pending.append((i, index, layer.lora_lambda.detach().float().cpu().clone()))
         if self.rebuild_optimizer and budget > 0:  # the authors' code rebuilds whenever its b is positive
             self._rebuild_optimizer(trainer)
         for i in decision.prune:
@@ -356,10 +401,68 @@ class RankReallocation(Callback):
             "scores": scores.tolist(),  # full precision: sensitivities are often ~1e-10
             "pruned": [self.layer_names[i] for i in decision.prune],
             "expanded": [self.layer_names[i] for i in decision.expand],
+            "pruned_slots": pruned_slots,
+            "expanded_slots": expanded_slots,
         }
+        record["flip_flops"] = self._flip_flops(record)
         self.history.append(record)
+        self.spectra.append({"step": step, "spectra": spectra})
+        self._write_spectra(trainer)
         self._log_event(trainer, record)
         return decision
+
+    def _cooling_down(self) -> set[int]:
+        """Modules that gained a direction at one of the last ``expand_cooldown`` events: they may not prune."""
+        if self.expand_cooldown == 0:
+            return set()
+        names = {name for event in self.history[-self.expand_cooldown:] for name in event["expanded"]}
+        return {i for i, name in enumerate(self.layer_names) if name in names}
+
+    def _flip_flops(self, record: dict[str, Any]) -> int:
+        """How many of this event's prunes remove a direction (module and slot) the previous event added."""
+        if not self.history:
+            return 0
+        previous = self.history[-1]
+        added = set(zip(previous["expanded"], previous.get("expanded_slots", []), strict=False))
+        return sum((name, slot) in added for name, slot in zip(record["pruned"], record["pruned_slots"], strict=True))
+
+    @property
+    def flip_flop_count(self) -> int:
+        """Directions pruned at the event right after the one that added them, over the whole run."""
+        return sum(event.get("flip_flops", 0) for event in self.history)
+
+    def _measure_first_updates(self, trainer: Trainer, step: int) -> None:
+        """Log how large the new directions' first λ update was next to the other active entries' update."""
+        ratios, sizes = [], []
+        for i, slot, before in self._first_update_pending:
+            layer = self._layers[i]
+            delta = (layer.lora_lambda.detach().float().cpu() - before).abs()
+            others = layer.rank_mask.detach().cpu().clone()
+            others[slot] = False
+            sizes.append(float(delta[slot]))
+            if bool(others.any()) and float(delta[others].mean()) > 0:
+                ratios.append(float(delta[slot]) / float(delta[others].mean()))
+        self._first_update_pending = []
+        if not sizes:
+            return
+        measured = {"new_direction_first_update": sum(sizes) / len(sizes)}
+        if ratios:
+            measured["new_direction_update_ratio"] = sum(ratios) / len(ratios)
+        if self.history:
+            self.history[-1].update(measured)
+        for logger in trainer.loggers:
+            logger.log_metrics({f"flexlora/{key}": value for key, value in measured.items()}, step=step)
+
+    @rank_zero_only
+    def _write_spectra(self, trainer: Trainer) -> None:
+        folder = trainer.log_dir if trainer.loggers and trainer.log_dir else None
+        if folder is None:
+            return
+        path = Path(folder) / SPECTRA_FILENAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"events": self.spectra}) + "\n")
+        os.replace(tmp, path)
 
     @staticmethod
     def _rebuild_optimizer(trainer: Trainer) -> None:
@@ -400,6 +503,7 @@ class RankReallocation(Callback):
         metrics: dict[str, float] = {
             "flexlora/budget": float(record["budget"]),
             "flexlora/total_rank": float(sum(record["ranks"])),
+            "flexlora/flip_flops": float(self.flip_flop_count),
         }
         for name, rank, score in zip(self.layer_names, record["ranks"], record["scores"], strict=True):
             metrics[f"flexlora_rank/{name}"] = float(rank)
@@ -422,7 +526,9 @@ class RankReallocation(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        state = {"history": self.history, "last_step": self._last_step, "layer_names": self.layer_names}
+        state = {"history": self.history, "last_step": self._last_step, "layer_names": self.layer_names,
+                 "spectra": self.spectra,
+                 "first_update_pending": [(i, slot, before.tolist()) for i, slot, before in self._first_update_pending]}
         if self.sensitivity is not None:
             state["sensitivity"] = self.sensitivity.state_dict()
         if self._driver is not None:
@@ -440,6 +546,9 @@ class RankReallocation(Callback):
                 self._check_layer_names(saved_names)
             self._restored_names = saved_names
         self.history = list(state_dict.get("history", []))
+        self.spectra = list(state_dict.get("spectra", []))
+        self._first_update_pending = [(i, slot, torch.tensor(before))
+                                      for i, slot, before in state_dict.get("first_update_pending", [])]
         self._last_step = state_dict.get("last_step")
         self.layer_names = saved_names or self.layer_names
         if self.sensitivity is not None and "sensitivity" in state_dict:

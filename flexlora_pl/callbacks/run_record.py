@@ -15,7 +15,8 @@ Layout (keys that do not apply are absent)::
      "fit": {"status", "global_step", "epoch", "wall_time_s", "peak_memory_mb",
              "final": {"step", <metric>: value, ...},
              "best": {"monitor", "mode", "value", "step", "checkpoint", "metrics": {...}},
-             "history": [{"step", <metric>: value, ...}, ...]},
+             "history": [{"step", <metric>: value, ...}, ...],
+             "allocation": {"events", "moved", "flip_flops", "new_direction_update_ratio", "final_total_rank"}},
      "validate": {"status", "ckpt_path", "metrics", "wall_time_s", "peak_memory_mb"},
      "test": {...same as validate...}}
 """
@@ -118,6 +119,9 @@ class RunRecord(Callback):
         }
         if error is not None:
             section["error"] = _describe(error)
+        allocation = _allocation_summary(trainer)
+        if allocation is not None:
+            section["allocation"] = allocation
         if self.history:
             section["final"] = self.history[-1]
             section["best"] = self._best(trainer)
@@ -192,6 +196,23 @@ class RunRecord(Callback):
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(record, indent=1, default=str) + "\n")
         os.replace(tmp, path)  # never a half-written file
+
+
+def _allocation_summary(trainer: Trainer) -> dict[str, Any] | None:
+    """What FlexLoRA's allocation events did: their number, flip-flops and new directions' first updates."""
+    from flexlora_pl.callbacks.rank_reallocation import RankReallocation
+
+    realloc = next((cb for cb in trainer.callbacks if isinstance(cb, RankReallocation)), None)
+    if realloc is None or not realloc.history:
+        return None
+    ratios = [event["new_direction_update_ratio"] for event in realloc.history if "new_direction_update_ratio" in event]
+    return {
+        "events": len(realloc.history),
+        "moved": sum(len(event["pruned"]) + len(event["expanded"]) for event in realloc.history),
+        "flip_flops": realloc.flip_flop_count,
+        "new_direction_update_ratio": sum(ratios) / len(ratios) if ratios else None,
+        "final_total_rank": sum(realloc.history[-1]["ranks"]),
+    }
 
 
 def run_dir(trainer: Trainer) -> str:

@@ -18,7 +18,7 @@ moments. :func:`expand_direction` switches on the first free slot with the chose
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -29,18 +29,21 @@ __all__ = [
     "ALLOCATION_MODES",
     "DIRECTION_STDS",
     "EXPANSION_INITS",
+    "NEW_DIRECTION_MOMENTS",
     "PRUNE_CRITERIA",
     "AllocationDecision",
     "decide_allocation",
     "event_generator",
     "expand_direction",
     "prune_direction",
+    "warm_second_moments",
 ]
 
 ALLOCATION_MODES = ("prune_and_expand", "prune_only", "expand_only")
 EXPANSION_INITS = ("zero_impact", "small", "zero", "orthogonal")
 PRUNE_CRITERIA = ("magnitude", "signed")  # which active direction a pruned module loses
 DIRECTION_STDS = ("scaled", "unit")  # σ of a zero_impact direction's P column and Q row: 1/√d or 1
+NEW_DIRECTION_MOMENTS = ("zero", "warm")  # a new direction's Adam second moments: zero, or the active entries' mean
 SMALL_LAMBDA = 1e-3  # λ of a new direction under the ``small`` initialisation
 
 
@@ -60,6 +63,7 @@ def decide_allocation(
     budget: int,
     mode: str = "prune_and_expand",
     rank_cap: bool = True,
+    protected: Collection[int] = (),
 ) -> AllocationDecision:
     """Choose the modules that prune and expand at one event (paper Algorithm 1, lines 6–9).
 
@@ -73,6 +77,7 @@ def decide_allocation(
         rank_cap: ``True``: only modules below ``r_max`` compete for expansion and no module both prunes
             and expands. ``False`` (the authors' code): the ``budget`` most important modules expand,
             pruned or not, and those still at ``r_max`` after pruning are skipped, slot unused.
+        protected: modules that may not prune at this event (an expansion cool-down); they may still expand.
     """
     if mode not in ALLOCATION_MODES:
         raise ValueError(f"unknown allocation mode {mode!r}; choose one of {list(ALLOCATION_MODES)}")
@@ -88,7 +93,8 @@ def decide_allocation(
         return AllocationDecision()
 
     n = len(ranks)
-    lowest = sorted((i for i in range(n) if ranks[i] > r_min), key=lambda i: (scores[i], i))
+    shielded = set(protected)
+    lowest = sorted((i for i in range(n) if ranks[i] > r_min and i not in shielded), key=lambda i: (scores[i], i))
     if not rank_cap:
         return _uncapped_decision(scores, ranks, caps, lowest, budget, mode)
     highest = sorted((i for i in range(n) if ranks[i] < caps[i]), key=lambda i: (-scores[i], i))
@@ -192,6 +198,34 @@ def expand_direction(
             lam[index] = SMALL_LAMBDA
     layer.rank_mask[index] = True
     return index
+
+
+@torch.no_grad()
+def warm_second_moments(layer: FlexLoRALinear, index: int, optimizers: Iterable[torch.optim.Optimizer] = ()) -> int:
+    """Start direction ``index``'s Adam second moments at the mean of the layer's other active entries.
+
+    A direction added with zeroed moments inside a tensor whose step count is large gets no bias
+    correction, so under a steady gradient its k-th update is ``(1 − β1^k) / √(1 − β2^k)`` times a
+    settled one (≈ 3.2× at k = 1). Seeding ``exp_avg_sq`` (Adam, AdamW) with the mean of the active
+    entries of the same tensor (P's active columns, λ's active entries, Q's active rows) makes the first
+    updates about the size of the others'. The first moment stays zero. Optimizers without
+    ``exp_avg_sq`` are left as they are. Returns how many state tensors were seeded.
+    """
+    others = layer.rank_mask.clone()
+    others[index] = False
+    if not bool(others.any()):
+        return 0
+    seeded = 0
+    parts = ((layer.lora_P, lambda t: t[:, others], lambda t, v: t[:, index].fill_(v)),
+             (layer.lora_lambda, lambda t: t[others], lambda t, v: t[index].fill_(v)),
+             (layer.lora_Q, lambda t: t[others], lambda t, v: t[index].fill_(v)))
+    for param, active_of, fill in parts:
+        for optimizer in optimizers:
+            moment = optimizer.state.get(param, {}).get("exp_avg_sq")
+            if torch.is_tensor(moment) and moment.shape == param.shape:
+                fill(moment, float(active_of(moment).float().mean()))
+                seeded += 1
+    return seeded
 
 
 def _orthonormal_to(v: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:

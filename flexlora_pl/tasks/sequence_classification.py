@@ -134,6 +134,7 @@ class FlexLoRASequenceClassifier(FlexLoRAModule):
     # ---------------------------------------------------------------- set-up
     @override
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if data is None:
             return

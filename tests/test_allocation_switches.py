@@ -1,0 +1,139 @@
+"""The allocation switches behind the method-level questions: new directions' Adam moments (``zero`` or
+``warm``), the flip-flop count and ``expand_cooldown``, the λ spectra written at each event, and the
+allocation summary in ``metrics.json``; and the refusal of sharding strategies."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from test_callback import _loader, _module, _trainer
+
+from flexlora_pl import RankReallocation, RunRecord, decide_allocation, expand_direction
+from flexlora_pl.callbacks.rank_reallocation import SPECTRA_FILENAME
+from flexlora_pl.core.allocation import warm_second_moments
+from flexlora_pl.core.layer import FlexLoRALinear
+from flexlora_pl.module import refuse_sharded_strategy
+
+
+def test_a_protected_module_does_not_prune_but_may_still_expand():
+    scores, ranks = [0.1, 0.2, 0.9, 0.5], [3, 3, 3, 3]
+    assert decide_allocation(scores, ranks, 1, 6, budget=1).prune == (0,)
+    shielded = decide_allocation(scores, ranks, 1, 6, budget=1, protected=[0])
+    assert shielded.prune == (1,) and shielded.expand == (2,)
+    assert decide_allocation(scores, ranks, 1, 6, budget=1, protected=[2]).expand == (2,)
+
+
+def test_warm_second_moments_start_at_the_mean_of_the_active_entries():
+    torch.manual_seed(0)
+    layer = FlexLoRALinear(torch.nn.Linear(8, 6), init_rank=2, max_rank=4, alpha=2.0)
+    optimizer = torch.optim.AdamW([layer.lora_P, layer.lora_lambda, layer.lora_Q], lr=1e-2)
+    for _ in range(5):
+        optimizer.zero_grad()
+        layer(torch.randn(3, 8)).pow(2).sum().backward()
+        optimizer.step()
+    slot = expand_direction(layer, [optimizer])
+    v = optimizer.state[layer.lora_lambda]["exp_avg_sq"]
+    assert v[slot] == 0  # zero: what the SPEC resets
+    assert warm_second_moments(layer, slot, [optimizer]) == 3
+    assert torch.isclose(v[slot], v[:2].mean())
+    vp = optimizer.state[layer.lora_P]["exp_avg_sq"]
+    assert torch.allclose(vp[:, slot], vp[:, :2].mean().expand(6))
+    assert optimizer.state[layer.lora_lambda]["exp_avg"][slot] == 0  # the first moment stays zero
+
+
+def _fit_with(tmp_path, logger=False, callbacks=(), module=None, **realloc_kwargs):
+    L.seed_everything(0)
+    settings = {"b0": 1, "t_warmup": 4, "t_final": 4, "delta_t": 4, "b_schedule": "constant", **realloc_kwargs}
+    realloc = RankReallocation(**settings)
+    module = module or _module()
+    trainer = _trainer(tmp_path, [realloc, *callbacks], max_epochs=5, logger=logger)
+    trainer.fit(module, _loader())
+    return realloc, module
+
+
+def test_first_updates_of_new_directions_are_measured_and_warm_moments_shrink_them(tmp_path):
+    means = {}
+    for moments in ("zero", "warm"):
+        realloc, _ = _fit_with(tmp_path / moments, new_direction_moments=moments)
+        ratios = [event["new_direction_update_ratio"] for event in realloc.history if event["expanded"]]
+        assert len(ratios) == len(realloc.history) and all(r > 0 for r in ratios)
+        means[moments] = sum(ratios) / len(ratios)
+    # Zeroed moments: the new entry's first Adam step is larger than its module's settled entries' (≈ 3.2× once
+    # the tensor's step count is large; less in this 40-step run, where bias correction still boosts every
+    # entry). Second moments seeded with the active entries' mean make it smaller than theirs instead.
+    assert means["zero"] > 1.0
+    assert means["warm"] < means["zero"] / 2
+
+
+class _Alternating:
+    """Scores that make module 0 the most important at even events and the least important at odd ones."""
+
+    def __init__(self, module):
+        self.module, self.calls = module, 0
+
+    def __call__(self, metric):
+        scores = torch.tensor([0.5, 0.6, 0.7])
+        scores[0] = 1.0 if self.calls % 2 == 0 else 0.0
+        self.calls += 1
+        return scores
+
+
+def _flip_flop_module():
+    # lr 0: every λ keeps its value, so a direction added with λ = 0 has the smallest |λ| of its module
+    module = _module(optimizer=functools.partial(torch.optim.SGD, lr=0.0), lr_scheduler=None)
+    with torch.no_grad():
+        for _, layer in module.flexlora_layers():
+            layer.lora_lambda.fill_(1.0)
+    module.importance_scores = _Alternating(module)
+    return module
+
+
+@pytest.mark.parametrize("cooldown", [0, 1])
+def test_flip_flops_are_counted_and_a_cooldown_prevents_them(tmp_path, cooldown):
+    realloc, _ = _fit_with(tmp_path, module=_flip_flop_module(), expand_cooldown=cooldown)
+    assert len(realloc.history) >= 4
+    if cooldown == 0:  # module 0 gains a zero direction, then loses exactly that one at the next event
+        for previous, event in zip(realloc.history[0::2], realloc.history[1::2]):
+            assert event["pruned"] == ["backbone.0"] and event["pruned_slots"] == previous["expanded_slots"]
+            assert event["flip_flops"] == 1
+        assert realloc.flip_flop_count == sum(event["flip_flops"] for event in realloc.history) >= 3
+    else:
+        assert realloc.flip_flop_count == 0
+        for previous, event in zip(realloc.history, realloc.history[1:]):  # no module prunes right after it grew
+            assert not set(previous["expanded"]) & set(event["pruned"])
+
+
+def test_spectra_and_the_allocation_summary_are_written_into_the_run_folder(tmp_path):
+    logger = TensorBoardLogger(tmp_path, name="run", version=0)
+    realloc, module = _fit_with(tmp_path, logger=logger, callbacks=[RunRecord()])
+    folder = tmp_path / "run" / "version_0"
+    spectra = json.loads((folder / SPECTRA_FILENAME).read_text())["events"]
+    assert [e["step"] for e in spectra] == [e["step"] for e in realloc.history]
+    # each module's spectrum has as many entries as its rank when it was scored (before the event moved it)
+    first = spectra[0]["spectra"]
+    assert sorted(first) == sorted(realloc.layer_names)
+    assert all(len(values) == 3 for values in first.values())
+    summary = json.loads((folder / "metrics.json").read_text())["fit"]["allocation"]
+    assert summary["events"] == len(realloc.history)
+    assert summary["flip_flops"] == realloc.flip_flop_count
+    assert summary["final_total_rank"] == sum(layer.rank for _, layer in module.flexlora_layers())
+    assert summary["new_direction_update_ratio"] > 0
+
+
+@pytest.mark.parametrize("name", ["FSDPStrategy", "DeepSpeedStrategy"])
+def test_sharding_strategies_are_refused_with_what_to_use(name):
+    trainer = type("Trainer", (), {"strategy": type(name, (), {})()})()
+    with pytest.raises(ValueError, match="Use trainer.strategy: ddp"):
+        refuse_sharded_strategy(trainer)
+    refuse_sharded_strategy(type("Trainer", (), {"strategy": type("DDPStrategy", (), {})()})())
+
+
+@pytest.mark.parametrize("bad", [{"new_direction_moments": "hot"}, {"expand_cooldown": -1}])
+def test_switch_values_are_checked(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        RankReallocation(**bad)
