@@ -137,3 +137,15 @@ def test_sharding_strategies_are_refused_with_what_to_use(name):
 def test_switch_values_are_checked(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         RankReallocation(**bad)
+
+
+def test_a_run_whose_layers_all_start_at_max_rank_is_refused_before_training(tmp_path):
+    module = _module(init_rank=3, max_rank=3)
+    trainer = _trainer(tmp_path, [RankReallocation(b0=1, t_warmup=2, t_final=2, delta_t=2)], max_epochs=1)
+    with pytest.raises(ValueError, match=r"every FlexLoRA layer starts at its max_rank \(3\).*Raise max_rank"):
+        trainer.fit(module, _loader())
+    assert trainer.global_step == 0
+    # prune_only needs no room to grow
+    trainer = _trainer(tmp_path, [RankReallocation(b0=1, t_warmup=2, t_final=2, delta_t=2, mode="prune_only")],
+                       max_epochs=1)
+    trainer.fit(_module(init_rank=3, max_rank=3), _loader())

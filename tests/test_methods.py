@@ -271,6 +271,11 @@ def test_adalora_masks_move_with_one_update_per_optimizer_step_under_accumulatio
     assert not all(bool(v.all()) for k, v in after.items() if k.endswith("rank_mask"))
     names = reallocation(cli).layer_names
     assert names == list(cli.model.rank_pattern()) and names[0].startswith("backbone.bert.encoder.layer.0")
+    # the λ peft scored at each event, active entries only, like FlexLoRA's (notebooks plot both)
+    spectra = reallocation(cli).spectra
+    assert [event["step"] for event in spectra] == [4, 5] and sorted(spectra[0]["spectra"]) == sorted(names)
+    assert all(len(values) == 4 for values in spectra[0]["spectra"].values())  # all 4 directions active before
+    assert [len(spectra[1]["spectra"][n]) for n in names] == history[0]["ranks"]
 
 
 def test_adalora_resume_reproduces_the_uninterrupted_run(run_root):

@@ -232,6 +232,7 @@ class RankReallocation(Callback):
             self._check_layer_names(self._restored_names)
             self._restored_names = None
         self._check_r_min()
+        self._check_room_to_grow()
         self._total = self.resolve_total_steps(trainer)
         steps = event_steps(self.t_warmup, self.t_final, self.delta_t, self._total)
         if len(steps) == 0:
@@ -297,6 +298,19 @@ class RankReallocation(Callback):
             "pruned, no rank would ever move, and the run would be plain LoRA. Lower r_min to "
             f"{max(min(ranks) - 1, 0)} or less, raise init_rank above {self.r_min} (max_rank >= init_rank), "
             "or use mode: expand_only, which never prunes."
+        )
+
+    def _check_room_to_grow(self) -> None:
+        """Refuse a run in which no layer could ever gain a direction: every one starts at its ``max_rank``."""
+        if self.mode == "prune_only" or not self.rank_cap or self.history:
+            return
+        if any(layer.rank < layer.max_rank for layer in self._layers):
+            return
+        caps = _span(layer.max_rank for layer in self._layers)
+        raise ValueError(
+            f"RankReallocation: every FlexLoRA layer starts at its max_rank ({caps}), so with mode={self.mode!r} no "
+            "layer could ever gain a direction and no rank would move: the run would be a fixed-rank adapter. "
+            "Raise max_rank above init_rank (the paper uses max_rank = 1.5 x init_rank), or use mode: prune_only."
         )
 
     def resolve_total_steps(self, trainer: Trainer) -> int:

@@ -287,6 +287,9 @@ class AdaLoRAAllocation:
             scores = self._scores()
         layers = list(self.method.layers(self._model))
         old = [self.method.layer_rank(layer) for _, layer in layers]
+        # the λ (peft's lora_E) each matrix held when peft scored it, active entries only, as FlexLoRA records them
+        spectra = {name: layer.lora_E[ADAPTER_NAME].detach().view(-1)[layer.rank_mask].float().cpu().tolist()
+                   for name, (_, layer) in zip(self.callback.layer_names, layers, strict=True)}
         self._store_masks(config.rank_pattern)
         ranks = [self.method.layer_rank(layer) for _, layer in layers]
         names = self.callback.layer_names
@@ -299,6 +302,8 @@ class AdaLoRAAllocation:
             "expanded": [n for n, a, b in zip(names, old, ranks, strict=True) if b > a],
         }
         self.callback.history.append(record)
+        self.callback.spectra.append({"step": step, "spectra": spectra})
+        self.callback._write_spectra(trainer)
         self.callback._log_event(trainer, record)
         return record
 
