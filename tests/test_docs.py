@@ -1,10 +1,14 @@
-"""The worked examples of ``docs/extending.md`` run: the DoRA method registers and trains through
-``FlexLoRAModule``, and the importance override is the one the callback's scores come from."""
+"""The docs match the code. Every worked example of ``docs/extending.md`` runs: the DoRA method registers and
+trains through ``FlexLoRAModule``, the importance override is the one the callback's scores come from, the new
+task runs through the ``flexlora`` command, and the new-direction initialisation draws what it says at an
+event without changing the output. The numbers and names the other docs quote are checked against the code."""
 
 from __future__ import annotations
 
 import functools
+import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,11 +17,19 @@ from conftest import make_tiny_glue_run, tiny_bert
 
 from flexlora_pl import FlexLoRAModule
 
-DOC = Path(__file__).parents[1] / "docs" / "extending.md"
+DOCS = Path(__file__).parents[1] / "docs"
+DOC = DOCS / "extending.md"
 
 
 def _python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
+
+
+def _block(language: str, containing: str) -> str:
+    """The one ``language`` code block of extending.md that contains ``containing``."""
+    blocks = [b for b in re.findall(rf"```{language}\n(.*?)```", DOC.read_text(), flags=re.S) if containing in b]
+    assert len(blocks) == 1, f"expected one {language} block with {containing!r} in {DOC}, found {len(blocks)}"
+    return blocks[0]
 
 
 @pytest.fixture(scope="module")
@@ -68,3 +80,129 @@ def test_the_importance_override_example_scores_entropy_times_norm(examples, tmp
     expected = importance_scores(layers, "entropy") * torch.stack([layer.masked_lambda().norm() for layer in layers])
     got = module.importance_scores("sensitivity")  # the override answers whatever metric is asked
     assert torch.allclose(got.float(), expected.float())
+
+
+def test_every_python_block_is_covered_by_a_test():
+    """A new example must come with a test: each block is one of the four exercised in this file."""
+    markers = ["class DoRA", "class EntropyTimesNorm", "class FirstTokenClassifier", "class UniformNewDirections"]
+    blocks = _python_blocks()
+    assert len(blocks) == len(markers)
+    assert all(sum(marker in block for block in blocks) == 1 for marker in markers)
+
+
+def test_the_task_example_runs_through_the_flexlora_command(tmp_path, monkeypatch):
+    from flexlora_pl.callbacks.run_record import read_metrics
+    from flexlora_pl.cli import build_cli
+
+    (tmp_path / "my_tasks.py").write_text(_block("python", "class FirstTokenClassifier"))
+    (tmp_path / "first_token.yaml").write_text(_block("yaml", "my_tasks.FirstTokenClassifier"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "my_tasks", raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a model this small trains several times faster on one thread
+    try:
+        fit = build_cli(["fit", "--config", "first_token.yaml"])
+        build_cli(["test", "--config", "first_token.yaml", "--ckpt_path", "last"])
+    finally:
+        torch.set_num_threads(threads)
+        sys.modules.pop("my_tasks", None)
+    assert fit.model.num_labels == 2  # linked from the data module
+    run = tmp_path / "runs" / "first_token" / "version_0"
+    metrics = read_metrics(run)
+    assert metrics["fit"]["status"] == "finished" and metrics["fit"]["global_step"] == 60
+    assert metrics["run"]["method"] == "flexlora"
+    assert 0.0 <= metrics["test"]["metrics"]["test/score"] <= 1.0
+    pattern = json.loads((run / "rank_pattern.json").read_text())
+    assert len(pattern["rank_pattern"]) == 12 and pattern["events"]
+    assert len(set(pattern["rank_pattern"].values())) > 1  # the reallocation: group moved rank
+    assert any((run / "checkpoints").glob("last*.ckpt"))
+
+
+def test_the_initialisation_example_draws_uniform_zero_impact_directions(examples):
+    import lightning as L
+
+    from flexlora_pl import flexlora_layers
+
+    callback = examples["UniformNewDirections"](b0=2, t_warmup=0, t_final=0, delta_t=1, total_steps=10, seed=3,
+                                                b_schedule="constant")
+    module = FlexLoRAModule(tiny_bert(), ["query", "value"], init_rank=2, max_rank=4, modules_to_save=["classifier"],
+                            init_seed=0)
+    layers = [layer for _, layer in flexlora_layers(module)]
+    for i, layer in enumerate(layers):  # distinct spectra, so the event has a clear order
+        layer.lora_lambda.data[: layer.init_rank] = torch.tensor([1.0, 0.1 * (i + 1)])
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    callback.setup(trainer, module, "fit")
+    callback._total = 10
+    module.eval()
+    inputs = {"input_ids": torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))}
+    before_out = module(**inputs).logits
+    masks = [layer.rank_mask.clone() for layer in layers]
+    decision = callback.reallocate(trainer, module, step=1)
+    assert len(decision.expand) == 2
+    torch.testing.assert_close(module(**inputs).logits, before_out)  # λ = 0: zero impact
+    for i in decision.expand:
+        layer = layers[i]
+        slot = int((layer.rank_mask & ~masks[i]).nonzero()[0])
+        p, q = layer.lora_P[:, slot], layer.lora_Q[slot]
+        assert float(layer.lora_lambda[slot]) == 0.0
+        assert p.abs().max() <= layer.out_features ** -0.5 and q.abs().max() <= layer.in_features ** -0.5
+        assert p.abs().min() > 0 and q.abs().max() > 0.5 * layer.in_features ** -0.5  # drawn, not zero
+    assert callback.history[-1]["expanded"]  # the built-in bookkeeping still ran
+
+
+def test_faq_budget_table_is_what_the_schedule_computes():
+    from flexlora_pl.core.schedule import budget_at, event_steps
+
+    faq = (DOCS / "faq.md").read_text()
+    total = -(-8551 // 32) * 20  # CoLA: 8,551 sentences, batch 32, 20 epochs
+    assert f"T = {total:,}" in faq
+    budgets = {step: budget_at(step, 4, 1000, 1000, total) for step in event_steps(1000, 1000, 200, total)}
+    assert len(budgets) == 16 and "the 16 events" in faq
+    assert [s for s, b in budgets.items() if b == 3] == [1200, 1400, 1600]
+    assert [s for s, b in budgets.items() if b == 2] == [1800, 2000, 2200]
+    assert [s for s, b in budgets.items() if b == 1] == [2400, 2600, 2800, 3000]
+    assert [s for s, b in budgets.items() if b == 0] == list(range(3200, 4201, 200))
+    for row in ("| 1200, 1400, 1600 | 3 |", "| 1800, 2000, 2200 | 2 |", "| 2400 – 3000 | 1 |", "| 3200 – 4200 | 0 |"):
+        assert row in faq
+    # the thresholds the FAQ quotes for b0 = 4 and b0 = 1, as fractions x of T - t_final
+    for b0, x, expected in ((4, 0.043, 4), (4, 0.045, 3), (4, 0.144, 3), (4, 0.146, 2), (4, 0.278, 2), (4, 0.28, 1),
+                            (4, 0.499, 1), (4, 0.501, 0), (1, 0.20, 1), (1, 0.21, 0)):
+        assert budget_at(round(x * 100_000), b0, 0, 0, 100_000) == expected, (b0, x)
+
+
+def test_method_and_faq_quote_the_code_defaults_and_option_names():
+    import inspect
+
+    from flexlora_pl import RankReallocation
+    from flexlora_pl.core.importance import EPS
+    from flexlora_pl.methods import FlexLoRA
+
+    method = (DOCS / "method.md").read_text()
+    flex = inspect.signature(FlexLoRA).parameters
+    realloc = inspect.signature(RankReallocation).parameters
+    assert (flex["init_rank"].default, flex["max_rank"].default, flex["alpha"].default) == (8, 12, 16.0)
+    assert "| `init_rank`, `max_rank`, `alpha` | 8, 12, 16 |" in method
+    assert flex["orth_reg_weight"].default == 0.1 and flex["orth_reg_form"].default == "squared"
+    defaults = [realloc[k].default for k in ("b0", "t_warmup", "t_final", "delta_t")]
+    assert f"| `b0`, `t_warmup`, `t_final`, `delta_t` | {', '.join(map(str, defaults))} |" in method
+    named = [realloc[k].default for k in ("importance", "mode", "init", "r_min", "b_schedule")]
+    assert "| `{}`, `{}`, `{}`, {}, `{}` |".format(*named) in method
+    assert EPS == 1e-8 and "ε = 1e-8" in method
+    for doc in ("method.md", "faq.md", "architecture.md"):
+        text = (DOCS / doc).read_text()
+        for option in re.findall(r"`reallocation\.(\w+)", text) + re.findall(r"`(\w+): ", text):
+            assert option in realloc or option in flex or option in ("strategy", "precision", "max_rank"), (doc, option)
+
+
+def test_architecture_names_files_that_exist():
+    root = DOCS.parent
+    text = (DOCS / "architecture.md").read_text()
+    rows = re.findall(r"^\| `(flexlora_pl/[\w/.]+|configs/|notebooks/)` \| (.*) \|$", text, flags=re.M)
+    assert len(rows) >= 10
+    for folder, description in rows:
+        assert (root / folder).exists(), folder
+        if folder.endswith("/"):
+            for name in re.findall(r"`(\w+\.(?:py|ipynb))`", description):
+                assert (root / folder / name).is_file(), f"{folder}{name} is named in architecture.md but missing"
