@@ -14,6 +14,7 @@ import logging
 import pickle
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -377,3 +378,41 @@ def test_method_configs_compose_over_every_task_config(task, capsys):
         else:
             assert (args["init_rank"], args["target_rank"], args["beta1"], args["beta2"]) == (12, 8, 0.85, 0.85)
             assert args["orth_reg_weight"] == task_method["orth_reg_weight"]
+
+
+class _DropoutModes(L.Callback):
+    """Whether every dropout layer of the backbone is in train mode, at each training and validation batch."""
+
+    def __init__(self):
+        self.train: list[bool] = []
+        self.val: list[bool] = []
+
+    @staticmethod
+    def _active(pl_module) -> bool:
+        layers = [m for m in pl_module.backbone.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+        assert layers, "the tiny backbone has no dropout to check"
+        return all(m.training for m in layers)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.train.append(self._active(pl_module))
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self.val.append(self._active(pl_module))
+
+
+@pytest.mark.parametrize("method", ["flexlora", "lora", "adalora"])
+def test_the_backbone_s_dropout_is_active_while_fitting_for_every_method(run_root, method):
+    # from_pretrained returns the model in eval mode, and Lightning keeps sub-modules' modes: without the
+    # module's switch to train mode, dropout would stay off for one method and not another
+    args = ["--config", str(run_root / "run.yaml"), "--trainer.max_epochs", "1"]
+    if method != "flexlora":
+        args += ["--config", str(METHOD_CONFIGS[method]),
+                 *(["--model.init_args.method.init_args.r", "2"] if method == "lora" else
+                   ["--model.init_args.method.init_args.init_rank", "4",
+                    "--model.init_args.method.init_args.target_rank", "2"])]
+    cli = build_cli(args, run=False)
+    modes = _DropoutModes()
+    cli.trainer.callbacks.append(modes)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert modes.train and all(modes.train)
+    assert modes.val and not any(modes.val)
