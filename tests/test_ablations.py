@@ -30,6 +30,9 @@ SWITCHES = {
     "importance": ["entropy", "nuclear", "frobenius", "sensitivity", "elem_energy_entropy", "mat_energy_entropy"],
     "mode": ["prune_and_expand", "prune_only", "expand_only"],
     "init": ["zero_impact", "small", "zero", "orthogonal"],
+    # the method-level questions (docs/results.md): off by default, one file each for the switched-on value
+    "new_direction_moments": ["warm"],
+    "expand_cooldown": [1],
 }
 
 
