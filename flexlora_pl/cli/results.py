@@ -1,0 +1,67 @@
+"""The ``flexlora-results`` command: finished runs → Markdown tables (and CSV) laid out like the paper's.
+
+    flexlora-results runs/table1_glue                      # results and cost tables, Markdown
+    flexlora-results runs/table1_glue --csv table1.csv     # and a CSV file
+    flexlora-results runs/table1_glue --paper table1       # the paper's cells under each measured row
+
+See :mod:`flexlora_pl.experiments.results` (and docs/experiments.md) for the selection rule per benchmark.
+Exit status: 0, or 2 for a bad folder or runs of one task that report different metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from flexlora_pl.experiments.grid import load_sweep
+from flexlora_pl.experiments.paper import PAPER_TABLES
+from flexlora_pl.experiments.results import MixedMetricsError, collect, paper_markdown, write_csv
+
+__all__ = ["main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command's options."""
+    parser = argparse.ArgumentParser(
+        prog="flexlora-results",
+        description="Collect the run folders a sweep wrote (<sweep>/<task>/<method>/seed<k>/metrics.json) into "
+                    "results tables (rows = methods, columns = tasks + averages, cells = mean ± std (n seeds)) and a "
+                    "cost table.",
+    )
+    parser.add_argument("runs_dir", help="the folder the runs are in, e.g. runs or runs/table1_glue")
+    parser.add_argument("--csv", default=None, help="also write every table to this CSV file")
+    parser.add_argument("--paper", choices=sorted(PAPER_TABLES), default=None,
+                        help="put the paper's published cells beside the measured rows, and print the paper's "
+                             "table with its recomputed averages")
+    parser.add_argument("--sweep", default=None,
+                        help="the sweep file the runs came from: runs of it with no folder are shown as missing")
+    parser.add_argument("--digits", type=int, default=1, help="decimals shown (default 1, as the paper)")
+    parser.add_argument("--raw", action="store_true", help="show scores as logged (0-1), not as percentages")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``flexlora-results``; returns the exit status."""
+    parser = build_parser()
+    options = parser.parse_args(argv)
+    scale = 1.0 if options.raw else 100.0
+    try:
+        sweep = load_sweep(options.sweep, check_files=False) if options.sweep else None
+        tables = collect(options.runs_dir, options.paper, scale, options.digits, sweep)
+    except (FileNotFoundError, MixedMetricsError, ValueError) as err:
+        parser.error(str(err))
+    for table in tables:
+        print(table.markdown(scale, options.digits if not options.raw else max(options.digits, 3)))
+        print()
+    if options.paper:
+        print(paper_markdown(PAPER_TABLES[options.paper], options.digits))
+        print()
+    if options.csv:
+        write_csv(tables, options.csv, scale)
+        print(f"wrote {options.csv}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

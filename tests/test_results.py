@@ -1,0 +1,153 @@
+"""``flexlora-results``: selection rules, cells with failed / missing runs, mixed metrics, VTAB group means,
+commonsense per-set tables, the paper's cells, CSV, and the tables of the real tiny sweep (test_sweep.py)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from test_sweep import run_tiny_sweep
+
+from flexlora_pl.cli.results import main as results_main
+from flexlora_pl.data.commonsense import COMMONSENSE_SETS
+from flexlora_pl.experiments.grid import load_sweep
+from flexlora_pl.experiments.paper import PAPER_TABLES, check_table
+from flexlora_pl.experiments.results import MixedMetricsError, collect, load_runs, results_tables
+
+
+def write_run(root: Path, task: str, method: str, seed: int, *, status: str = "finished", best: float | None = None,
+              best_metrics: tuple[str, ...] = ("val/accuracy", "val/score"), test: dict | None = None,
+              sweep: str = "s") -> Path:
+    """A run folder with a fabricated metrics.json, laid out as flexlora-sweep writes it."""
+    folder = root / sweep / task / method / f"seed{seed}"
+    folder.mkdir(parents=True)
+    fit = {"status": status, "global_step": 10, "wall_time_s": 2.0 + seed, "peak_memory_mb": 100.0,
+           "peak_memory_kind": "process_peak_rss"}
+    if best is not None:
+        fit["best"] = {"monitor": "val/score", "mode": "max", "value": best, "step": 10,
+                       "metrics": {"step": 10, **dict.fromkeys(best_metrics, best)}}
+    record = {"run": {"seed": seed, "method": method}, "fit": fit,
+              "parameters": {"trainable": 1000, "active": 500, "allocated": 800}}
+    if test is not None:
+        record["test"] = {"status": "finished", "metrics": test}
+    (folder / "metrics.json").write_text(json.dumps(record))
+    return folder
+
+
+def cells(table) -> dict[str, dict[str, str]]:
+    return {row: {column: cell.text(100.0, 1) for column, cell in columns.items()}
+            for row, columns in table.rows.items()}
+
+
+def test_cells_are_mean_and_sample_std_over_seeds(tmp_path):
+    for seed, value in enumerate((0.70, 0.72, 0.74)):
+        write_run(tmp_path, "glue_rte", "lora", seed, best=value)
+    write_run(tmp_path, "glue_cola", "lora", 0, best=0.5)
+    write_run(tmp_path, "glue_cola", "lora", 1, best=0.6)
+    write_run(tmp_path, "glue_cola", "lora", 2, best=0.7)
+    table = results_tables(load_runs(tmp_path))[0]
+    assert cells(table)["lora"] == {"glue_rte": "72.0 ± 2.0 (3)", "glue_cola": "60.0 ± 10.0 (3)"}
+    assert table.derived_values["lora"]["Avg."] == "66.0"
+
+
+def test_failed_unfinished_missing_and_metric_less_runs_are_shown_not_dropped(tmp_path):
+    write_run(tmp_path, "glue_rte", "lora", 0, best=0.70)
+    write_run(tmp_path, "glue_rte", "lora", 1, best=0.60, status="failed")     # crashed
+    write_run(tmp_path, "glue_rte", "flexlora", 0, best=0.80)
+    write_run(tmp_path, "glue_rte", "flexlora", 1, status="interrupted")      # stopped, never resumed
+    write_run(tmp_path, "glue_rte", "flexlora", 2)                            # finished without a validation score
+    (tmp_path / "s" / "glue_rte" / "adalora" / "seed0").mkdir(parents=True)   # killed before metrics.json
+    write_run(tmp_path, "glue_rte", "lora", 2, best=0.90, sweep="other")     # another sweep: its own table
+    tables = results_tables(load_runs(tmp_path))
+    table = next(t for t in tables if t.title.startswith("s:"))
+    assert cells(table) == {"lora": {"glue_rte": "70.0 (1/3, 1 failed, 1 missing)"},
+                            "flexlora": {"glue_rte": "80.0 (1/3, 1 unfinished, 1 no metric)"},
+                            "adalora": {"glue_rte": "– (0/3, 1 unfinished, 2 missing)"}}
+    assert table.derived_values["adalora"]["Avg."] == "–"
+    other = next(t for t in tables if t.title.startswith("other:"))
+    assert cells(other) == {"lora": {"glue_rte": "90.0 (1)"}}
+
+
+def test_runs_of_one_task_with_different_metrics_are_an_error_naming_them(tmp_path):
+    write_run(tmp_path, "glue_cola", "lora", 0, best=0.5, best_metrics=("val/mcc", "val/score"))
+    odd = write_run(tmp_path, "glue_cola", "flexlora", 0, best=0.9, best_metrics=("val/accuracy", "val/score"))
+    with pytest.raises(MixedMetricsError, match=r"task 'glue_cola'.*val/accuracy.*" + str(odd)):
+        results_tables(load_runs(tmp_path))
+    with pytest.raises(SystemExit) as exit_info:
+        results_main([str(tmp_path)])
+    assert exit_info.value.code == 2
+
+
+def test_vtab_takes_the_test_accuracy_and_adds_group_means(tmp_path):
+    scores = {"cifar": 0.5, "dtd": 0.7, "eurosat": 0.9, "kitti": 0.3}  # natural ×2, specialized, structured
+    for task, value in scores.items():
+        for seed in (0, 1):
+            write_run(tmp_path, task, "flexlora", seed, best=0.99, test={"test/accuracy": value + 0.01 * seed,
+                                                                          "test/loss": 1.0, "test/score": value})
+    write_run(tmp_path, "dtd", "lora", 0, best=0.99)  # fit finished, never tested: counted, not dropped
+    table = results_tables(load_runs(tmp_path))[0]
+    assert "vtab" in table.title
+    assert cells(table)["flexlora"]["cifar"] == "50.5 ± 0.7 (2)"
+    assert cells(table)["lora"]["dtd"] == "– (0/2, 1 no metric, 1 missing)"
+    derived = table.derived_values["flexlora"]
+    assert table.derived == ["Natural", "Specialized", "Structured", "Mean of groups", "Avg."]
+    assert (derived["Natural"], derived["Specialized"], derived["Structured"]) == ("60.5", "90.5", "30.5")
+    assert derived["Mean of groups"] == "60.5" and derived["Avg."] == "60.5"
+    assert table.derived_values["lora"]["Natural"] == "–"
+
+
+def test_commonsense_gets_one_column_per_set_and_rows_per_budget_and_method(tmp_path):
+    metrics = {f"test/{name}/accuracy": 0.5 + i / 100 for i, name in enumerate(COMMONSENSE_SETS)}
+    metrics["test/accuracy"] = 0.535
+    for task in ("llama3_8b_r8", "llama3_8b_r32"):
+        write_run(tmp_path, task, "flexlora", 0, best=0.9, test=metrics)
+    table = results_tables(load_runs(tmp_path))[0]
+    assert table.columns == [*COMMONSENSE_SETS, "mean"]
+    assert list(table.rows) == ["llama3_8b_r8 flexlora", "llama3_8b_r32 flexlora"]
+    assert cells(table)["llama3_8b_r8 flexlora"]["ARC-Challenge"] == "56.0 (1)"
+    assert cells(table)["llama3_8b_r8 flexlora"]["mean"] == "53.5 (1)"
+
+
+def test_the_paper_tables_recompute_their_averages_and_flag_what_does_not_add_up():
+    table1 = check_table(PAPER_TABLES["table1"])
+    average, notes = table1["lora"]
+    assert round(average, 1) == 87.6 and "81.7" in notes[0]
+    assert table1["flexlora"][1] == [] and round(table1["flexlora"][0], 1) == 89.1
+    table2 = check_table(PAPER_TABLES["table2"])
+    assert any("swapped" in note for note in table2["llama3_8b_r8 lora"][1])
+    assert table2["chatgpt"][1] == []
+    assert len(PAPER_TABLES["table3"].columns) == 19
+
+
+def test_paper_cells_are_printed_under_the_measured_rows_and_the_csv_is_written(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    for seed in (0, 1):
+        write_run(runs, "glue_rte", "lora", seed, best=0.8 + 0.02 * seed)
+    out_csv = tmp_path / "t.csv"
+    assert results_main([str(runs), "--paper", "table1", "--csv", str(out_csv)]) == 0
+    printed = capsys.readouterr().out
+    assert "| lora | 81.0 ± 1.4 (2) | 81.0 |" in printed
+    assert "| lora (paper: LoRA r=8) | 84.8 | 81.7 (cells: 87.6) |" in printed
+    assert "printed Avg. 81.7 ≠ mean of its cells 87.6" in printed
+    assert "| fit wall time (s) |" in printed.replace("| runs | fit", "| fit")
+    rows = list(csv.DictReader(out_csv.open()))
+    assert rows[0]["row"] == "lora" and float(rows[0]["glue_rte mean"]) == pytest.approx(81.0)
+    assert rows[0]["glue_rte n"] == "2/2"
+
+
+def test_results_of_the_real_tiny_sweep(tmp_path_factory, tiny_glue_root):
+    sweep = run_tiny_sweep(tmp_path_factory, tiny_glue_root)
+    assert collect(sweep["runs"])[0].columns == ["a", "b"]  # the broken task left no folder
+    tables = collect(sweep["runs"], sweep=load_sweep(sweep["grid2"]))  # its sweep file knows it
+    table = tables[0]
+    assert table.columns == ["a", "b", "broken"] and list(table.rows) == ["lora", "flexlora"]
+    texts = cells(table)
+    for method in ("flexlora", "lora"):
+        for task in ("a", "b"):
+            assert texts[method][task].endswith(" (2)"), texts
+    assert texts["flexlora"]["broken"] == "– (0/2, 2 missing)"  # the broken run left no folder: missing
+    cost = tables[-1]
+    assert set(cost.derived_values) == {"grid flexlora", "grid lora"}
+    assert int(cost.derived_values["grid lora"]["active"].replace(",", "")) > 0
