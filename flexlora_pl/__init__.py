@@ -1,6 +1,7 @@
 """flexlora_pl: FlexLoRA (entropy-guided flexible low-rank adaptation, ICLR 2026) for PyTorch Lightning."""
 
 from flexlora_pl.callbacks.final_report import FinalMetricsReport
+from flexlora_pl.callbacks.generation_writer import GenerationWriter
 from flexlora_pl.callbacks.interrupt_checkpoint import InterruptCheckpoint
 from flexlora_pl.callbacks.prediction_writer import PredictionWriter
 from flexlora_pl.callbacks.rank_heatmap import RankHeatmap, render_heatmap
@@ -14,6 +15,7 @@ from flexlora_pl.core.orthogonality import orthogonality_penalty
 from flexlora_pl.core.schedule import budget_at, event_steps, is_event_step
 from flexlora_pl.module import FlexLoRAModule
 from flexlora_pl.runs.lr_scheduler import LinearWarmupDecay
+from flexlora_pl.tasks.causal_lm import FlexLoRACausalLM
 from flexlora_pl.tasks.sequence_classification import FlexLoRASequenceClassifier
 
 __version__ = "0.1.0"
@@ -22,9 +24,11 @@ __all__ = [
     "IMPORTANCE_METRICS",
     "AllocationDecision",
     "FinalMetricsReport",
+    "FlexLoRACausalLM",
     "FlexLoRALinear",
     "FlexLoRAModule",
     "FlexLoRASequenceClassifier",
+    "GenerationWriter",
     "InterruptCheckpoint",
     "LinearWarmupDecay",
     "PredictionWriter",

@@ -2,6 +2,7 @@
 pattern, ``metrics.json``, predictions, the final printout) and the checkpoint written on interruption."""
 
 from flexlora_pl.callbacks.final_report import FinalMetricsReport
+from flexlora_pl.callbacks.generation_writer import GenerationWriter
 from flexlora_pl.callbacks.interrupt_checkpoint import InterruptCheckpoint
 from flexlora_pl.callbacks.prediction_writer import PredictionWriter
 from flexlora_pl.callbacks.rank_heatmap import RankHeatmap, heatmap_figure, render_heatmap
@@ -10,6 +11,7 @@ from flexlora_pl.callbacks.run_record import RunRecord
 
 __all__ = [
     "FinalMetricsReport",
+    "GenerationWriter",
     "InterruptCheckpoint",
     "PredictionWriter",
     "RankHeatmap",

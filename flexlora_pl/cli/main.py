@@ -208,7 +208,8 @@ class FlexLoRACLI(LightningCLI):
             extra.append(record)
         record.config_hash = self._config_hash()
         if self.subcommand == "predict" and not any(isinstance(cb, PredictionWriter) for cb in configured):
-            extra.append(PredictionWriter())
+            # the task names the writer its predictions need (generations: one JSONL per set)
+            extra.append(getattr(self.model, "prediction_writer_class", PredictionWriter)())
         return super()._instantiate_trainer(config, extra)
 
     def _config_hash(self) -> str | None:

@@ -1,5 +1,6 @@
 """Text classification data: a shared base ``LightningDataModule``, GLUE, and an offline tweet-sentiment set."""
 
+from flexlora_pl.data.commonsense import COMMONSENSE_SETS, PROMPT_TEMPLATES, CommonsenseDataModule, PromptTemplate
 from flexlora_pl.data.glue import GLUE_TASKS, GLUEDataModule, GlueTask
 from flexlora_pl.data.text import (
     HIDDEN_LABEL,
@@ -14,12 +15,16 @@ from flexlora_pl.data.text import (
 from flexlora_pl.data.tweets import TWEET_LABEL_NAMES, TweetSentimentDataModule
 
 __all__ = [
+    "COMMONSENSE_SETS",
     "GLUE_TASKS",
     "HIDDEN_LABEL",
+    "PROMPT_TEMPLATES",
     "TWEET_LABEL_NAMES",
+    "CommonsenseDataModule",
     "DataFileNotFoundError",
     "GLUEDataModule",
     "GlueTask",
+    "PromptTemplate",
     "RawSplit",
     "TextClassificationDataModule",
     "TweetSentimentDataModule",
