@@ -14,8 +14,10 @@ from flexlora_pl.core.layer import FlexLoRALinear
 from flexlora_pl.core.orthogonality import orthogonality_penalty
 from flexlora_pl.core.schedule import budget_at, event_steps, is_event_step
 from flexlora_pl.module import FlexLoRAModule
+from flexlora_pl.runs.cosine_schedule import WarmupCosine
 from flexlora_pl.runs.lr_scheduler import LinearWarmupDecay
 from flexlora_pl.tasks.causal_lm import FlexLoRACausalLM
+from flexlora_pl.tasks.image_classification import ImageClassifier
 from flexlora_pl.tasks.sequence_classification import FlexLoRASequenceClassifier
 
 __version__ = "0.1.0"
@@ -29,6 +31,7 @@ __all__ = [
     "FlexLoRAModule",
     "FlexLoRASequenceClassifier",
     "GenerationWriter",
+    "ImageClassifier",
     "InterruptCheckpoint",
     "LinearWarmupDecay",
     "PredictionWriter",
@@ -36,6 +39,7 @@ __all__ = [
     "RankReallocation",
     "RunRecord",
     "SensitivityTracker",
+    "WarmupCosine",
     "budget_at",
     "decide_allocation",
     "event_steps",

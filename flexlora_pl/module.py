@@ -311,7 +311,7 @@ class FlexLoRAModule(LightningModule):
         for name in frozen:
             del state[name]
         checkpoint["flexlora_base"] = {
-            "source": getattr(self, "hparams", {}).get("model_name_or_path"),
+            "source": self._base_source(),
             "fingerprint": self.base_fingerprint(),
             "frozen_tensors": len(frozen),
         }
@@ -325,7 +325,7 @@ class FlexLoRAModule(LightningModule):
             raise ValueError(
                 f"the checkpoint was trained on another base model than the one built now: its frozen weights "
                 f"(from {base.get('source')!r}) have another fingerprint than this model's (from "
-                f"{getattr(self, 'hparams', {}).get('model_name_or_path')!r}). Build the model from the base the "
+                f"{self._base_source()!r}). Build the model from the base the "
                 "checkpoint was trained on (model_name_or_path; flexlora-export --base-model for a moved folder)."
             )
         state = checkpoint.setdefault("state_dict", {})
@@ -381,6 +381,11 @@ class FlexLoRAModule(LightningModule):
         return loss
 
     # ---------------------------------------------------------------- set-up
+    def _base_source(self) -> str | None:
+        """Where the frozen base came from: ``model_name_or_path`` (Hugging Face) or ``model_name`` (timm)."""
+        hparams = getattr(self, "hparams", {})
+        return hparams.get("model_name_or_path") or hparams.get("model_name")
+
     @override
     def setup(self, stage: str) -> None:
         """Refuse strategies that shard parameters; subclasses that override ``setup`` call this first."""

@@ -84,6 +84,11 @@ class FlexLoRACLI(LightningCLI):
         parser.link_arguments("data", "model.init_args.task", compute_fn=_task_of, apply_on="instantiate")
         parser.link_arguments("data", "model.init_args.label_names", compute_fn=_label_names_of,
                               apply_on="instantiate")
+        # image models (ImageClassifier): the class count and the preprocessing (a timm data config) of the data
+        parser.link_arguments("data", "model.init_args.num_classes", apply_on="instantiate",
+                              compute_fn=lambda data: getattr(data, "num_classes", None))
+        parser.link_arguments("data", "model.init_args.data_config", apply_on="instantiate",
+                              compute_fn=lambda data: getattr(data, "data_config", None))
 
     # -------------------------------------------------------- run resolution
     def _parse_ckpt_path(self) -> None:

@@ -1,6 +1,7 @@
 """Text classification data: a shared base ``LightningDataModule``, GLUE, and an offline tweet-sentiment set."""
 
 from flexlora_pl.data.commonsense import COMMONSENSE_SETS, PROMPT_TEMPLATES, CommonsenseDataModule, PromptTemplate
+from flexlora_pl.data.digits_vtab import DigitsVTABDataModule, build_digits_vtab
 from flexlora_pl.data.glue import GLUE_TASKS, GLUEDataModule, GlueTask
 from flexlora_pl.data.text import (
     HIDDEN_LABEL,
@@ -13,23 +14,49 @@ from flexlora_pl.data.text import (
     load_data_files,
 )
 from flexlora_pl.data.tweets import TWEET_LABEL_NAMES, TweetSentimentDataModule
+from flexlora_pl.data.vtab import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    VTAB_ALIASES,
+    VTAB_GROUPS,
+    VTAB_TASKS,
+    VTABDataError,
+    VTABDataModule,
+    VTABTask,
+    vtab_data_config,
+    vtab_task,
+    vtab_transform,
+)
 
 __all__ = [
     "COMMONSENSE_SETS",
     "GLUE_TASKS",
     "HIDDEN_LABEL",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "PROMPT_TEMPLATES",
     "TWEET_LABEL_NAMES",
+    "VTAB_ALIASES",
+    "VTAB_GROUPS",
+    "VTAB_TASKS",
     "CommonsenseDataModule",
     "DataFileNotFoundError",
+    "DigitsVTABDataModule",
     "GLUEDataModule",
     "GlueTask",
     "PromptTemplate",
     "RawSplit",
     "TextClassificationDataModule",
     "TweetSentimentDataModule",
+    "VTABDataError",
+    "VTABDataModule",
+    "VTABTask",
+    "build_digits_vtab",
     "check_columns",
     "check_encoding",
     "default_tokenizer_path",
     "load_data_files",
+    "vtab_data_config",
+    "vtab_task",
+    "vtab_transform",
 ]

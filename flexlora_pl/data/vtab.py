@@ -2,13 +2,47 @@
 
 Each task folder ``<root>/<task>/`` holds ``train800.txt``, ``val200.txt``, ``train800val200.txt`` and
 ``test.txt``; every line is ``relative/path.jpg <int label>``, the path relative to the task folder.
+A registry gives each task's class count and group; :class:`VTABDataModule` serves one task under the
+``final`` (train800val200 → test) or ``tune`` (train800 → val200) protocol.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-__all__ = ["VTAB_ALIASES", "VTAB_GROUPS", "VTAB_TASKS", "VTABTask", "vtab_task"]
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+from typing_extensions import override
+
+from flexlora_pl.data.resumable import ResumableDataLoader, ResumableSampler
+from flexlora_pl.runs.seeding import resolve_seed
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "VTAB_ALIASES",
+    "VTAB_GROUPS",
+    "VTAB_PROTOCOLS",
+    "VTAB_SPLIT_FILES",
+    "VTAB_TASKS",
+    "VTABDataError",
+    "VTABDataModule",
+    "VTABExample",
+    "VTABSplit",
+    "VTABTask",
+    "read_split_file",
+    "vtab_data_config",
+    "vtab_task",
+    "vtab_transform",
+]
 
 
 @dataclass(frozen=True)
@@ -50,3 +84,365 @@ def vtab_task(name: str) -> VTABTask:
             f"(aliases: {', '.join(f'{a} = {b}' for a, b in VTAB_ALIASES.items())})"
         )
     return VTAB_TASKS[key]
+
+
+# ------------------------------------------------------------------------------------------------ data module
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+"""ImageNet channel means: the normalisation of the PEFT-for-ViT literature on VTAB-1k (not timm's 0.5)."""
+
+IMAGENET_STD = (0.229, 0.224, 0.225)
+"""ImageNet channel standard deviations (see :data:`IMAGENET_MEAN`)."""
+
+VTAB_SPLIT_FILES = ("train800", "val200", "train800val200", "test")
+"""The four split files of every task folder (``<name>.txt``)."""
+
+# protocol -> split file of each role ("val": None means no validation loop)
+VTAB_PROTOCOLS: dict[str, dict[str, str | None]] = {
+    "final": {"train": "train800val200", "val": None, "test": "test"},
+    "tune": {"train": "train800", "val": "val200", "test": "test"},
+}
+
+
+class VTABDataError(ValueError):
+    """A VTAB-1k folder, split file or image is missing or malformed (the message names it and the fix)."""
+
+
+def vtab_data_config(image_size: int) -> dict[str, Any]:
+    """The preprocessing of the VTAB-1k protocol as a timm data config.
+
+    ``crop_pct`` 1.0 with ``crop_mode`` ``squash`` is timm's way of saying "resize to exactly
+    ``image_size`` × ``image_size``, no crop", so ``timm.data.create_transform(**config)`` rebuilds the
+    same evaluation transform as :func:`vtab_transform`.
+
+    Args:
+        image_size: side of the square input in pixels.
+    """
+    return {"input_size": (3, image_size, image_size), "interpolation": "bicubic", "mean": IMAGENET_MEAN,
+            "std": IMAGENET_STD, "crop_pct": 1.0, "crop_mode": "squash"}
+
+
+def vtab_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
+    """Bicubic resize to ``image_size`` × ``image_size`` (aspect ratio not kept), no crop, no augmentation,
+    ImageNet mean/std: the preprocessing of NOAH, FacT, GLoRA and SPT, for training and evaluation alike.
+
+    Args:
+        image_size: side of the square input in pixels.
+    """
+    return transforms.Compose([
+        transforms.Resize((image_size, image_size), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+@dataclass(frozen=True)
+class VTABExample:
+    """One line of a split file: the image, its label, and where the line is (for error messages)."""
+
+    path: str
+    label: int
+    source: str  # "<split file>:<line number>"
+
+
+class VTABSplit(Dataset):
+    """The images of one split file; decoding happens in ``__getitem__`` (in the DataLoader workers).
+
+    Args:
+        examples: the parsed lines of the split file.
+        transform: turns a PIL image into the model's input tensor.
+    """
+
+    def __init__(self, examples: Sequence[VTABExample], transform: Callable[[Image.Image], torch.Tensor]) -> None:
+        self.examples = list(examples)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        example = self.examples[index]
+        try:
+            with Image.open(example.path) as image:
+                pixels = image.convert("RGB")
+        except (OSError, ValueError) as err:  # PIL raises OSError subclasses for damaged files
+            raise VTABDataError(f"{example.source}: cannot read image {example.path!r} ({err}); replace the file "
+                                "or remove the line") from err
+        return self.transform(pixels), example.label
+
+
+def read_split_file(path: str | os.PathLike, num_classes: int, *, check_images: bool = True) -> list[VTABExample]:
+    """Parse one VTAB-1k split file and check every line before any training.
+
+    Each line is ``relative/path.jpg <int label>`` (path relative to the task folder; blank lines are
+    skipped). Every image must exist; with ``check_images`` its header is read too, so a damaged or
+    non-image file is found now rather than in the middle of an epoch.
+
+    Args:
+        path: the split file (``<root>/<task>/<split>.txt``).
+        num_classes: labels must lie in ``0 .. num_classes - 1``.
+        check_images: open every image's header (cheap: pixels are not decoded).
+
+    Raises:
+        VTABDataError: the file is missing or empty, a line does not parse, a label is out of range, or an
+            image is missing or unreadable; the message names the file and line and says what to fix.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise VTABDataError(f"split file {str(path)!r} does not exist; a VTAB-1k task folder holds "
+                            f"{', '.join(f'{s}.txt' for s in VTAB_SPLIT_FILES)} (build it with NOAH's VTAB-1k "
+                            "generator, see docs/vtab.md)")
+    folder = path.parent
+    examples = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            text = line.strip()
+            if not text:
+                continue
+            where = f"{path}:{number}"
+            parts = text.rsplit(maxsplit=1)
+            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+                raise VTABDataError(f"{where}: cannot parse {text!r}; each line must be '<relative/image/path> "
+                                    "<integer label>'")
+            label = int(parts[1])
+            if not 0 <= label < num_classes:
+                raise VTABDataError(f"{where}: label {label} is out of range for this task's {num_classes} classes "
+                                    f"(0..{num_classes - 1}); check that the folder belongs to this task")
+            image = folder / parts[0]
+            if not image.is_file():
+                raise VTABDataError(f"{where}: image {str(image)!r} does not exist; paths are relative to the task "
+                                    f"folder {str(folder)!r}")
+            if check_images:
+                try:
+                    with Image.open(image) as opened:
+                        opened.size  # noqa: B018 - reads the header only
+                except (OSError, ValueError) as err:
+                    raise VTABDataError(f"{where}: image {str(image)!r} cannot be read as an image ({err}); "
+                                        "replace the file or remove the line") from err
+            examples.append(VTABExample(str(image), label, where))
+    if not examples:
+        raise VTABDataError(f"split file {str(path)!r} lists no images; regenerate the task folder")
+    return examples
+
+
+class VTABDataModule(LightningDataModule):
+    """One VTAB-1k task in the folder layout of the PEFT-for-ViT literature, under either protocol.
+
+    ``protocol="final"`` (the default) trains on ``train800val200`` and tests on ``test``, with no
+    validation loop: the last epoch's checkpoint is the one tested, and nothing is ever selected on the
+    test set. ``protocol="tune"`` trains on ``train800`` and validates on ``val200`` (``val/accuracy``,
+    ``val/score``), for choosing hyper-parameters. Images are resized bicubically to ``image_size`` ×
+    ``image_size``, with no crop and no augmentation, and normalised with ImageNet mean/std
+    (:func:`vtab_transform`); they are decoded in the DataLoader workers. Every split file the coming
+    stage needs is parsed and every image it names is checked in :meth:`prepare_data`, before the run
+    folder is created. The training order depends only on the seed and the epoch, and a run resumed from
+    a mid-epoch checkpoint continues on exactly the next batch.
+
+    Batches are ``(images, labels)``: a float tensor ``(B, 3, image_size, image_size)`` and class ids.
+
+    Args:
+        root: the folder that holds one sub-folder per task (``<root>/<task>/train800.txt`` ...).
+        task: a task folder name (one of the 19 of :data:`VTAB_TASKS`) or an alias (``cifar100``, ``oxford_pet``).
+        protocol: ``final`` (train800val200 → test) or ``tune`` (train800 → val200).
+        image_size: side of the square input in pixels (224 for ViT-B/16).
+        batch_size: training batch size.
+        eval_batch_size: batch size for validation, test and predict.
+        num_workers: ``DataLoader`` worker processes (they decode the images).
+        seed: seeds the training shuffle; ``None`` follows ``seed_everything``.
+        check_images: open every image's header before training (finds damaged files early).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        task: str,
+        protocol: str = "final",
+        image_size: int = 224,
+        batch_size: int = 32,
+        eval_batch_size: int = 64,
+        num_workers: int = 4,
+        seed: int | None = None,
+        check_images: bool = True,
+    ) -> None:
+        super().__init__()
+        if protocol not in VTAB_PROTOCOLS:
+            raise ValueError(f"protocol={protocol!r} is not one of {list(VTAB_PROTOCOLS)}: 'final' trains on "
+                             "train800val200 and tests on test; 'tune' trains on train800 and validates on val200")
+        for name, value, least in (("image_size", image_size, 1), ("batch_size", batch_size, 1),
+                                   ("eval_batch_size", eval_batch_size, 1), ("num_workers", num_workers, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+        self.task = self.resolve_task(task)
+        self.root = str(root)
+        self.protocol = protocol
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.seed = resolve_seed(seed)
+        self.check_images = check_images
+        # role ("train", "val", "test") -> dataset; filled by setup()
+        self.datasets: dict[str, VTABSplit] = {}
+        self._checked: dict[str, list[VTABExample]] = {}
+        self._train_loader: ResumableDataLoader | None = None
+        self._resume_position: dict[str, int] | None = None
+
+    def resolve_task(self, task: str) -> VTABTask:
+        """The task's registry entry; subclasses with a task outside the 19 override this.
+
+        Args:
+            task: the name given to the constructor.
+        """
+        return vtab_task(task)
+
+    # ------------------------------------------------------------------ what the model links
+    @property
+    def num_classes(self) -> int:
+        """Number of classes of the task (linked into the model)."""
+        return self.task.num_classes
+
+    @property
+    def data_config(self) -> dict[str, Any]:
+        """The preprocessing as a timm data config (linked into the model, so its exports carry it)."""
+        return vtab_data_config(self.image_size)
+
+    @property
+    def task_dir(self) -> Path:
+        """The task's folder, ``<root>/<task>``."""
+        return Path(self.root) / self.task.name
+
+    @property
+    def has_validation(self) -> bool:
+        """Whether the protocol has a validation loop (``tune``) or not (``final``)."""
+        return VTAB_PROTOCOLS[self.protocol]["val"] is not None
+
+    def split_file(self, role: str) -> Path:
+        """The split file that serves ``role`` (``train``, ``val`` or ``test``) under this protocol.
+
+        Args:
+            role: ``train``, ``val`` or ``test``.
+        """
+        name = VTAB_PROTOCOLS[self.protocol][role]
+        if name is None:
+            raise ValueError(f"protocol={self.protocol!r} has no {role} split")
+        return self.task_dir / f"{name}.txt"
+
+    def roles_for_stage(self, stage: str | None) -> list[str]:
+        """The roles a Trainer stage needs (``None``: all of this protocol's).
+
+        Args:
+            stage: ``fit``, ``validate``, ``test``, ``predict`` or ``None``.
+        """
+        val = ["val"] if self.has_validation else []
+        if stage == "fit":
+            return ["train", *val]
+        if stage == "validate":
+            if not val:
+                raise ValueError("protocol 'final' has no validation split (nothing may be selected on test); use "
+                                 "data.init_args.protocol=tune to validate on val200, or `flexlora test`")
+            return val
+        if stage in ("test", "predict"):
+            return ["test"]
+        if stage is None:
+            return ["train", *val, "test"]
+        raise ValueError(f"unknown stage {stage!r}; expected fit, validate, test, predict or None")
+
+    # ------------------------------------------------------------------ loading and checks
+    def check_task_dir(self) -> None:
+        """Raise :class:`VTABDataError` when the root or the task folder is missing, naming what is there."""
+        root = Path(self.root)
+        if not root.is_dir():
+            raise VTABDataError(f"data root {self.root!r} does not exist (relative paths are resolved from "
+                                f"{os.getcwd()!r}); set data.init_args.root to the folder that holds the VTAB-1k "
+                                "task folders (see docs/vtab.md)")
+        if not self.task_dir.is_dir():
+            present = sorted(p.name for p in root.iterdir() if p.is_dir())
+            raise VTABDataError(f"task folder {str(self.task_dir)!r} does not exist; folders under {self.root!r}: "
+                                f"{present or 'none'}. Task folders carry NOAH's names ({', '.join(VTAB_TASKS)})")
+
+    def _load(self, roles: Sequence[str]) -> dict[str, list[VTABExample]]:
+        self.check_task_dir()
+        return {role: read_split_file(self.split_file(role), self.num_classes, check_images=self.check_images)
+                for role in roles}
+
+    @override
+    def prepare_data(self) -> None:
+        """Parse and check the split files the coming stage needs, before the run folder is created.
+
+        The checked lines are kept for :meth:`setup` in this process; other processes (DDP) check their own.
+        """
+        fn = self.trainer.state.fn if self.trainer is not None else None
+        wanted = [role for role in self.roles_for_stage(None if fn is None else fn.value)
+                  if role not in self.datasets and role not in self._checked]
+        if wanted:
+            self._checked.update(self._load(wanted))
+
+    @override
+    def setup(self, stage: str | None = None) -> None:
+        wanted = [role for role in self.roles_for_stage(stage) if role not in self.datasets]
+        checked = {role: self._checked.pop(role) for role in wanted if role in self._checked}
+        checked.update(self._load([role for role in wanted if role not in checked]))
+        transform = vtab_transform(self.image_size)
+        for role in wanted:
+            self.datasets[role] = VTABSplit(checked[role], transform)
+            rank_zero_info(f"{type(self).__name__}: {self.task.name} {role} has {len(checked[role])} images from "
+                           f"{self.split_file(role)}")
+
+    # ------------------------------------------------------------------ loaders
+    def _loader(self, role: str, batch_size: int) -> DataLoader:
+        if role not in self.datasets:
+            raise RuntimeError(f"the {role} split is not ready: call setup() first (the Trainer does this)")
+        kwargs = {
+            "batch_size": batch_size,
+            "num_workers": self.num_workers,
+            "persistent_workers": self.num_workers > 0,
+            # worker seeds from a private generator: the global RNG drives only dropout and drop-path, so a
+            # resumed run replays it exactly
+            "generator": torch.Generator().manual_seed(self.seed),
+        }
+        if role != "train":
+            return DataLoader(self.datasets[role], shuffle=False, **kwargs)
+        sampler = ResumableSampler(self.datasets[role], seed=self.seed, shuffle=True)
+        self._train_loader = ResumableDataLoader(self.datasets[role], sampler, progress=self._training_progress,
+                                                 **kwargs)
+        if self._resume_position is not None:
+            self._train_loader.resume_at(self._resume_position)
+            self._resume_position = None
+        return self._train_loader
+
+    def _training_progress(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 0
+        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """The training data position, saved by Lightning in every checkpoint."""
+        return {} if self._train_loader is None else {"train_position": self._train_loader.position()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        position = state_dict.get("train_position")
+        if position is None:
+            return
+        if self._train_loader is not None:
+            self._train_loader.resume_at(position)
+        else:
+            self._resume_position = position
+
+    @override
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size)
+
+    @override
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        """The val200 loader under ``tune``; under ``final`` none (an empty list: no validation loop)."""
+        return self._loader("val", self.eval_batch_size) if self.has_validation else []
+
+    @override
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size)
+
+    @override
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size)

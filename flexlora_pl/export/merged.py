@@ -61,7 +61,10 @@ def export_merged(
       The class names are the backbone's ``config.id2label`` (``label_names`` of
       :class:`~flexlora_pl.FlexLoRASequenceClassifier`);
     * a timm model: ``config.json`` + ``model.safetensors`` (load with
-      ``timm.create_model("local-dir:<out_dir>", pretrained=True)``);
+      ``timm.create_model("local-dir:<out_dir>", pretrained=True)``). The config's ``pretrained_cfg`` carries
+      the model's preprocessing (input size, interpolation, mean/std, crop; :class:`~flexlora_pl.tasks.
+      image_classification.ImageClassifier` puts its data module's there), so
+      ``timm.data.create_transform(**timm.data.resolve_model_data_config(model))`` prepares images as in training;
     * any other module: ``model.safetensors`` (load with ``safetensors.torch.load_model(model, path)``).
 
     Args:
