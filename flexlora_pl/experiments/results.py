@@ -348,7 +348,8 @@ def _task_key(task: str) -> tuple[int, list[Any]]:
 
 
 def _method_key(method: str) -> tuple[int, list[Any]]:
-    return (_METHOD_ORDER.index(method) if method in _METHOD_ORDER else -1, _natural(method))
+    # the baselines and FlexLoRA first, as the paper's rows; variants (ablations, switches) after them
+    return (_METHOD_ORDER.index(method) if method in _METHOD_ORDER else len(_METHOD_ORDER), _natural(method))
 
 
 def _rule(name: str) -> SelectionRule:
