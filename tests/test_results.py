@@ -148,6 +148,24 @@ def test_results_of_the_real_tiny_sweep(tmp_path_factory, tiny_glue_root):
         for task in ("a", "b"):
             assert texts[method][task].endswith(" (2)"), texts
     assert texts["flexlora"]["broken"] == "– (0/2, 2 missing)"  # the broken run left no folder: missing
-    cost = tables[-1]
+    cost = next(t for t in tables if t.title.startswith("cost"))
     assert set(cost.derived_values) == {"grid flexlora", "grid lora"}
     assert int(cost.derived_values["grid lora"]["active"].replace(",", "")) > 0
+
+
+def test_the_allocation_table_averages_what_the_events_did(tmp_path):
+    for seed, (flips, ratio) in enumerate(((2, 3.0), (4, 2.0))):
+        folder = write_run(tmp_path, "tweets", "flexlora", seed, best=0.7)
+        record = json.loads((folder / "metrics.json").read_text())
+        record["fit"]["allocation"] = {"events": 7, "moved": 20, "flip_flops": flips,
+                                       "new_direction_update_ratio": ratio, "final_total_rank": 288}
+        (folder / "metrics.json").write_text(json.dumps(record))
+    write_run(tmp_path, "tweets", "lora", 0, best=0.6)  # no events: no row
+    tables = collect(tmp_path)
+    allocation = next(t for t in tables if t.title.startswith("allocation"))
+    assert allocation.derived_values == {"s flexlora": {
+        "runs": "2", "events": "7.0", "directions moved": "20.0", "flip-flops": "3.0", "first-update ratio": "2.50",
+        "final total rank": "288.0"}}
+    only_lora = tmp_path / "only_lora"
+    write_run(only_lora, "tweets", "lora", 0, best=0.6)
+    assert not any(t.title.startswith("allocation") for t in collect(only_lora))

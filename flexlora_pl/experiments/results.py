@@ -471,6 +471,36 @@ def cost_table(runs: list[RunResult]) -> Table:
     return table
 
 
+def allocation_table(runs: list[RunResult]) -> Table | None:
+    """Per sweep and method, what the allocation events did (``metrics.json`` ``fit.allocation``): events,
+    directions moved, flip-flops (directions pruned at the event after the one that added them) and the first
+    update of a new direction relative to its module's settled ones; ``None`` when no run has events."""
+    columns = ["runs", "events", "directions moved", "flip-flops", "first-update ratio", "final total rank"]
+    keys = {"events": "events", "directions moved": "moved", "flip-flops": "flip_flops",
+            "first-update ratio": "new_direction_update_ratio", "final total rank": "final_total_rank"}
+    values: dict[str, dict[str, list[float]]] = {}
+    for run in runs:
+        summary = (run.record.get("fit") or {}).get("allocation")
+        if not summary:
+            continue
+        entry = values.setdefault(f"{run.sweep} {run.method}", {column: [] for column in columns})
+        entry["runs"].append(1)
+        for column, key in keys.items():
+            if summary.get(key) is not None:
+                entry[column].append(summary[key])
+    if not values:
+        return None
+    table = Table("allocation events per method: mean over its runs", [], {label: {} for label in values},
+                  derived=columns)
+    for label, entry in values.items():
+        table.derived_values[label] = {"runs": str(len(entry["runs"])), **{
+            column: _mean_text(entry[column], "{:.2f}" if column == "first-update ratio" else "{:.1f}")
+            for column in columns[1:]}}
+    table.notes.append("first-update ratio: |Δλ| of a new direction at the optimizer step after the event that "
+                       "added it, over the mean |Δλ| of its module's other active directions at that step")
+    return table
+
+
 def _mean_text(values: list[float], fmt: str) -> str:
     return fmt.format(sum(values) / len(values)) if values else "–"
 
@@ -521,4 +551,5 @@ def collect(root: str | Path, paper: str | None = None, scale: float = 100.0, di
             raise ValueError(f"--paper {paper!r}: the shipped paper tables are {', '.join(PAPER_TABLES)}")
         for table in tables:
             add_paper(table, PAPER_TABLES[paper], digits)
-    return [*tables, cost_table(measured)]
+    allocation = allocation_table(measured)
+    return [*tables, cost_table(measured), *([allocation] if allocation is not None else [])]
