@@ -1,8 +1,9 @@
-"""Text classification data: a shared base ``LightningDataModule``, GLUE, and an offline tweet-sentiment set."""
+"""One DataModule per benchmark: GLUE and offline tweet sentiment (text), VTAB-1k (images), commonsense (prompts)."""
 
 from flexlora_pl.data.commonsense import COMMONSENSE_SETS, PROMPT_TEMPLATES, CommonsenseDataModule, PromptTemplate
 from flexlora_pl.data.digits_vtab import DigitsVTABDataModule, build_digits_vtab
 from flexlora_pl.data.glue import GLUE_TASKS, GLUEDataModule, GlueTask
+from flexlora_pl.data.resumable import ResumableDataLoader, ResumableSampler, ResumableTrainingData
 from flexlora_pl.data.text import (
     HIDDEN_LABEL,
     DataFileNotFoundError,
@@ -46,6 +47,9 @@ __all__ = [
     "GlueTask",
     "PromptTemplate",
     "RawSplit",
+    "ResumableDataLoader",
+    "ResumableSampler",
+    "ResumableTrainingData",
     "TextClassificationDataModule",
     "TweetSentimentDataModule",
     "VTABDataError",

@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
@@ -34,7 +33,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from typing_extensions import override
 
 from flexlora_pl.data.files import DataFileNotFoundError, load_data_files
-from flexlora_pl.data.resumable import ResumableDataLoader, ResumableSampler
+from flexlora_pl.data.resumable import ResumableTrainingData
 from flexlora_pl.runs.seeding import resolve_seed
 
 __all__ = ["COMMONSENSE_SETS", "PROMPT_TEMPLATES", "CommonsenseDataModule", "PromptTemplate"]
@@ -107,7 +106,7 @@ _TRAIN_FIELDS = ("instruction", "output")
 _TEST_FIELDS = ("instruction", "answer")
 
 
-class CommonsenseDataModule(LightningDataModule):
+class CommonsenseDataModule(ResumableTrainingData):
     """Commonsense170K for training and the 8 commonsense test sets, in the LLM-Adapters layout.
 
     Training batches hold ``input_ids``, ``attention_mask`` and ``labels`` (``-100`` where the loss skips),
@@ -179,8 +178,6 @@ class CommonsenseDataModule(LightningDataModule):
         self.seed = resolve_seed(seed)
         self.datasets: dict[str, Dataset] = {}
         self._tokenizer: PreTrainedTokenizerBase | None = None
-        self._train_loader: ResumableDataLoader | None = None
-        self._resume_position: dict[str, int] | None = None
 
     # ------------------------------------------------------------------ tokenizer
     @property
@@ -287,16 +284,10 @@ class CommonsenseDataModule(LightningDataModule):
 
     @override
     def train_dataloader(self) -> DataLoader:
-        data = self._dataset("train")
-        sampler = ResumableSampler(data, seed=self.seed, shuffle=True)
-        self._train_loader = ResumableDataLoader(
-            data, sampler, progress=self._training_progress, batch_size=self.batch_size,
+        return self.resumable_train_loader(
+            self._dataset("train"), self.seed, batch_size=self.batch_size,
             collate_fn=CausalLMCollator(self.tokenizer.pad_token_id), num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0, generator=self._generator())
-        if self._resume_position is not None:
-            self._train_loader.resume_at(self._resume_position)
-            self._resume_position = None
-        return self._train_loader
 
     @override
     def val_dataloader(self) -> DataLoader | list:
@@ -336,27 +327,6 @@ class CommonsenseDataModule(LightningDataModule):
         return list(self.test_set_names)
 
     # ------------------------------------------------------------ resumption
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        """The training data position, saved by Lightning in every checkpoint."""
-        return {} if self._train_loader is None else {"train_position": self._train_loader.position()}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        position = state_dict.get("train_position")
-        if position is None:
-            return
-        if self._train_loader is not None:
-            self._train_loader.resume_at(position)
-        else:
-            self._resume_position = position
-
-    def _training_progress(self) -> tuple[int, int]:
-        trainer = self.trainer
-        if trainer is None:
-            return 0, 0
-        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
-
 
 def _checked(data: Dataset, fields: Sequence[str], path: str) -> Dataset:
     """Refuse a file without records or whose records lack a field; fill a missing ``input`` with ``""``."""

@@ -14,9 +14,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch.distributed as dist
+from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from typing_extensions import override
 
-__all__ = ["ResumableDataLoader", "ResumableSampler"]
+__all__ = ["ResumableDataLoader", "ResumableSampler", "ResumableTrainingData"]
 
 
 class ResumableSampler(DistributedSampler):
@@ -103,3 +105,55 @@ class ResumableDataLoader(DataLoader):
                 )
         self.sampler.set_epoch(state["epoch"])
         self.sampler.skip_next_epoch_start(state["batches_done"] * self.batch_size)
+
+
+class ResumableTrainingData(LightningDataModule):
+    """A ``LightningDataModule`` whose training loader resumes exactly where a checkpoint left it.
+
+    Subclasses build their training loader with :meth:`resumable_train_loader`; the loader's position is
+    saved in every checkpoint (:meth:`state_dict`) and restored on resume (:meth:`load_state_dict`), whether
+    the Trainer built the loader before restoring (the usual case: it counts the run's steps first) or after.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._train_loader: ResumableDataLoader | None = None
+        self._resume_position: dict[str, int] | None = None
+
+    def resumable_train_loader(self, dataset: Dataset, seed: int, **kwargs: Any) -> ResumableDataLoader:
+        """The training loader: epoch ``e`` in the order seeded by ``seed + e``, starting where a restored
+        checkpoint stopped.
+
+        Args:
+            dataset: the training dataset.
+            seed: the shuffling seed.
+            **kwargs: passed to ``DataLoader`` (``batch_size``, ``collate_fn``, ``num_workers``, ``generator``, ...).
+        """
+        sampler = ResumableSampler(dataset, seed=seed, shuffle=True)
+        self._train_loader = ResumableDataLoader(dataset, sampler, progress=self._training_progress, **kwargs)
+        if self._resume_position is not None:
+            self._train_loader.resume_at(self._resume_position)
+            self._resume_position = None
+        return self._train_loader
+
+    def _training_progress(self) -> tuple[int, int]:
+        """``(epoch, batches trained on in it)``, read from the Trainer's fit loop."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0, 0
+        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """The training data position, saved by Lightning in every checkpoint."""
+        return {} if self._train_loader is None else {"train_position": self._train_loader.position()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        position = state_dict.get("train_position")
+        if position is None:
+            return
+        if self._train_loader is not None:  # usually built already: the Trainer counts steps before restoring
+            self._train_loader.resume_at(position)
+        else:
+            self._resume_position = position

@@ -29,14 +29,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from datasets import Dataset, Value
-from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase
 from typing_extensions import override
 
 from flexlora_pl.data.files import DataFileNotFoundError, check_encoding, load_data_files
-from flexlora_pl.data.resumable import ResumableDataLoader, ResumableSampler
+from flexlora_pl.data.resumable import ResumableTrainingData
 from flexlora_pl.runs.seeding import resolve_seed
 
 __all__ = [
@@ -114,7 +113,7 @@ def _check_text(data: Dataset, column: str, *, source: str, split: str) -> None:
                          "excluded); fill in or drop that row.")
 
 
-class TextClassificationDataModule(LightningDataModule):
+class TextClassificationDataModule(ResumableTrainingData):
     """Base ``LightningDataModule`` for text classification and regression; subclasses load the rows.
 
     Subclasses implement :meth:`load_raw_splits` (and, if they have no test split, override
@@ -188,8 +187,6 @@ class TextClassificationDataModule(LightningDataModule):
         self.num_workers = num_workers
         # split name -> tokenised rows; filled by setup()
         self.datasets: dict[str, Dataset] = {}
-        self._train_loader: ResumableDataLoader | None = None
-        self._resume_position: dict[str, int] | None = None
         self._tokenizer: PreTrainedTokenizerBase | None = None
         # split name -> raw rows already checked by prepare_data(), waiting for setup() in this process
         self._checked: dict[str, RawSplit] = {}
@@ -403,35 +400,7 @@ class TextClassificationDataModule(LightningDataModule):
             return DataLoader(self.datasets[split], shuffle=False, **kwargs)
         # The order of epoch e is seeded by seed + e alone, and the loader's checkpointed position lets a
         # run killed mid-epoch resume on exactly the next batch (single process or DDP).
-        sampler = ResumableSampler(self.datasets[split], seed=self.seed, shuffle=True)
-        self._train_loader = ResumableDataLoader(self.datasets[split], sampler, progress=self._training_progress,
-                                                 **kwargs)
-        if self._resume_position is not None:
-            self._train_loader.resume_at(self._resume_position)
-            self._resume_position = None
-        return self._train_loader
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        """The training data position, saved by Lightning in every checkpoint."""
-        return {} if self._train_loader is None else {"train_position": self._train_loader.position()}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        position = state_dict.get("train_position")
-        if position is None:
-            return
-        if self._train_loader is not None:  # usually built already: the Trainer counts steps before restoring
-            self._train_loader.resume_at(position)
-        else:
-            self._resume_position = position
-
-    def _training_progress(self) -> tuple[int, int]:
-        """``(epoch, batches trained on in it)``, read from the Trainer's fit loop."""
-        trainer = self.trainer
-        if trainer is None:
-            return 0, 0
-        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return self.resumable_train_loader(self.datasets[split], self.seed, **kwargs)
 
     @override
     def train_dataloader(self) -> DataLoader:

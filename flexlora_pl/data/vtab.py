@@ -15,14 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from typing_extensions import override
 
-from flexlora_pl.data.resumable import ResumableDataLoader, ResumableSampler
+from flexlora_pl.data.resumable import ResumableTrainingData
 from flexlora_pl.runs.seeding import resolve_seed
 
 __all__ = [
@@ -224,7 +223,7 @@ def read_split_file(path: str | os.PathLike, num_classes: int, *, check_images: 
     return examples
 
 
-class VTABDataModule(LightningDataModule):
+class VTABDataModule(ResumableTrainingData):
     """One VTAB-1k task in the folder layout of the PEFT-for-ViT literature, under either protocol.
 
     ``protocol="final"`` (the default) trains on ``train800val200`` and tests on ``test``, with no
@@ -283,8 +282,6 @@ class VTABDataModule(LightningDataModule):
         # role ("train", "val", "test") -> dataset; filled by setup()
         self.datasets: dict[str, VTABSplit] = {}
         self._checked: dict[str, list[VTABExample]] = {}
-        self._train_loader: ResumableDataLoader | None = None
-        self._resume_position: dict[str, int] | None = None
 
     def resolve_task(self, task: str) -> VTABTask:
         """The task's registry entry; subclasses with a task outside the 19 override this.
@@ -401,34 +398,7 @@ class VTABDataModule(LightningDataModule):
         }
         if role != "train":
             return DataLoader(self.datasets[role], shuffle=False, **kwargs)
-        sampler = ResumableSampler(self.datasets[role], seed=self.seed, shuffle=True)
-        self._train_loader = ResumableDataLoader(self.datasets[role], sampler, progress=self._training_progress,
-                                                 **kwargs)
-        if self._resume_position is not None:
-            self._train_loader.resume_at(self._resume_position)
-            self._resume_position = None
-        return self._train_loader
-
-    def _training_progress(self) -> tuple[int, int]:
-        trainer = self.trainer
-        if trainer is None:
-            return 0, 0
-        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        """The training data position, saved by Lightning in every checkpoint."""
-        return {} if self._train_loader is None else {"train_position": self._train_loader.position()}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        position = state_dict.get("train_position")
-        if position is None:
-            return
-        if self._train_loader is not None:
-            self._train_loader.resume_at(position)
-        else:
-            self._resume_position = position
+        return self.resumable_train_loader(self.datasets[role], self.seed, **kwargs)
 
     @override
     def train_dataloader(self) -> DataLoader:
