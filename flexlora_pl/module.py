@@ -434,7 +434,7 @@ def refuse_sharded_strategy(trainer: Any) -> None:
     and the slim checkpoints all assume every process holds whole adapter tensors; on shards they would
     be silently wrong, so these strategies are refused rather than half supported.
     """
-    strategy = type(trainer.strategy).__name__
+    strategy = type(getattr(trainer, "strategy", None)).__name__  # a bare stand-in trainer has none
     if "FSDP" in strategy or "DeepSpeed" in strategy:
         raise ValueError(
             f"strategy {strategy} shards parameters and optimizer state, which flexlora_pl does not support: rank "
