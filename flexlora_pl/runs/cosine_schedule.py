@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LambdaLR
+
+from flexlora_pl.runs.lr_scheduler import WarmupSchedule
 
 __all__ = ["WarmupCosine"]
 
 
-class WarmupCosine(LambdaLR):
+class WarmupCosine(WarmupSchedule):
     """LR factor rises linearly from 0 to 1 over the warm-up, then follows a half cosine down to ``min_factor``
     at ``total_steps``.
 
@@ -34,26 +35,10 @@ class WarmupCosine(LambdaLR):
         warmup_steps: int | None = None,
         min_factor: float = 0.0,
     ) -> None:
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-            raise ValueError(
-                f"WarmupCosine: total_steps must be a positive integer, got {total_steps!r} "
-                "(FlexLoRAModule fills it in from the Trainer; pass it when building the scheduler yourself)"
-            )
-        if not 0.0 <= warmup_ratio < 1.0:
-            raise ValueError(f"WarmupCosine: warmup_ratio must be in [0, 1), got {warmup_ratio}")
-        if warmup_steps is not None and not 0 <= warmup_steps < total_steps:
-            raise ValueError(
-                f"WarmupCosine: warmup_steps must be in [0, total_steps={total_steps}), got {warmup_steps}"
-            )
         if not 0.0 <= min_factor <= 1.0:
             raise ValueError(f"WarmupCosine: min_factor must be in [0, 1], got {min_factor}")
-        self.total_steps = total_steps
-        self.warmup_steps = warmup_steps if warmup_steps is not None else int(warmup_ratio * total_steps)
         self.min_factor = min_factor
-        super().__init__(optimizer, self._factor)
+        super().__init__(optimizer, total_steps, warmup_ratio, warmup_steps)
 
-    def _factor(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / (self.warmup_steps + 1)
-        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+    def decay(self, progress: float) -> float:
         return self.min_factor + (1.0 - self.min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
