@@ -416,3 +416,15 @@ def test_the_backbone_s_dropout_is_active_while_fitting_for_every_method(run_roo
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert modes.train and all(modes.train)
     assert modes.val and not any(modes.val)
+
+
+def test_the_static_control_fires_its_events_but_moves_no_rank(run_root):
+    # configs/methods/static.yaml over a FlexLoRA task: FlexLoRA's adapter, b0 = 0 at every event
+    static = ROOT / "configs" / "methods" / "static.yaml"
+    cli = build_cli(["--config", str(run_root / "run.yaml"), "--config", str(static), "--trainer.max_epochs", "2"],
+                    run=False)
+    before = cli.model.rank_pattern()
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    history = reallocation(cli).history
+    assert history and all(event["budget"] == 0 and not event["pruned"] and not event["expanded"] for event in history)
+    assert cli.model.rank_pattern() == before and cli.model.method_name == "flexlora"
