@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -119,6 +120,26 @@ class ResumableTrainingData(LightningDataModule):
         super().__init__()
         self._train_loader: ResumableDataLoader | None = None
         self._resume_position: dict[str, int] | None = None
+
+    def split_loader(self, dataset: Dataset, batch_size: int, train: bool, **kwargs: Any) -> DataLoader:
+        """A loader of one split with the data module's ``num_workers`` and ``seed``: the training split's
+        resumable (:meth:`resumable_train_loader`), the others in order.
+
+        Every loader draws its worker seeds from a private generator, never from the global RNG: the global RNG
+        then drives only dropout (and drop-path), and a resumed run replays it exactly.
+
+        Args:
+            dataset: the split.
+            batch_size: rows per batch.
+            train: whether this is the training split.
+            **kwargs: more ``DataLoader`` arguments (``collate_fn``, ...).
+        """
+        workers = getattr(self, "num_workers", 0)
+        kwargs = {"batch_size": batch_size, "num_workers": workers, "persistent_workers": workers > 0,
+                  "generator": torch.Generator().manual_seed(self.seed), **kwargs}
+        if not train:
+            return DataLoader(dataset, shuffle=False, **kwargs)
+        return self.resumable_train_loader(dataset, self.seed, **kwargs)
 
     def resumable_train_loader(self, dataset: Dataset, seed: int, **kwargs: Any) -> ResumableDataLoader:
         """The training loader: epoch ``e`` in the order seeded by ``seed + e``, starting where a restored

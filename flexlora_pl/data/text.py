@@ -387,20 +387,10 @@ class TextClassificationDataModule(ResumableTrainingData):
     def _loader(self, split: str, batch_size: int) -> DataLoader:
         if split not in self.datasets:
             raise RuntimeError(f"split '{split}' is not ready: call setup() first (the Trainer does this)")
-        kwargs = {
-            "batch_size": batch_size,
-            "collate_fn": _PaddingCollator(self.tokenizer, torch.float32 if self.is_regression else torch.long),
-            "num_workers": self.num_workers,
-            "persistent_workers": self.num_workers > 0,
-            # Every loader draws its worker seed from a private generator, never from the global RNG:
-            # the global RNG then drives only dropout, and a resumed run can replay it exactly.
-            "generator": torch.Generator().manual_seed(self.seed),
-        }
-        if split != "train":
-            return DataLoader(self.datasets[split], shuffle=False, **kwargs)
-        # The order of epoch e is seeded by seed + e alone, and the loader's checkpointed position lets a
-        # run killed mid-epoch resume on exactly the next batch (single process or DDP).
-        return self.resumable_train_loader(self.datasets[split], self.seed, **kwargs)
+        collate = _PaddingCollator(self.tokenizer, torch.float32 if self.is_regression else torch.long)
+        # The training order of epoch e is seeded by seed + e alone, and the loader's checkpointed position lets
+        # a run killed mid-epoch resume on exactly the next batch (single process or DDP).
+        return self.split_loader(self.datasets[split], batch_size, train=split == "train", collate_fn=collate)
 
     @override
     def train_dataloader(self) -> DataLoader:

@@ -388,17 +388,7 @@ class VTABDataModule(ResumableTrainingData):
     def _loader(self, role: str, batch_size: int) -> DataLoader:
         if role not in self.datasets:
             raise RuntimeError(f"the {role} split is not ready: call setup() first (the Trainer does this)")
-        kwargs = {
-            "batch_size": batch_size,
-            "num_workers": self.num_workers,
-            "persistent_workers": self.num_workers > 0,
-            # worker seeds from a private generator: the global RNG drives only dropout and drop-path, so a
-            # resumed run replays it exactly
-            "generator": torch.Generator().manual_seed(self.seed),
-        }
-        if role != "train":
-            return DataLoader(self.datasets[role], shuffle=False, **kwargs)
-        return self.resumable_train_loader(self.datasets[role], self.seed, **kwargs)
+        return self.split_loader(self.datasets[role], batch_size, train=role == "train")
 
     @override
     def train_dataloader(self) -> DataLoader:
