@@ -98,13 +98,14 @@ def test_flip_flops_are_counted_and_a_cooldown_prevents_them(tmp_path, cooldown)
     realloc, _ = _fit_with(tmp_path, module=_flip_flop_module(), expand_cooldown=cooldown)
     assert len(realloc.history) >= 4
     if cooldown == 0:  # module 0 gains a zero direction, then loses exactly that one at the next event
-        for previous, event in zip(realloc.history[0::2], realloc.history[1::2]):
+        for previous, event in zip(realloc.history[0::2], realloc.history[1::2], strict=False):
             assert event["pruned"] == ["backbone.0"] and event["pruned_slots"] == previous["expanded_slots"]
             assert event["flip_flops"] == 1
         assert realloc.flip_flop_count == sum(event["flip_flops"] for event in realloc.history) >= 3
     else:
         assert realloc.flip_flop_count == 0
-        for previous, event in zip(realloc.history, realloc.history[1:]):  # no module prunes right after it grew
+        # no module prunes at the event right after it grew
+        for previous, event in zip(realloc.history, realloc.history[1:], strict=False):
             assert not set(previous["expanded"]) & set(event["pruned"])
 
 
