@@ -20,6 +20,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
+from flexlora_pl.callbacks.first_update import FirstUpdateMonitor
 from flexlora_pl.core.allocation import (
     ALLOCATION_MODES,
     DIRECTION_STDS,
@@ -191,12 +192,7 @@ class RankReallocation(Callback):
         self.history: list[dict[str, Any]] = []
         # per event: {"step", "spectra": {module: active λ as scored}}; saved with the history
         self.spectra: list[dict[str, Any]] = []
-        # new directions waiting for their first update: (layer index, slot, other active directions, λ after
-        # the event); then their measured first updates, kept on the device until the host syncs anyway (the next
-        # event, a checkpoint, the end of training): (step, event index, sizes, ratios)
-        self._first_update_pending: list[tuple[int, int, int, torch.Tensor]] = []
-        self._first_update_measured: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
-        self._first_update_unlogged: list[tuple[int, dict[str, float]]] = []
+        self.first_updates = FirstUpdateMonitor()  # new directions' first updates, next to settled ones
         self.layer_names: list[str] = []
         self._layers: list[FlexLoRALinear] = []
         self._named: list[tuple[str, FlexLoRALinear]] = []
@@ -344,8 +340,8 @@ class RankReallocation(Callback):
         self._last_step = step
         if self._idle:
             return
-        if self._first_update_pending:
-            self._measure_first_updates(step)
+        if self.first_updates.waiting:
+            self.first_updates.measure(self._layers, step, len(self.history) - 1)
         if self._driver is not None:  # after optimizer.step() and before the next zero_grad(), once per step
             self._driver.after_optimizer_step(trainer, pl_module, step)
             return
@@ -379,7 +375,7 @@ class RankReallocation(Callback):
         check_finite = getattr(pl_module, "check_finite", None)
         if callable(check_finite):  # a diverged run is reported as such, not as NaN importance scores
             check_finite(f"at the allocation event of step {step}")
-        self._flush_first_updates(trainer)
+        self.first_updates.flush(self.history, trainer.loggers)
         scores = self.scores(pl_module)
         if scores.shape != (len(self._layers),):
             raise ValueError(f"importance scores must have shape ({len(self._layers)},), got {tuple(scores.shape)}")
@@ -406,7 +402,7 @@ class RankReallocation(Callback):
             if self.new_direction_moments == "warm":
                 warm_second_moments(layer, index, trainer.optimizers)
             expanded_slots.append(index)
-            self._first_update_pending.append((i, index, ranks[i], layer.lora_lambda.detach().float().clone()))
+            self.first_updates.watch(i, index, ranks[i], layer)
         if self.rebuild_optimizer and budget > 0:  # the authors' code rebuilds whenever its b is positive
             self._rebuild_optimizer(trainer)
         for i in decision.prune:
@@ -450,47 +446,9 @@ class RankReallocation(Callback):
         """Directions pruned at the event right after the one that added them, over the whole run."""
         return sum(event.get("flip_flops", 0) for event in self.history)
 
-    def _measure_first_updates(self, step: int) -> None:
-        """How large the new directions' first λ update was next to the other active entries' update at the same
-        step: device arithmetic only, read on the host by :meth:`_flush_first_updates`."""
-        sizes, ratios = [], []
-        for i, slot, n_others, before in self._first_update_pending:
-            layer = self._layers[i]
-            lam = layer.lora_lambda.detach().float()
-            if before.device != lam.device:  # restored from a checkpoint onto an accelerator
-                before = before.to(lam.device)
-            delta = (lam - before).abs()
-            others = layer.rank_mask.detach().clone()
-            others[slot] = False
-            sizes.append(delta[slot])
-            # ranks in the event record are before the event: the module had n_others active directions besides it
-            settled = (delta * others).sum() / max(n_others, 1)
-            ratios.append(delta[slot] / settled if n_others > 0 else torch.full_like(delta[slot], float("nan")))
-        self._first_update_pending = []
-        if sizes:
-            self._first_update_measured.append((step, len(self.history) - 1, torch.stack(sizes), torch.stack(ratios)))
-
-    def _flush_first_updates(self, trainer: Trainer | None) -> None:
-        """Put the measured first updates into their events' records and, given the Trainer, log them."""
-        for step, event, sizes, ratios in self._first_update_measured:
-            measured = {"new_direction_first_update": float(sizes.mean())}
-            finite = [r for r in ratios.tolist() if math.isfinite(r)]
-            if finite:
-                measured["new_direction_update_ratio"] = sum(finite) / len(finite)
-            if 0 <= event < len(self.history):
-                self.history[event].update(measured)
-            self._first_update_unlogged.append((step, measured))
-        self._first_update_measured = []
-        if trainer is None:
-            return
-        for step, measured in self._first_update_unlogged:
-            for logger in trainer.loggers:
-                logger.log_metrics({f"flexlora/{key}": value for key, value in measured.items()}, step=step)
-        self._first_update_unlogged = []
-
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._flush_first_updates(trainer)
+        self.first_updates.flush(self.history, trainer.loggers)
 
     @rank_zero_only
     def _write_spectra(self, trainer: Trainer) -> None:
@@ -565,10 +523,9 @@ class RankReallocation(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        self._flush_first_updates(None)  # a checkpoint syncs anyway: its history holds every measurement so far
-        pending = [(i, slot, n, before.cpu().tolist()) for i, slot, n, before in self._first_update_pending]
+        self.first_updates.flush(self.history)  # a checkpoint syncs anyway: its history holds every measurement
         state = {"history": self.history, "last_step": self._last_step, "layer_names": self.layer_names,
-                 "spectra": self.spectra, "first_update_pending": pending}
+                 "spectra": self.spectra, "first_update_pending": self.first_updates.state_dict()}
         if self.sensitivity is not None:
             state["sensitivity"] = self.sensitivity.state_dict()
         if self._driver is not None:
@@ -587,8 +544,7 @@ class RankReallocation(Callback):
             self._restored_names = saved_names
         self.history = list(state_dict.get("history", []))
         self.spectra = list(state_dict.get("spectra", []))
-        self._first_update_pending = [(i, slot, n, torch.tensor(before))
-                                      for i, slot, n, before in state_dict.get("first_update_pending", [])]
+        self.first_updates.load_state_dict(state_dict.get("first_update_pending", []))
         self._last_step = state_dict.get("last_step")
         self.layer_names = saved_names or self.layer_names
         if self.sensitivity is not None and "sensitivity" in state_dict:
