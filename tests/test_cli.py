@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from conftest import make_tiny_glue_run
+from lightning.pytorch.callbacks import ProgressBar
 
 from flexlora_pl.cli import build_cli, main
 from flexlora_pl.core.inject import match_target
@@ -198,3 +199,14 @@ def test_fit_links_the_task_layout_into_the_model(tiny_run_dir, task, header, la
     assert cli.model.num_labels == (1 if task == "stsb" else 3)
     assert cli.model.modules_to_save == ["classifier"]  # the saved 2-label head was re-initialised, and trains
     assert expected <= set(cli.trainer.callback_metrics)
+
+
+def test_disabling_the_progress_bar_drops_the_one_a_config_adds(tiny_run_dir):
+    # the shipped configs add RichProgressBar; Lightning alone refuses it beside enable_progress_bar=False
+    args = ["--config", str(tiny_run_dir / "tiny.yaml"),
+            "--trainer.callbacks+=lightning.pytorch.callbacks.RichProgressBar"]
+    with_bar = build_cli([*args, "--trainer.enable_progress_bar", "true"], run=False)
+    assert type(with_bar.trainer.progress_bar_callback).__name__ == "RichProgressBar"
+    without = build_cli([*args, "--trainer.enable_progress_bar", "false"], run=False)
+    assert without.trainer.progress_bar_callback is None
+    assert not any(isinstance(cb, ProgressBar) for cb in without.trainer.callbacks)

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningDataModule, Trainer
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -206,6 +207,11 @@ class FlexLoRACLI(LightningCLI):
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         configured = list(config.get("callbacks") or [])
+        if config.get("enable_progress_bar") is False and any(isinstance(cb, ProgressBar) for cb in configured):
+            # `--trainer.enable_progress_bar false` over a config that adds a progress bar (the shipped ones add
+            # RichProgressBar) means: no bar; Lightning would refuse the pair after the model was built
+            configured = [cb for cb in configured if not isinstance(cb, ProgressBar)]
+            config["callbacks"] = configured
         extra = [*callbacks]
         record = next((cb for cb in configured if isinstance(cb, RunRecord)), None)
         if record is None:
