@@ -1,5 +1,6 @@
-"""Commonsense reasoning with causal LMs: prompts, data, answer extraction, generation with left padding, the
-shipped configs through the CLI (fit, test of the 8 sets, predict), exports, bf16, DDP and LLaMA3-8B counts."""
+"""Commonsense reasoning with causal LMs: prompts, data and the errors for bad data or settings, answer extraction,
+generation with left padding, the shipped configs through the CLI (fit, test of the 8 sets, predict), exports, bf16,
+DDP and LLaMA3-8B counts."""
 
 from __future__ import annotations
 
@@ -151,6 +152,65 @@ def test_data_errors_name_the_problem(root, tmp_path):
     (tmp_path / "boolq" / "test.json").write_text(json.dumps([{"instruction": "q", "answer": ""}]))
     with pytest.raises(ValueError, match=r"record 0 .* 'answer'"):
         CommonsenseDataModule(str(root / "model"), test_dir=str(tmp_path), test_sets=["boolq"]).setup("test")
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"tokenizer_name_or_path": None}, r"tokenizer_name_or_path is required: set model.init_args.model_name_or_path "
+                                       r"\(the `flexlora` command links it\) or data.init_args.tokenizer_name_or_path"),
+    ({"tokenizer_name_or_path": "./no-such-folder/tokenizer"},
+     r"tokenizer_name_or_path='\./no-such-folder/tokenizer' is not an existing folder; give the folder that holds"),
+    ({"test_sets": []}, r"test_sets is empty; name at least one of the 8 sets: \['boolq', 'piqa', .*'openbookqa'\]$"),
+    ({"test_sets": ["boolq", "boolq"]}, r"test_sets=\['boolq', 'boolq'\] names a set twice"),
+    ({"cutoff_len": 1}, r"cutoff_len must be >= 2, got 1"),
+    ({"val_size": -1}, r"val_size must be >= 0, got -1"),
+    ({"batch_size": 0}, r"batch_size must be >= 1, got 0"),
+    ({"eval_batch_size": 0}, r"eval_batch_size must be >= 1, got 0"),
+    ({"num_workers": -1}, r"num_workers must be >= 0, got -1"),
+], ids=["no-tokenizer", "tokenizer-folder-missing", "test-sets-empty", "test-set-twice", "cutoff-len-1",
+        "val-size-negative", "batch-size-0", "eval-batch-size-0", "num-workers-negative"])
+def test_bad_settings_stop_the_data_module_at_start_up(setting, message):
+    # a hub name: nothing is loaded at start-up, so no tokenizer is needed
+    with pytest.raises(ValueError, match=message):
+        CommonsenseDataModule(**{"tokenizer_name_or_path": "owner/tokenizer", **setting})
+
+
+def _check_broken(root: Path, folder: Path, case: str) -> None:
+    """Write the bad input ``case`` names under ``folder``, then run the data module's step that has to find it."""
+    tokenizer, train_file, val_size = str(root / "model"), folder / "train.json", 0
+    if case == "tokenizer-without-eos":
+        from transformers import AutoTokenizer
+
+        no_eos = AutoTokenizer.from_pretrained(tokenizer)
+        no_eos.eos_token = None
+        no_eos.save_pretrained(folder / "no_eos")
+        tokenizer = str(folder / "no_eos")
+    elif case == "no-records-list":
+        train_file.write_text("[]")
+    elif case == "no-records-empty-file":
+        train_file.write_bytes(b"")
+    elif case == "val-size-too-large":
+        train_file.write_text(json.dumps([record("boolq", n) for n in range(10)]))
+        val_size = 120
+    data = CommonsenseDataModule(tokenizer, train_file=str(train_file), test_dir=str(root / "dataset"),
+                                 val_size=val_size)
+    if case == "validate-without-val-size":
+        data.setup("validate")
+    data.prepare_data()
+
+
+@pytest.mark.parametrize("case, message", [
+    ("tokenizer-without-eos", r"the tokenizer '.*no_eos' has no EOS token; training appends EOS to every answer so "
+                              r"that generation learns to stop"),
+    ("no-records-list", r"'.*train.json' holds no records; point it at the LLM-Adapters file"),
+    ("no-records-empty-file", r"'.*train.json' holds no records; point it at the LLM-Adapters file"),
+    ("val-size-too-large", r"'.*train.json' has 10 records, not more than val_size=120; lower data.init_args.val_size "
+                           r"\(0: no validation\)"),
+    ("validate-without-val-size", r"validate needs a held-out slice: set data.init_args.val_size > 0"),
+], ids=["tokenizer-without-eos", "no-records-list", "no-records-empty-file", "val-size-too-large",
+        "validate-without-val-size"])
+def test_bad_data_is_named_by_the_data_module(root, tmp_path, case, message):
+    with pytest.raises(ValueError, match=message):
+        _check_broken(root, tmp_path, case)
 
 
 # --------------------------------------------------------------------------- generation

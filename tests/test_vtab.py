@@ -1,12 +1,15 @@
 """VTAB-1k with timm ViTs: the shipped configs run through the real ``flexlora`` command on a tiny task folder
-(FlexLoRA and the LoRA override), every bad input stops before training without leaving a run folder, the
-paper's parameter counts on the real ViT-B/16 architecture (meta device), exact mid-epoch resume, the
-merged export carries the preprocessing, and all 19 task configs parse and differ only in their task lines."""
+(FlexLoRA and the LoRA override), every bad input stops before training without leaving a run folder, the data
+module and the classifier name every bad setting, the paper's parameter counts on the real ViT-B/16 architecture
+(meta device), exact mid-epoch resume, the merged export carries the preprocessing, all 19 task configs parse and
+differ only in their task lines, and every row of the inputs table of docs/reliability.md names tests that exist."""
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -124,36 +127,117 @@ def _break(folder: Path, case: str) -> None:
     task = folder / "vtab" / TASK
     train = task / "train800val200.txt"
     lines = train.read_text().splitlines()
-    if case == "task folder":
+    if case == "task-folder-missing":
         task.rename(folder / "vtab" / "kitti_old")
         return
-    if case == "split file":
+    if case == "split-file-missing":
         train.unlink()
         return
-    if case == "line":
+    if case == "line-without-label":
         lines[2] = "images/train800/000002.jpg"
-    elif case == "label":
+    elif case == "label-out-of-range":
         lines[3] = lines[3].rsplit(" ", 1)[0] + " 4"
-    elif case == "missing image":
+    elif case == "image-missing":
         (task / lines[4].split()[0]).unlink()
-    elif case == "unreadable image":
+    elif case == "not-an-image":
         (task / lines[5].split()[0]).write_bytes(b"not an image at all")
     train.write_text("\n".join(lines) + "\n")
 
 
-@pytest.mark.parametrize("case, message", [
-    ("task folder", r"task folder '.*kitti' does not exist; folders under .*: \['kitti_old'\]"),
-    ("split file", r"split file '.*train800val200.txt' does not exist"),
-    ("line", r"train800val200.txt:3: cannot parse 'images/train800/000002.jpg'; each line must be"),
-    ("label", r"train800val200.txt:4: label 4 is out of range for this task's 4 classes \(0..3\)"),
-    ("missing image", r"train800val200.txt:5: image '.*000004.jpg' does not exist"),
-    ("unreadable image", r"train800val200.txt:6: image '.*000005.png' cannot be read as an image"),
-])
+# case (the test id) -> the start of the message, as a regex
+BAD_DATA = {
+    "task-folder-missing": r"task folder '.*kitti' does not exist; folders under .*: \['kitti_old'\]",
+    "split-file-missing": r"split file '.*train800val200.txt' does not exist",
+    "line-without-label": r"train800val200.txt:3: cannot parse 'images/train800/000002.jpg'; each line must be",
+    "label-out-of-range": r"train800val200.txt:4: label 4 is out of range for this task's 4 classes \(0..3\)",
+    "image-missing": r"train800val200.txt:5: image '.*000004.jpg' does not exist",
+    "not-an-image": r"train800val200.txt:6: image '.*000005.png' cannot be read as an image",
+}
+
+
+@pytest.mark.parametrize("case, message", BAD_DATA.items(), ids=list(BAD_DATA))
 def test_bad_data_stops_before_training_and_leaves_no_run_folder(tiny, case, message):
     _break(tiny, case)
     with pytest.raises(ValueError, match=message):
         run("fit", tiny)
     assert not (tiny / "runs").exists()
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"protocol": "train"}, r"protocol='train' is not one of \['final', 'tune'\]: 'final' trains on train800val200 "
+                            r"and tests on test; 'tune' trains on train800 and validates on val200"),
+    ({"image_size": 0}, r"image_size must be an integer >= 1, got 0"),
+    ({"batch_size": 0}, r"batch_size must be an integer >= 1, got 0"),
+    ({"eval_batch_size": 2.5}, r"eval_batch_size must be an integer >= 1, got 2.5"),
+    ({"num_workers": -1}, r"num_workers must be an integer >= 0, got -1"),
+    ({"batch_size": True}, r"batch_size must be an integer >= 1, got True"),
+], ids=["protocol", "image-size-0", "batch-size-0", "eval-batch-size-float", "num-workers-negative", "batch-size-bool"])
+def test_bad_settings_stop_the_data_module_at_start_up(setting, message):
+    with pytest.raises(ValueError, match=message):
+        VTABDataModule("data", TASK, **setting)
+
+
+def _check_broken(folder: Path, case: str) -> None:
+    """Break the tiny folder as ``case`` says, then run the data module's step that has to find it."""
+    task = folder / "vtab" / TASK
+    if case == "root-missing":
+        VTABDataModule(str(folder / "nowhere"), TASK).prepare_data()
+    elif case == "split-file-blank":
+        (task / "test.txt").write_text("\n  \n\n")
+        VTABDataModule(str(folder / "vtab"), TASK).prepare_data()
+    elif case == "validate-under-final":
+        VTABDataModule(str(folder / "vtab"), TASK).setup("validate")
+    elif case == "not-an-image-unchecked":
+        (task / "images" / "test" / "000001.png").write_bytes(b"not an image at all")
+        data = VTABDataModule(str(folder / "vtab"), TASK, check_images=False)
+        data.setup("test")  # headers are not read: the damaged file passes the data check...
+        data.datasets["test"][1]  # ...and stops the run when its batch is loaded
+
+
+@pytest.mark.parametrize("case, message", [
+    ("root-missing", r"data root '.*nowhere' does not exist \(relative paths are resolved from '.*'\); set "
+                     r"data.init_args.root to the folder that holds the VTAB-1k task folders"),
+    ("split-file-blank", r"split file '.*test.txt' lists no images; regenerate the task folder"),
+    ("validate-under-final", r"protocol 'final' has no validation split \(nothing may be selected on test\); use "
+                             r"data.init_args.protocol=tune to validate on val200, or `flexlora test`"),
+    ("not-an-image-unchecked", r"test.txt:2: cannot read image '.*000001.png' \(cannot identify image file .*\); "
+                               r"replace the file or remove the line"),
+], ids=["root-missing", "split-file-blank", "validate-under-final", "not-an-image-unchecked"])
+def test_bad_data_is_named_by_the_data_module(tiny, case, message):
+    with pytest.raises(ValueError, match=message):
+        _check_broken(tiny, case)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"num_classes": None}, r"num_classes is not set: the `flexlora` command links it from the data module's "
+                            r"num_classes; with a data module that has none, or in Python, pass num_classes"),
+    ({"num_classes": 1}, r"num_classes must be an integer >= 2, got 1"),
+    ({"drop_path_rate": 1.0}, r"drop_path_rate must be in \[0, 1\), got 1.0"),
+    ({"pretrained_path": "w.safetensors"}, r"pretrained_path='w.safetensors' is given but pretrained is false; set "
+                                           r"pretrained: true to load it, or drop pretrained_path for random weights"),
+    ({"model_name": "vit_base_patch16_224_typo"}, r"model_name='vit_base_patch16_224_typo' is not a timm model; close "
+                                                  r"names: \['vit_base_patch16_224', .*\] \(timm.list_models\(\)"),
+    ({"model_name": "qqqq"}, r"model_name='qqqq' is not a timm model; e.g. \['vit_base_patch16_224.orig_in21k'\]"),
+    ({"data_config": {"size": 32}}, r"data_config has unknown keys \['size'\]; expected some of \['input_size', "
+                                    r"'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode'\]"),
+], ids=["num-classes-none", "num-classes-1", "drop-path-rate-1", "path-without-pretrained", "model-name-typo",
+        "model-name-unlike-any", "data-config-key"])
+def test_bad_settings_stop_the_image_classifier_at_start_up(setting, message):
+    with pytest.raises(ValueError, match=message):
+        ImageClassifier(**{"model_name": "test_vit", "num_classes": 3, "pretrained": False, **setting})
+
+
+@pytest.mark.parametrize("suffix, error", [(".safetensors", "SafetensorError"), (".pth", None)],
+                         ids=["safetensors", "pth"])
+def test_a_damaged_weights_file_is_named_with_the_loaders_error(tmp_path, suffix, error):
+    path = tmp_path / f"model{suffix}"
+    path.write_bytes(b"junk bytes, not weights")
+    with pytest.raises(ValueError, match=rf"cannot load pretrained_path='.*model{suffix}' for test_vit \(\w+: .*\)\. "
+                                         r"Give an intact weights file of test_vit") as raised:
+        ImageClassifier("test_vit", num_classes=3, pretrained_path=str(path))
+    cause = raised.value.__cause__  # the loader's own error, chained and named
+    assert cause is not None and f"({type(cause).__name__}: " in str(raised.value)
+    assert error is None or type(cause).__name__ == error
 
 
 def test_an_unknown_task_lists_the_19():
@@ -169,7 +253,9 @@ def test_pretrained_weights_from_a_file_and_a_clear_error_offline(tmp_path, monk
     from safetensors.torch import save_file
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ValueError, match=r"pretrained weights of test_vit.*HF_HUB_OFFLINE is set.*pretrained_path="):
+    # the hub's sentence and ours join with one full stop
+    with pytest.raises(ValueError, match=r"pretrained weights of test_vit from the Hugging Face hub \(HF_HUB_OFFLINE "
+                                         r"is set\): [^\n]*[^.]\. Pass model\.init_args\.pretrained_path="):
         ImageClassifier("test_vit", num_classes=3, pretrained=True)
     torch.manual_seed(5)
     source = timm.create_model("test_vit", num_classes=1000)  # a checkpoint with another head: it is replaced
@@ -292,3 +378,45 @@ def test_warmup_cosine_rises_then_decays_to_zero():
     assert all(a >= b for a, b in itertools.pairwise(factors[10:]))
     with pytest.raises(ValueError, match="total_steps must be a positive integer"):
         WarmupCosine(optimizer)
+
+
+# --------------------------------------------------------------------------- docs
+RELIABILITY = ROOT / "docs" / "reliability.md"
+INPUTS_SECTION = "### VTAB-1k and commonsense inputs"
+
+
+def _table_rows(doc: Path, heading: str) -> list[list[str]]:
+    """The body rows of the table under ``heading`` (up to the next heading), each as its list of cells."""
+    section = doc.read_text().split(heading, 1)[1].split("\n#", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in line.strip().strip("|").split(" | ")] for line in lines[2:]]  # no header
+
+
+def _missing_test(node_id: str) -> str | None:
+    """Why ``node_id`` (``tests/<file>.py::<test>[<id>]``) names no test of this suite, or ``None`` if it does.
+
+    Parametrized cases are found through the explicit ``ids=`` of their ``parametrize`` mark."""
+    path, _, name = node_id.partition("::")
+    function_name, _, case = name.partition("[")
+    if Path(path).parent.name != "tests" or not (ROOT / path).is_file():
+        return f"{path} is not a file under tests/"
+    function = getattr(importlib.import_module(Path(path).stem), function_name, None)
+    if not function_name.startswith("test_") or function is None:
+        return f"{path} has no test {function_name}"
+    if not case:
+        return None
+    marks = [mark for mark in getattr(function, "pytestmark", []) if mark.name == "parametrize"]
+    ids = [case_id for mark in marks for case_id in mark.kwargs.get("ids") or []]
+    if case.removesuffix("]") not in ids:
+        return f"{function_name} has no case {case.removesuffix(']')!r} among its explicit ids= {ids}"
+    return None
+
+
+def test_every_row_of_the_inputs_table_names_tests_that_exist():
+    rows = _table_rows(RELIABILITY, INPUTS_SECTION)
+    assert len(rows) > 30 and all(len(row) == 4 for row in rows), "the table has 4 columns"
+    untested = [row[0] for row in rows if not re.findall(r"`([^`]+)`", row[3])]
+    assert not untested, f"rows of {INPUTS_SECTION!r} that name no test: {untested}"
+    node_ids = [node_id for row in rows for node_id in re.findall(r"`([^`]+)`", row[3])]
+    problems = [f"{node_id}: {why}" for node_id in node_ids if (why := _missing_test(node_id))]
+    assert not problems, "\n".join(problems)

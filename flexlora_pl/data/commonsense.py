@@ -34,6 +34,7 @@ from typing_extensions import override
 
 from flexlora_pl.data.files import DataFileNotFoundError, load_data_files
 from flexlora_pl.data.resumable import ResumableTrainingData
+from flexlora_pl.export.load import _looks_local
 from flexlora_pl.runs.seeding import resolve_seed
 
 __all__ = ["COMMONSENSE_SETS", "PROMPT_TEMPLATES", "CommonsenseDataModule", "PromptTemplate"]
@@ -119,7 +120,9 @@ class CommonsenseDataModule(ResumableTrainingData):
 
     Args:
         tokenizer_name_or_path: tokenizer folder or hub name; the ``flexlora`` command links it to the model's
-            ``model_name_or_path``. A tokenizer without a pad token pads with EOS (padding is masked out).
+            ``model_name_or_path``. A path that reads as local (absolute, starting with ``.`` or ``~``, or with
+            more than one ``/``) must be an existing folder. A tokenizer without a pad token pads with EOS
+            (padding is masked out).
         train_file: the training records (``commonsense_170k.json``); JSON or JSON Lines.
         test_dir: the folder holding ``<set>/test.json`` for every set of ``test_sets``.
         test_sets: the sets that ``test`` and ``predict`` evaluate (any of the 8, in any order).
@@ -153,11 +156,21 @@ class CommonsenseDataModule(ResumableTrainingData):
         if tokenizer_name_or_path is None:
             raise ValueError("tokenizer_name_or_path is required: set model.init_args.model_name_or_path (the "
                              "`flexlora` command links it) or data.init_args.tokenizer_name_or_path")
+        # A hub name is "model" or "owner/model"; a path that reads as local and is missing would otherwise surface
+        # as the hub's "Repo id must be in the form ..." when the tokenizer loads.
+        if _looks_local(tokenizer_name_or_path) and not os.path.isdir(os.path.expanduser(tokenizer_name_or_path)):
+            raise ValueError(f"tokenizer_name_or_path={tokenizer_name_or_path!r} is not an existing folder; give the "
+                             "folder that holds the tokenizer files (the base model's folder: the `flexlora` command "
+                             "takes it from model.init_args.model_name_or_path; relative paths are resolved from "
+                             f"{os.getcwd()!r}) or a hub name such as 'meta-llama/Meta-Llama-3-8B'")
         if isinstance(test_sets, str):
             test_sets = [test_sets]
+        if not test_sets:
+            raise ValueError(f"test_sets is empty; name at least one of the {len(COMMONSENSE_SETS)} sets: "
+                             f"{list(COMMONSENSE_SETS)}")
         unknown = [name for name in test_sets if name not in COMMONSENSE_SETS]
-        if unknown or not test_sets:
-            raise ValueError(f"test_sets={list(test_sets)}: {unknown or 'none given'} is not a commonsense set; "
+        if unknown:
+            raise ValueError(f"test_sets={list(test_sets)}: {unknown} is not a commonsense set; "
                              f"choose from {list(COMMONSENSE_SETS)} (names are case-sensitive)")
         if len(set(test_sets)) != len(test_sets):
             raise ValueError(f"test_sets={list(test_sets)} names a set twice")

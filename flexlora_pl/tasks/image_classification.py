@@ -12,6 +12,7 @@ tells its users how to prepare images.
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -176,9 +177,8 @@ def _create_backbone(name: str, num_classes: int, pretrained: bool, path: str | 
     import timm
 
     if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('.')[0].split('_')[0]}*")[:8]
-        raise ValueError(f"model_name={name!r} is not a timm model; e.g. {close or ['vit_base_patch16_224.orig_in21k']}"
-                         " (timm.list_models() lists all)")
+        raise ValueError(f"model_name={name!r} is not a timm model; {_suggest_model_names(name)} (timm.list_models() "
+                         "lists all)")
     if data_config is not None:
         unknown = sorted(set(data_config) - set(_DATA_CONFIG_KEYS))
         if unknown:
@@ -197,16 +197,22 @@ def _create_backbone(name: str, num_classes: int, pretrained: bool, path: str | 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = timm.create_model(name, pretrained=False, **kwargs)
+    elif path is not None:
+        try:
+            model = timm.create_model(name, pretrained=True, **kwargs)
+        except Exception as err:  # each loader fails its own way: SafetensorError, KeyError, UnpicklingError, ...
+            raise ValueError(
+                f"cannot load pretrained_path={path!r} for {name} ({type(err).__name__}: {_sentence(err)}). Give an "
+                f"intact weights file of {name} (.safetensors, .bin, .pth or .npz), e.g. the hub's model.safetensors"
+            ) from err
     else:
         try:
             model = timm.create_model(name, pretrained=True, **kwargs)
         except OSError as err:  # offline, unreachable hub, missing cache entry (huggingface_hub's errors are OSErrors)
-            if path is not None:
-                raise ValueError(f"cannot load pretrained_path={path!r} for {name}: {err}") from err
             offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
             raise ValueError(
                 f"cannot download the pretrained weights of {name} from the Hugging Face hub"
-                f"{' (HF_HUB_OFFLINE is set)' if offline else ''}: {str(err).splitlines()[0] if str(err) else err}. "
+                f"{' (HF_HUB_OFFLINE is set)' if offline else ''}: {_sentence(err, first_line=True)}. "
                 "Pass model.init_args.pretrained_path=<weights file on disk> (e.g. the hub's model.safetensors), "
                 "or go online (unset HF_HUB_OFFLINE), or set pretrained: false for random weights"
             ) from err
@@ -219,3 +225,24 @@ def _create_backbone(name: str, num_classes: int, pretrained: bool, path: str | 
 def _plain_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """A data config with tuples for sequences, as timm keeps them."""
     return {key: tuple(value) if isinstance(value, (list, tuple)) else value for key, value in config.items()}
+
+
+def _suggest_model_names(name: str) -> str:
+    """Names timm knows that are spelled like ``name`` (pretrained tags included when ``name`` has one)."""
+    import timm
+
+    known = timm.list_models(pretrained="." in name)
+    close = difflib.get_close_matches(name, known, n=5)
+    if close:
+        return f"close names: {close}"
+    # nothing spelled alike: the models that share the name's first word, or the default
+    family = timm.list_models(f"*{name.split('.')[0].split('_')[0]}*")[:8]
+    return f"e.g. {family or ['vit_base_patch16_224.orig_in21k']}"
+
+
+def _sentence(err: BaseException, first_line: bool = False) -> str:
+    """An error's text (or its first line) without a closing full stop, to go inside a sentence of our own."""
+    text = str(err).strip() or type(err).__name__
+    if first_line:
+        text = text.splitlines()[0]
+    return text.rstrip(".")
