@@ -148,3 +148,11 @@ def test_labels_withheld(tmp_path: Path, tiny_tokenizer_dir: str):
         dm.setup("test")
         assert "test" in dm.datasets and dm.labels_withheld("test") is withheld
         assert dm.labels_withheld("validation") is False
+
+
+def test_a_tokenizer_path_that_is_no_folder_is_named_not_the_hub_s_repo_id_error(tmp_path: Path):
+    # through `flexlora` the model's folder is linked here and the model names it first; in Python it is this check
+    data = GLUEDataModule("mrpc", tokenizer_name_or_path=str(tmp_path / "no_such_tokenizer"))
+    with pytest.raises(ValueError, match=r"no_such_tokenizer' is not an existing folder; give the folder that holds "
+                                         r"the tokenizer files"):
+        _ = data.tokenizer

@@ -34,8 +34,8 @@ from typing_extensions import override
 
 from flexlora_pl.data.files import DataFileNotFoundError, load_data_files
 from flexlora_pl.data.resumable import ResumableTrainingData
-from flexlora_pl.export.load import _looks_local
 from flexlora_pl.runs.seeding import resolve_seed
+from flexlora_pl.sources import require_folder
 
 __all__ = ["COMMONSENSE_SETS", "PROMPT_TEMPLATES", "CommonsenseDataModule", "PromptTemplate"]
 
@@ -156,13 +156,9 @@ class CommonsenseDataModule(ResumableTrainingData):
         if tokenizer_name_or_path is None:
             raise ValueError("tokenizer_name_or_path is required: set model.init_args.model_name_or_path (the "
                              "`flexlora` command links it) or data.init_args.tokenizer_name_or_path")
-        # A hub name is "model" or "owner/model"; a path that reads as local and is missing would otherwise surface
-        # as the hub's "Repo id must be in the form ..." when the tokenizer loads.
-        if _looks_local(tokenizer_name_or_path) and not os.path.isdir(os.path.expanduser(tokenizer_name_or_path)):
-            raise ValueError(f"tokenizer_name_or_path={tokenizer_name_or_path!r} is not an existing folder; give the "
-                             "folder that holds the tokenizer files (the base model's folder: the `flexlora` command "
-                             "takes it from model.init_args.model_name_or_path; relative paths are resolved from "
-                             f"{os.getcwd()!r}) or a hub name such as 'meta-llama/Meta-Llama-3-8B'")
+        require_folder(tokenizer_name_or_path, "tokenizer_name_or_path",
+                       "the tokenizer files: the base model's folder, which the `flexlora` command takes from "
+                       "model.init_args.model_name_or_path,", "meta-llama/Meta-Llama-3-8B")
         if isinstance(test_sets, str):
             test_sets = [test_sets]
         if not test_sets:

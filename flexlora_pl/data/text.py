@@ -37,6 +37,7 @@ from typing_extensions import override
 from flexlora_pl.data.files import DataFileNotFoundError, check_encoding, load_data_files
 from flexlora_pl.data.resumable import ResumableTrainingData
 from flexlora_pl.runs.seeding import resolve_seed
+from flexlora_pl.sources import require_folder
 
 __all__ = [
     "HIDDEN_LABEL",
@@ -206,9 +207,14 @@ class TextClassificationDataModule(ResumableTrainingData):
         """The tokenizer, loaded on first use (a local folder loads offline).
 
         Raises:
-            ValueError: ``max_seq_length`` is longer than the tokenizer's ``model_max_length``.
+            ValueError: ``tokenizer_name_or_path`` reads as a local path and is no folder, or ``max_seq_length`` is
+                longer than the tokenizer's ``model_max_length``.
         """
         if self._tokenizer is None:
+            # checked here, not at construction: the `flexlora` command links the model's folder into this
+            # setting, and the model, built after the data module, names a wrong folder in its own words
+            require_folder(self.tokenizer_name_or_path, "tokenizer_name_or_path", "the tokenizer files (usually the "
+                           "model's folder)", "microsoft/deberta-v3-base")
             tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name_or_path)
             self.check_max_seq_length(
                 tokenizer.model_max_length, f"the model_max_length of the tokenizer {self.tokenizer_name_or_path!r}")

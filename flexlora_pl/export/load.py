@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule
 
+from flexlora_pl.sources import looks_local
+
 
 def load_module_from_checkpoint(
     ckpt_path: str | Path,
@@ -81,7 +83,7 @@ def _base_model_override(hparams: dict, base_model: str | Path | None, path: Pat
     """``{"model_name_or_path": base_model}``, or ``{}``; refuses a recorded base folder that is gone."""
     if base_model is None:
         recorded = hparams.get("model_name_or_path")
-        if isinstance(recorded, str) and _looks_local(recorded) and not os.path.isdir(os.path.expanduser(recorded)):
+        if isinstance(recorded, str) and looks_local(recorded) and not os.path.isdir(os.path.expanduser(recorded)):
             raise FileNotFoundError(
                 f"{path} was trained on the base model in {recorded!r} (hyper-parameter model_name_or_path), which "
                 "does not exist (any more): if the base model moved, give its new location with base_model=PATH "
@@ -107,21 +109,12 @@ def check_base_model(base_model: str | Path) -> None:
     Raises:
         FileNotFoundError: ``base_model`` is a local path with no folder there.
     """
-    local = isinstance(base_model, Path) or _looks_local(base_model)
+    local = isinstance(base_model, Path) or looks_local(base_model)
     if local and not os.path.isdir(os.path.expanduser(base_model)):
         raise FileNotFoundError(
             f"base model {str(base_model)!r} (base_model, CLI: --base-model) is not an existing folder: give the "
             "folder that holds the base model's config.json and weights"
         )
-
-
-def _looks_local(name: str) -> bool:
-    """Whether ``name`` reads as a local path rather than a hub name such as ``owner/model``.
-
-    The same reading as :class:`~flexlora_pl.FlexLoRASequenceClassifier`: absolute, ``.``, ``~``,
-    more than one ``/`` or a backslash make a path.
-    """
-    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or "\\" in name
 
 
 def _read_hparams(path: Path, weights_only: bool) -> dict:

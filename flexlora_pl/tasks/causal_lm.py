@@ -16,7 +16,6 @@ the plain mean over the sets evaluated; the counts are summed over DDP processes
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,6 +30,7 @@ from flexlora_pl.callbacks.generation_writer import GenerationWriter
 from flexlora_pl.data.commonsense import COMMONSENSE_SETS
 from flexlora_pl.methods import AdaptationMethod, build_method
 from flexlora_pl.module import FlexLoRAModule
+from flexlora_pl.sources import require_folder
 from flexlora_pl.tasks.answer_extraction import extract_answer, response_text
 
 __all__ = ["LLAMA_TARGETS", "FlexLoRACausalLM", "SetAccuracy", "generate_continuations"]
@@ -260,11 +260,7 @@ def _enable_checkpointing(backbone: nn.Module) -> None:
 def _load_backbone(name: str, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    looks_local = os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
-    if looks_local and not os.path.isdir(os.path.expanduser(name)):
-        raise ValueError(f"model_name_or_path={name!r} is not an existing folder; give the folder that holds the "
-                         f"model's config.json and weights (relative paths are resolved from {os.getcwd()!r}) or "
-                         "a hub name such as 'meta-llama/Meta-Llama-3-8B'")
+    require_folder(name, "model_name_or_path", "the model's config.json and weights", "meta-llama/Meta-Llama-3-8B")
     try:
         return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
     except OSError as err:

@@ -25,6 +25,7 @@ from typing_extensions import override
 from flexlora_pl.data.glue import GLUE_TASKS
 from flexlora_pl.methods import AdaptationMethod, build_method
 from flexlora_pl.module import FlexLoRAModule
+from flexlora_pl.sources import require_folder
 
 __all__ = ["DEBERTA_TARGETS", "TASK_METRICS", "FlexLoRASequenceClassifier"]
 
@@ -231,13 +232,7 @@ def _load_backbone(name: str | None, num_labels: int, trust_remote_code: bool) -
         from flexlora_pl.data.tweets import default_tokenizer_path
 
         name = default_tokenizer_path()
-    # Hub names are "model" or "owner/model"; anything else that does not exist is a wrong local path, and the
-    # hub's own complaint about it ("Repo id must be in the form ...") would hide that.
-    looks_local = os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or "\\" in name
-    if looks_local and not os.path.isdir(os.path.expanduser(name)):
-        raise ValueError(f"model_name_or_path={name!r} is not an existing folder; give the folder that holds the "
-                         f"model's config.json and weights (relative paths are resolved from {os.getcwd()!r}) or "
-                         "a hub name such as 'microsoft/deberta-v3-base'")
+    require_folder(name, "model_name_or_path", "the model's config.json and weights", "microsoft/deberta-v3-base")
     if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
         raise ValueError(f"model_name_or_path={name!r} is a folder without config.json, so it holds no saved model; "
                          "give the folder written by save_pretrained (config.json next to the weights)")
