@@ -157,8 +157,8 @@ class CommonsenseDataModule(ResumableTrainingData):
             raise ValueError("tokenizer_name_or_path is required: set model.init_args.model_name_or_path (the "
                              "`flexlora` command links it) or data.init_args.tokenizer_name_or_path")
         require_folder(tokenizer_name_or_path, "tokenizer_name_or_path",
-                       "the tokenizer files: the base model's folder, which the `flexlora` command takes from "
-                       "model.init_args.model_name_or_path,", "meta-llama/Meta-Llama-3-8B")
+                       "the tokenizer files, usually the base model's folder, which the `flexlora` command takes "
+                       "from model.init_args.model_name_or_path", "meta-llama/Meta-Llama-3-8B")
         if isinstance(test_sets, str):
             test_sets = [test_sets]
         if not test_sets:
