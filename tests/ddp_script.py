@@ -1,9 +1,11 @@
 """Train a tiny FlexLoRA model with ``devices`` CPU processes (gloo) and dump, per rank, the adapter state
 after every allocation event and at the end. Run by ``tests/test_ddp.py``:
 
-    python ddp_script.py OUT DEVICES BATCH [DROPOUT [RESUME_CKPT]]
+    python ddp_script.py OUT DEVICES BATCH [DROPOUT [RESUME_CKPT]] [--diverge-at STEP]
 
-With a dropout, a checkpoint is written at the end of every epoch into ``OUT/ckpt``."""
+With a dropout, a checkpoint is written at the end of every epoch into ``OUT/ckpt``. ``--diverge-at STEP``
+makes rank 1 score its modules in reverse order at the event of step ``STEP`` (a forced divergence of the
+replicas' decisions, which the run must refuse)."""
 
 from __future__ import annotations
 
@@ -37,6 +39,20 @@ class Data(L.LightningDataModule):
                           generator=torch.Generator().manual_seed(0))
 
 
+class DivergingModule(FlexLoRAModule):
+    """Rank 1 reverses its importance scores at one event: the processes then decide differently."""
+
+    def __init__(self, *args, diverge_at: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.diverge_at = diverge_at
+
+    def importance_scores(self, metric):
+        scores = super().importance_scores(metric)
+        if self.trainer.global_rank == 1 and self.trainer.global_step == self.diverge_at:
+            return scores.flip(0)
+        return scores
+
+
 class PerRankSeed(L.Callback):
     """Give each process its own RNG stream (seed_everything gives all ranks the same one)."""
 
@@ -64,12 +80,17 @@ class Snapshots(L.Callback):
                    self.out / f"rank{trainer.global_rank}.pt")
 
 
-def main(out: Path, devices: int, batch_size: int, dropout: float = 0.0, resume: str | None = None) -> None:
+def main(out: Path, devices: int, batch_size: int, dropout: float = 0.0, resume: str | None = None,
+         diverge_at: int | None = None) -> None:
     L.seed_everything(0)
     torch.manual_seed(0)
     backbone = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
-    module = FlexLoRAModule(backbone, ["0", "2"], init_rank=3, max_rank=6, alpha=6.0, modules_to_save=["4"],
-                            dropout=dropout, optimizer=functools.partial(torch.optim.AdamW, lr=5e-2))
+    kwargs = dict(init_rank=3, max_rank=6, alpha=6.0, modules_to_save=["4"], dropout=dropout,
+                  optimizer=functools.partial(torch.optim.AdamW, lr=5e-2))
+    if diverge_at is None:
+        module = FlexLoRAModule(backbone, ["0", "2"], **kwargs)
+    else:
+        module = DivergingModule(backbone, ["0", "2"], diverge_at=diverge_at, **kwargs)
     realloc = RankReallocation(b0=1, t_warmup=2, t_final=2, delta_t=2, b_schedule="constant")
     callbacks = [realloc, Snapshots(realloc, out)]
     if dropout:
@@ -85,5 +106,10 @@ def main(out: Path, devices: int, batch_size: int, dropout: float = 0.0, resume:
 
 if __name__ == "__main__":
     args = sys.argv[1:]
+    diverge = None
+    if "--diverge-at" in args:
+        at = args.index("--diverge-at")
+        diverge = int(args[at + 1])
+        del args[at:at + 2]
     main(Path(args[0]), int(args[1]), int(args[2]), float(args[3]) if len(args) > 3 else 0.0,
-         args[4] if len(args) > 4 else None)
+         args[4] if len(args) > 4 else None, diverge_at=diverge)

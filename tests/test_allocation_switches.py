@@ -5,6 +5,7 @@ allocation summary in ``metrics.json``; and the refusal of sharding strategies."
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 
 import lightning as L
@@ -95,7 +96,8 @@ def _flip_flop_module():
 
 @pytest.mark.parametrize("cooldown", [0, 1])
 def test_flip_flops_are_counted_and_a_cooldown_prevents_them(tmp_path, cooldown):
-    realloc, _ = _fit_with(tmp_path, module=_flip_flop_module(), expand_cooldown=cooldown)
+    # a one-event window: what the cool-down prevents (delayed loops: test_a_loop_that_the_cooldown_only_delays...)
+    realloc, _ = _fit_with(tmp_path, module=_flip_flop_module(), expand_cooldown=cooldown, flip_flop_window=1)
     assert len(realloc.history) >= 4
     if cooldown == 0:  # module 0 gains a zero direction, then loses exactly that one at the next event
         for previous, event in zip(realloc.history[0::2], realloc.history[1::2], strict=False):
@@ -103,10 +105,72 @@ def test_flip_flops_are_counted_and_a_cooldown_prevents_them(tmp_path, cooldown)
             assert event["flip_flops"] == 1
         assert realloc.flip_flop_count == sum(event["flip_flops"] for event in realloc.history) >= 3
     else:
-        assert realloc.flip_flop_count == 0
-        # no module prunes at the event right after it grew
+        assert realloc.flip_flop_count == 0  # no module prunes at the event right after it grew
         for previous, event in zip(realloc.history, realloc.history[1:], strict=False):
             assert not set(previous["expanded"]) & set(event["pruned"])
+
+
+class _EveryThird:
+    """Module 0 is the most important at every third event (0, 3, 6, ...) and the least important otherwise."""
+
+    def __init__(self, module):
+        self.module, self.calls = module, 0
+
+    def __call__(self, metric):
+        scores = torch.tensor([0.5, 0.6, 0.7])
+        scores[0] = 1.0 if self.calls % 3 == 0 else 0.0
+        self.calls += 1
+        return scores
+
+
+@pytest.mark.parametrize(("window", "counted"), [(None, True), (1, False), (2, True)])
+def test_a_loop_that_the_cooldown_only_delays_is_still_counted(tmp_path, window, counted):
+    # expand_cooldown 1: module 0 gains a zero direction at event e, is shielded at e + 1, and loses exactly that
+    # direction at e + 2 (rank 3 → 4 → 4 → 3). The default window (cool-down + 1 = 2 events) counts it; a window of
+    # one event, the old counter, reports 0 while the loop goes on.
+    module = _flip_flop_module()
+    module.importance_scores = _EveryThird(module)
+    realloc, _ = _fit_with(tmp_path, module=module, expand_cooldown=1, flip_flop_window=window)
+    assert realloc.flip_flop_window == (window or 2)
+    history = realloc.history
+    # the loops in this run: a direction of module 0 added at event i, shielded at i + 1, pruned at i + 2
+    loops = [i for i in range(len(history) - 2)
+             if "backbone.0" in history[i]["expanded"] and "backbone.0" not in history[i + 1]["pruned"]
+             and ("backbone.0", history[i]["expanded_slots"][history[i]["expanded"].index("backbone.0")])
+             in set(zip(history[i + 2]["pruned"], history[i + 2]["pruned_slots"], strict=True))]
+    assert loops, "the scores were built to make module 0 loop; no loop happened"
+    assert not any(set(a["expanded"]) & set(b["pruned"]) for a, b in itertools.pairwise(history))
+    assert realloc.flip_flop_count == (len(loops) if counted else 0)
+
+
+def test_flip_flop_window_is_checked():
+    with pytest.raises(ValueError, match="flip_flop_window must be an integer >= 1, got 0"):
+        RankReallocation(flip_flop_window=0)
+
+
+class _LowestFirst:
+    """Module 0 always scores 0: it is pruned at every event until it reaches r_min = 1."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, metric):
+        return torch.tensor([0.0, 0.6, 0.7])
+
+
+def test_a_module_pruned_to_rank_one_and_never_expanded_is_a_dead_end(tmp_path):
+    module = _module()
+    module.importance_scores = _LowestFirst(module)
+    realloc, module = _fit_with(tmp_path, module=module, callbacks=[RunRecord()],
+                                logger=TensorBoardLogger(tmp_path, name="run", version=0))
+    assert dict(module.flexlora_layers())["backbone.0"].rank == 1
+    assert realloc.dead_ends == ["backbone.0"]
+    summary = json.loads((tmp_path / "run" / "version_0" / "metrics.json").read_text())["fit"]["allocation"]
+    assert summary["dead_ends"] == 1 and summary["dead_end_modules"] == ["backbone.0"]
+    # a later expansion revives it: it is no longer counted
+    realloc.history.append({"step": 99, "ranks": [2, 3, 3], "pruned": [], "expanded": ["backbone.0"],
+                            "pruned_slots": [], "expanded_slots": [1]})
+    assert realloc.dead_ends == []
 
 
 def test_spectra_and_the_allocation_summary_are_written_into_the_run_folder(tmp_path):
@@ -122,6 +186,7 @@ def test_spectra_and_the_allocation_summary_are_written_into_the_run_folder(tmp_
     summary = json.loads((folder / "metrics.json").read_text())["fit"]["allocation"]
     assert summary["events"] == len(realloc.history)
     assert summary["flip_flops"] == realloc.flip_flop_count
+    assert summary["flip_flop_window"] == 1 and summary["dead_ends"] == len(realloc.dead_ends)
     assert summary["final_total_rank"] == sum(layer.rank for _, layer in module.flexlora_layers())
     assert summary["new_direction_update_ratio"] > 0
 

@@ -39,6 +39,7 @@ from flexlora_pl.core.inject import flexlora_layers
 from flexlora_pl.core.layer import FlexLoRALinear
 from flexlora_pl.core.schedule import BUDGET_FORMULAS, BUDGET_SCHEDULES, budget_at, event_steps, is_event_step
 from flexlora_pl.module import refuse_sharded_strategy
+from flexlora_pl.runs.consensus import check_same_decision
 from flexlora_pl.runs.seeding import resolve_seed
 
 __all__ = ["SPECTRA_FILENAME", "RankReallocation", "sensitivity_tracker"]
@@ -66,15 +67,22 @@ class RankReallocation(Callback):
 
     Every event also records, per module, the active λ it was scored on (the run folder's
     ``lambda_spectra.json``, :data:`SPECTRA_FILENAME`), the directions it pruned and added by slot, and
-    how many of its prunes removed a direction the previous event had added (a *flip-flop*: eq. 3
-    divides by ``log r``, so a module's score drops when it gains a zero direction); the cumulative
-    count is logged as ``flexlora/flip_flops``. At the optimizer step after an event, the size of the
-    new directions' first λ update relative to the same step's update of the module's other active λ
-    entries is logged as ``flexlora/new_direction_update_ratio`` (≈ 3.2 for zeroed Adam moments and a
-    steady gradient; see ``new_direction_moments``).
+    how many of its prunes removed a direction that one of the last ``flip_flop_window`` events had added
+    (a *flip-flop*: eq. 3 divides by ``log r``, so a module's score drops when it gains a zero direction);
+    the cumulative count is logged as ``flexlora/flip_flops``. Modules that the events pruned down to
+    rank 1 and that no later event expanded are *dead ends* (:attr:`dead_ends`): a single direction has
+    entropy 0, so under the entropy metrics such a module scores lowest and is never chosen to grow again.
+    At the optimizer step after an event, the size of the new directions' first λ update relative to the
+    same step's update of the module's other active λ entries is logged as
+    ``flexlora/new_direction_update_ratio`` (≈ 3.2 for zeroed Adam moments and a steady gradient; see
+    ``new_direction_moments``).
 
     Everything is checked when fitting starts (``on_fit_start``, after the LightningModule's own
     ``setup``, so the number of optimizer steps can depend on data built there), before the first step.
+
+    Under DDP every process decides on its own replica; at each event the decisions are compared with one
+    small collective (a checksum), and a run whose processes disagree stops with an error naming the event
+    (:mod:`flexlora_pl.runs.consensus`) instead of letting DDP's buffer broadcast hide the divergence.
 
     ``budget_formula``, ``rank_cap``, ``prune_by``, ``new_direction_std`` and ``rebuild_optimizer`` reproduce
     behaviours of the authors' reference code, so that what each costs can be measured
@@ -129,6 +137,9 @@ class RankReallocation(Callback):
             :func:`~flexlora_pl.core.allocation.warm_second_moments`).
         expand_cooldown: events after gaining a direction during which a module may not prune (0: the
             paper). 1 stops a module from losing at the next event the zero direction it just gained.
+        flip_flop_window: a prune counts as a flip-flop when the same direction (module and slot) was added
+            at one of the last ``flip_flop_window`` events. ``None`` (default): ``expand_cooldown + 1``, so a
+            loop that the cool-down only delays (2 → 3 → 3 → 2) is still counted.
     """
 
     def __init__(
@@ -153,6 +164,7 @@ class RankReallocation(Callback):
         rebuild_optimizer: bool = False,
         new_direction_moments: str = "zero",
         expand_cooldown: int = 0,
+        flip_flop_window: int | None = None,
     ) -> None:
         super().__init__()
         _require_int("b0", b0, minimum=0)
@@ -165,6 +177,8 @@ class RankReallocation(Callback):
             _require_int("seed", seed, minimum=0)
         if total_steps is not None:
             _require_int("total_steps", total_steps, minimum=1)
+        if flip_flop_window is not None:
+            _require_int("flip_flop_window", flip_flop_window, minimum=1)
         for name, value, allowed in (
             ("importance", importance, METRIC_NAMES),
             ("mode", mode, ALLOCATION_MODES),
@@ -188,6 +202,7 @@ class RankReallocation(Callback):
         self.budget_formula, self.rank_cap, self.prune_by = budget_formula, rank_cap, prune_by
         self.new_direction_std, self.rebuild_optimizer = new_direction_std, rebuild_optimizer
         self.new_direction_moments, self.expand_cooldown = new_direction_moments, expand_cooldown
+        self.flip_flop_window = expand_cooldown + 1 if flip_flop_window is None else flip_flop_window
         self.sensitivity = SensitivityTracker() if importance == "sensitivity" else None
         self.history: list[dict[str, Any]] = []
         # per event: {"step", "spectra": {module: active λ as scored}}; saved with the history
@@ -389,6 +404,8 @@ class RankReallocation(Callback):
             scores, ranks, self.r_min, [layer.max_rank for layer in self._layers], budget, self.mode,
             rank_cap=self.rank_cap, protected=self._cooling_down(),
         )
+        # every process must take the same decision before any replica changes (one collective under DDP)
+        check_same_decision(trainer.strategy, step, budget, decision.prune, decision.expand, device=pl_module.device)
         pruned_slots, expanded_slots = [], []
         for i in decision.prune:
             index = prune_direction(self._layers[i], trainer.optimizers, by=self.prune_by)
@@ -434,17 +451,33 @@ class RankReallocation(Callback):
         return {i for i, name in enumerate(self.layer_names) if name in names}
 
     def _flip_flops(self, record: dict[str, Any]) -> int:
-        """How many of this event's prunes remove a direction (module and slot) the previous event added."""
-        if not self.history:
-            return 0
-        previous = self.history[-1]
-        added = set(zip(previous["expanded"], previous.get("expanded_slots", []), strict=False))
+        """How many of this event's prunes remove a direction (module and slot) added at one of the last
+        :attr:`flip_flop_window` events (a slot pruned now is active, so its latest addition is the one that counts)."""
+        added = {(name, slot)
+                 for event in self.history[-self.flip_flop_window:]
+                 for name, slot in zip(event["expanded"], event.get("expanded_slots", []), strict=False)}
         return sum((name, slot) in added for name, slot in zip(record["pruned"], record["pruned_slots"], strict=True))
 
     @property
     def flip_flop_count(self) -> int:
-        """Directions pruned at the event right after the one that added them, over the whole run."""
+        """Directions pruned within :attr:`flip_flop_window` events of being added, over the whole run."""
         return sum(event.get("flip_flops", 0) for event in self.history)
+
+    @property
+    def dead_ends(self) -> list[str]:
+        """Modules that an event pruned to rank 1 and that no later event expanded, in :attr:`layer_names` order.
+
+        Spectral entropy (eq. 3) of a single direction is 0, the lowest score there is, so while any other
+        module scores above 0 such a module is never among the b(t) most important and stays at rank 1.
+        """
+        dead: set[str] = set()
+        index = {name: i for i, name in enumerate(self.layer_names)}
+        for event in self.history:
+            for name in event["pruned"]:
+                if name in index and event["ranks"][index[name]] == 1:
+                    dead.add(name)
+            dead.difference_update(event["expanded"])
+        return [name for name in self.layer_names if name in dead]
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -16,7 +16,8 @@ Layout (keys that do not apply are absent)::
              "final": {"step", <metric>: value, ...},
              "best": {"monitor", "mode", "value", "step", "checkpoint", "metrics": {...}},
              "history": [{"step", <metric>: value, ...}, ...],
-             "allocation": {"events", "moved", "flip_flops", "new_direction_update_ratio", "final_total_rank"}},
+             "allocation": {"events", "moved", "flip_flops", "flip_flop_window", "dead_ends", "dead_end_modules",
+                            "new_direction_update_ratio", "final_total_rank"}},
      "validate": {"status", "ckpt_path", "metrics", "wall_time_s", "peak_memory_mb"},
      "test": {...same as validate...}}
 """
@@ -199,7 +200,7 @@ class RunRecord(Callback):
 
 
 def _allocation_summary(trainer: Trainer) -> dict[str, Any] | None:
-    """What FlexLoRA's allocation events did: their number, flip-flops and new directions' first updates."""
+    """What FlexLoRA's allocation events did: their number, flip-flops, dead ends, new directions' first updates."""
     from flexlora_pl.callbacks.rank_reallocation import RankReallocation
 
     realloc = next((cb for cb in trainer.callbacks if isinstance(cb, RankReallocation)), None)
@@ -210,6 +211,9 @@ def _allocation_summary(trainer: Trainer) -> dict[str, Any] | None:
         "events": len(realloc.history),
         "moved": sum(len(event["pruned"]) + len(event["expanded"]) for event in realloc.history),
         "flip_flops": realloc.flip_flop_count,
+        "flip_flop_window": realloc.flip_flop_window,
+        "dead_ends": len(realloc.dead_ends),
+        "dead_end_modules": realloc.dead_ends,
         "new_direction_update_ratio": sum(ratios) / len(ratios) if ratios else None,
         "final_total_rank": sum(realloc.history[-1]["ranks"]),
     }
