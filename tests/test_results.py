@@ -19,20 +19,27 @@ from flexlora_pl.experiments.results import MixedMetricsError, collect, load_run
 
 def write_run(root: Path, task: str, method: str, seed: int, *, status: str = "finished", best: float | None = None,
               best_metrics: tuple[str, ...] = ("val/accuracy", "val/score"), test: dict | None = None,
-              sweep: str = "s") -> Path:
-    """A run folder with a fabricated metrics.json, laid out as flexlora-sweep writes it."""
+              sweep: str = "s", monitor: str = "val/score", mode: str = "max", test_status: str = "finished",
+              data_class: str | None = None, module: str | None = None) -> Path:
+    """A run folder with a fabricated metrics.json, laid out as flexlora-sweep writes it.
+
+    ``data_class`` also writes the ``config.yaml`` the ``flexlora`` command saves, with that data class path;
+    ``module`` is the task class ``RunRecord`` notes in ``run.module``.
+    """
     folder = root / sweep / task / method / f"seed{seed}"
     folder.mkdir(parents=True)
     fit = {"status": status, "global_step": 10, "wall_time_s": 2.0 + seed, "peak_memory_mb": 100.0,
            "peak_memory_kind": "process_peak_rss"}
     if best is not None:
-        fit["best"] = {"monitor": "val/score", "mode": "max", "value": best, "step": 10,
+        fit["best"] = {"monitor": monitor, "mode": mode, "value": best, "step": 10,
                        "metrics": {"step": 10, **dict.fromkeys(best_metrics, best)}}
-    record = {"run": {"seed": seed, "method": method}, "fit": fit,
+    record = {"run": {"seed": seed, "method": method, **({"module": module} if module else {})}, "fit": fit,
               "parameters": {"trainable": 1000, "active": 500, "allocated": 800}}
     if test is not None:
-        record["test"] = {"status": "finished", "metrics": test}
+        record["test"] = {"status": test_status, "metrics": test}
     (folder / "metrics.json").write_text(json.dumps(record))
+    if data_class is not None:
+        (folder / "config.yaml").write_text(f"data:\n  class_path: {data_class}\n  init_args: {{}}\n")
     return folder
 
 
@@ -90,7 +97,7 @@ def test_vtab_takes_the_test_accuracy_and_adds_group_means(tmp_path):
     table = results_tables(load_runs(tmp_path))[0]
     assert "vtab" in table.title
     assert cells(table)["flexlora"]["cifar"] == "50.5 ± 0.7 (2)"
-    assert cells(table)["lora"]["dtd"] == "– (0/2, 1 no metric, 1 missing)"
+    assert cells(table)["lora"]["dtd"] == "– (0/2, 1 no test yet, 1 missing)"
     derived = table.derived_values["flexlora"]
     assert table.derived == ["Natural", "Specialized", "Structured", "Mean of groups", "Avg."]
     assert (derived["Natural"], derived["Specialized"], derived["Structured"]) == ("60.5", "90.5", "30.5")
@@ -108,6 +115,50 @@ def test_commonsense_gets_one_column_per_set_and_rows_per_budget_and_method(tmp_
     assert list(table.rows) == ["llama3_8b_r8 flexlora", "llama3_8b_r32 flexlora"]
     assert cells(table)["llama3_8b_r8 flexlora"]["ARC-Challenge"] == "56.0 (1)"
     assert cells(table)["llama3_8b_r8 flexlora"]["mean"] == "53.5 (1)"
+
+
+COMMONSENSE_FIT = {"best_metrics": ("val/loss",), "monitor": "val/loss", "mode": "min"}
+"""What the commonsense configs' RunRecord writes: the best checkpoint is the lowest validation loss."""
+
+
+@pytest.mark.parametrize("known_by", ["config.yaml", "run.module", "a tested sibling"])
+def test_commonsense_runs_without_a_finished_test_show_no_test_yet_not_their_validation_loss(tmp_path, capsys,
+                                                                                            known_by):
+    # the review's case: fits finished (fit.best = the lowest val/loss), the test stage still running or failed;
+    # the task is known from its config, from the task class in metrics.json, or from another run's test
+    known = {"config.yaml": {"data_class": "flexlora_pl.data.CommonsenseDataModule"},
+             "run.module": {"module": "flexlora_pl.tasks.causal_lm.FlexLoRACausalLM"},
+             "a tested sibling": {}}[known_by]
+    write_run(tmp_path, "llama3_8b_r8", "lora", 0, best=0.412, **COMMONSENSE_FIT, **known)  # test running
+    write_run(tmp_path, "llama3_8b_r8", "flexlora", 0, best=0.398, test={"test/boolq/accuracy": 0.7},
+              test_status="failed", **COMMONSENSE_FIT, **known)
+    if known_by == "a tested sibling":
+        tested = {f"test/{name}/accuracy": 0.6 for name in COMMONSENSE_SETS} | {"test/accuracy": 0.6}
+        write_run(tmp_path, "llama3_8b_r8", "adalora", 0, best=0.405, test=tested, **COMMONSENSE_FIT)
+    assert results_main([str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "41.2" not in printed and "39.8" not in printed and "70.0" not in printed, printed
+    assert "rule: commonsense" in printed and "rule: best validation" not in printed, printed
+    waiting = " | ".join(["– (0/1, 1 no test yet)"] * (len(COMMONSENSE_SETS) + 1))
+    assert f"| llama3_8b_r8 lora | {waiting} |" in printed, printed
+    assert f"| llama3_8b_r8 flexlora | {waiting} |" in printed, printed
+    assert "- no test yet: 2 run(s)" in printed, printed
+    if known_by == "a tested sibling":
+        assert "| llama3_8b_r8 adalora | 60.0 (1) |" in printed, printed
+
+
+def test_the_best_validation_rule_refuses_a_best_checkpoint_not_ranked_by_val_score(tmp_path, capsys):
+    for seed in (0, 1):
+        write_run(tmp_path, "tweets", "lora", seed, best=0.41 + seed / 100, **COMMONSENSE_FIT)  # lowest val/loss
+        write_run(tmp_path, "tweets", "flexlora", seed, best=0.8, mode="min")  # val/score, but its minimum
+        write_run(tmp_path, "tweets", "static", seed, best=0.7 + seed / 100)
+    assert results_main([str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "| lora | – (0/2, 2 other monitor) | – |" in printed, printed
+    assert "| flexlora | – (0/2, 2 other monitor) | – |" in printed, printed
+    assert "| static | 70.5 ± 0.7 (2) | 70.5 |" in printed, printed
+    assert "- other monitor: 4 run(s)" in printed and "val/loss (min): s/tweets/lora/seed0" in printed, printed
+    assert "val/score (min): s/tweets/flexlora/seed0" in printed, printed
 
 
 def test_the_paper_tables_recompute_their_averages_and_flag_what_does_not_add_up():

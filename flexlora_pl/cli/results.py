@@ -5,6 +5,8 @@
     flexlora-results runs/table1_glue --paper table1       # the paper's cells under each measured row
 
 See :mod:`flexlora_pl.experiments.results` (and docs/experiments.md) for the selection rule per benchmark.
+A run that gives no score is counted in its cell by the reason (failed, unfinished, no test yet, other
+monitor, no metric, missing), never shown as a number its rule does not report.
 Exit status: 0, or 2 for a bad folder or runs of one task that report different metrics.
 """
 

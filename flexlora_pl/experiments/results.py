@@ -4,13 +4,19 @@ Runs are found by their ``metrics.json`` under a folder laid out as ``<sweep>/<t
 (what ``flexlora-sweep`` writes). Each task's score is taken by the first selection rule that applies
 (:data:`SELECTION_RULES`):
 
-* ``commonsense``: the test section holds ``test/<set>/accuracy`` for the 8 commonsense sets → one
-  column per set and their mean (``test/accuracy``), rows = task × method (the paper's Table 2);
+* ``commonsense``: a run of the task is a commonsense run (its ``config.yaml`` names the
+  ``CommonsenseDataModule`` or the ``FlexLoRACausalLM`` task, its ``metrics.json`` names that task class in
+  ``run.module``, or its test section holds ``test/<set>/accuracy`` for a commonsense set) → one column per
+  set and their mean (``test/accuracy``), rows = task × method (the paper's Table 2);
 * ``vtab``: the task's name is a VTAB-1k task → ``test/accuracy`` of the test stage (run on the last
   checkpoint by the shipped sweeps: last-epoch top-1), plus group means and the mean of group means;
-* ``best validation`` (GLUE and any other task): ``fit.best.value``, the best validation ``val/score``
-  of the run, i.e. the dev score of its best checkpoint, as the paper reports GLUE.
+* ``best validation`` (GLUE and any other task): ``fit.best.value`` when the run's best checkpoint is
+  ranked by ``val/score`` with mode ``max``, i.e. the dev score of its best checkpoint, as the paper
+  reports GLUE (the maximum over evaluations of the set it reports, so optimistic).
 
+The task is recognised before any run is read, so a rule never reads a value whose meaning differs from its
+caption: a commonsense run whose test stage has not finished is ``no test yet``, never its validation loss,
+and a ``fit.best`` ranked by another monitor or mode (``val/loss``, ``min``) is ``other monitor``, not a score.
 A run that did not finish, failed, or lacks the metric its task's rule reads is counted in its cell,
 never dropped; runs of one task whose metrics differ (other metric names) are an error naming them.
 """
@@ -26,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from flexlora_pl.callbacks.run_record import METRICS_FILENAME
 from flexlora_pl.data.commonsense import COMMONSENSE_SETS
 from flexlora_pl.data.vtab import VTAB_ALIASES, VTAB_GROUPS, VTAB_TASKS
@@ -37,6 +45,17 @@ __all__ = ["SELECTION_RULES", "MixedMetricsError", "RunResult", "Table", "collec
 
 _SEED = re.compile(r"^seed(\d+)$")
 OK, FAILED, UNFINISHED, NO_METRIC, MISSING = "ok", "failed", "unfinished", "no metric", "missing"
+NO_TEST, OTHER_MONITOR = "no test yet", "other monitor"
+STATUSES = (FAILED, UNFINISHED, NO_TEST, OTHER_MONITOR, NO_METRIC, MISSING)
+"""The reasons a run gives no value, in the order a cell lists them."""
+
+SCORE_MONITOR, SCORE_MODE = "val/score", "max"
+"""The only ``fit.best`` the ``best validation`` rule reports: ranked by the task's headline score, higher better."""
+
+COMMONSENSE_CLASSES = ("CommonsenseDataModule", "FlexLoRACausalLM")
+"""Class names (data module, task) that make a run a commonsense run, scored on its test stage."""
+
+_CONFIG_FILES = ("config.yaml", "config.fit-resume.yaml", "config.test.yaml")  # what the flexlora command saves
 
 
 class MixedMetricsError(ValueError):
@@ -54,8 +73,9 @@ class RunResult:
         seed: the seed (from ``seed<k>``, else from ``metrics.json``).
         folder: the run folder.
         record: the parsed ``metrics.json`` (empty when there is none).
-        status: ``ok``, ``failed``, ``unfinished`` or ``no metric`` (set once a rule has read the run).
+        status: ``ok`` or one of :data:`STATUSES` (set once a rule has read the run).
         values: column → score, for ``ok`` runs.
+        classes: ``data`` / ``model`` → the class path the run's saved config names (empty without one).
     """
 
     sweep: str
@@ -66,10 +86,16 @@ class RunResult:
     record: dict[str, Any]
     status: str = OK
     values: dict[str, float] = field(default_factory=dict)
+    classes: dict[str, str] = field(default_factory=dict)
 
     @property
     def fit_status(self) -> str | None:
         return (self.record.get("fit") or {}).get("status")
+
+    @property
+    def label(self) -> str:
+        """``<sweep>/<task>/<method>/<seed folder>``: the run as the notes under a table name it."""
+        return f"{self.sweep}/{self.task}/{self.method}/{self.folder.name}"
 
 
 @dataclass(frozen=True)
@@ -79,33 +105,50 @@ class SelectionRule:
     Args:
         name: the rule's name, shown in the table's caption.
         description: what it reads, in words.
-        applies: ``(task name, the task's records) -> bool``.
-        read: ``record -> (column → value, the metric names it is based on)``, or ``None`` when the
-            record lacks what the rule reads.
+        applies: ``(task name, the task's runs) -> bool``, from what the runs are (their config, task
+            class, metric names), before any of them is read.
+        read: ``record -> (column → value, the metric names it is based on)`` of a finished fit, or the
+            status the run gets instead of a value (``no metric``, ``no test yet``, ``other monitor``).
         per_set: ``True`` when a run gives several columns (rows are then task × method).
     """
 
     name: str
     description: str
-    applies: Callable[[str, list[dict[str, Any]]], bool]
-    read: Callable[[dict[str, Any]], tuple[dict[str, float], tuple[str, ...]] | None]
+    applies: Callable[[str, list[RunResult]], bool]
+    read: Callable[[dict[str, Any]], tuple[dict[str, float], tuple[str, ...]] | str]
     per_set: bool = False
 
 
-def _test_metrics(record: dict[str, Any]) -> dict[str, float]:
+def _test_metrics(record: dict[str, Any]) -> dict[str, float] | str:
+    """The metrics of a finished test stage, or ``no test yet`` (no test section, or one not finished)."""
     test = record.get("test") or {}
-    return test.get("metrics") or {} if test.get("status") == "finished" else {}
+    return test.get("metrics") or {} if test.get("status") == "finished" else NO_TEST
 
 
-def _is_commonsense(task: str, records: list[dict[str, Any]]) -> bool:
-    return any(f"test/{name}/accuracy" in _test_metrics(r) for r in records for name in COMMONSENSE_SETS)
+def _class_name(path: str | None) -> str:
+    return (path or "").rsplit(".", 1)[-1]
 
 
-def _read_commonsense(record: dict[str, Any]) -> tuple[dict[str, float], tuple[str, ...]] | None:
+def _is_commonsense_run(run: RunResult) -> bool:
+    """From the run's config, the task class ``RunRecord`` noted, or the names of any test metrics it has."""
+    module = (run.record.get("run") or {}).get("module")
+    if any(_class_name(path) in COMMONSENSE_CLASSES for path in (*run.classes.values(), module)):
+        return True
+    metrics = (run.record.get("test") or {}).get("metrics") or {}
+    return any(f"test/{name}/accuracy" in metrics for name in COMMONSENSE_SETS)
+
+
+def _is_commonsense(task: str, runs: list[RunResult]) -> bool:
+    return any(_is_commonsense_run(run) for run in runs)
+
+
+def _read_commonsense(record: dict[str, Any]) -> tuple[dict[str, float], tuple[str, ...]] | str:
     metrics = _test_metrics(record)
+    if isinstance(metrics, str):
+        return metrics
     values = {name: metrics[f"test/{name}/accuracy"] for name in COMMONSENSE_SETS if f"test/{name}/accuracy" in metrics}
     if not values:
-        return None
+        return NO_METRIC
     values["mean"] = metrics.get("test/accuracy", sum(values.values()) / len(values))
     return values, tuple(sorted(k for k in metrics if k.endswith("/accuracy")))
 
@@ -117,17 +160,21 @@ def vtab_name(task: str) -> str | None:
     return key if key in VTAB_TASKS else None
 
 
-def _read_test_accuracy(record: dict[str, Any]) -> tuple[dict[str, float], tuple[str, ...]] | None:
+def _read_test_accuracy(record: dict[str, Any]) -> tuple[dict[str, float], tuple[str, ...]] | str:
     metrics = _test_metrics(record)
+    if isinstance(metrics, str):
+        return metrics
     if "test/accuracy" not in metrics:
-        return None
+        return NO_METRIC
     return {"value": metrics["test/accuracy"]}, tuple(sorted(metrics))
 
 
-def _read_best_validation(record: dict[str, Any]) -> tuple[dict[str, float], tuple[str, ...]] | None:
+def _read_best_validation(record: dict[str, Any]) -> tuple[dict[str, float], tuple[str, ...]] | str:
     best = (record.get("fit") or {}).get("best") or {}
     if best.get("value") is None:
-        return None
+        return NO_METRIC
+    if best.get("monitor") != SCORE_MONITOR or best.get("mode") != SCORE_MODE:
+        return OTHER_MONITOR  # e.g. the lowest val/loss: not a score, and lower is better
     names = tuple(sorted(k for k in (best.get("metrics") or {}) if k != "step"))
     return {"value": best["value"]}, (f"monitor={best.get('monitor')}", *names)
 
@@ -136,9 +183,9 @@ SELECTION_RULES: tuple[SelectionRule, ...] = (
     SelectionRule("commonsense", "test accuracy per commonsense set (test/<set>/accuracy) and their mean",
                   _is_commonsense, _read_commonsense, per_set=True),
     SelectionRule("vtab", "test top-1 of the test stage (test/accuracy; last checkpoint in the shipped sweeps)",
-                  lambda task, records: vtab_name(task) is not None, _read_test_accuracy),
+                  lambda task, runs: vtab_name(task) is not None, _read_test_accuracy),
     SelectionRule("best validation", "best validation score of the run (fit.best.value, val/score): the dev score "
-                  "of its best checkpoint", lambda task, records: True, _read_best_validation),
+                  "of its best checkpoint", lambda task, runs: True, _read_best_validation),
 )
 """The rules in order of precedence; the first that applies to a task scores all its runs."""
 
@@ -169,8 +216,21 @@ def load_runs(root: str | Path) -> list[RunResult]:
         match = _SEED.match(parts[-1])
         seed = int(match.group(1)) if match else (record.get("run") or {}).get("seed")
         sweep = "/".join(parts[:-3]) or root.resolve().name
-        runs.append(RunResult(sweep, parts[-3], parts[-2], seed, folder, record))
+        runs.append(RunResult(sweep, parts[-3], parts[-2], seed, folder, record, classes=_config_classes(folder)))
     return runs
+
+
+def _config_classes(folder: Path) -> dict[str, str]:
+    """``data`` / ``model`` → class path, from the first config the ``flexlora`` command saved in the run folder."""
+    for name in _CONFIG_FILES:
+        try:
+            config = yaml.safe_load((folder / name).read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(config, dict):
+            return {key: value["class_path"] for key in ("data", "model")
+                    if isinstance(value := config.get(key), dict) and isinstance(value.get("class_path"), str)}
+    return {}
 
 
 def score_runs(runs: list[RunResult]) -> dict[tuple[str, str], SelectionRule]:
@@ -184,8 +244,8 @@ def score_runs(runs: list[RunResult]) -> dict[tuple[str, str], SelectionRule]:
         by_task.setdefault((run.sweep, run.task), []).append(run)
     rules = {}
     for (sweep, task), members in by_task.items():
-        finished = [r.record for r in members if r.fit_status == "finished" and r.status != MISSING]
-        rule = next(rule for rule in SELECTION_RULES if rule.applies(task, finished))
+        present = [r for r in members if r.status != MISSING]
+        rule = next(rule for rule in SELECTION_RULES if rule.applies(task, present))
         rules[(sweep, task)] = rule
         kinds: dict[tuple[str, ...], list[RunResult]] = {}
         for run in members:
@@ -195,8 +255,8 @@ def score_runs(runs: list[RunResult]) -> dict[tuple[str, str], SelectionRule]:
                 run.status = FAILED if run.fit_status == "failed" else UNFINISHED
                 continue
             read = rule.read(run.record)
-            if read is None:
-                run.status = NO_METRIC
+            if isinstance(read, str):
+                run.status = read
                 continue
             run.values, names = read
             kinds.setdefault(names, []).append(run)
@@ -323,14 +383,39 @@ def results_tables(runs: list[RunResult], scale: float = 100.0, digits: int = 1)
             table = Table(f"{sweep}: mean ± std over seeds (n); rule: "
                           + ", ".join(f"{name} ({_rule(name).description})" for name in used), single, rows)
             _add_averages(table, scale, digits, vtab=all(vtab_name(t) for t in single))
+            table.notes += _status_notes([r for r in members if r.task in single])
             tables.append(table)
         if per_set:
             columns = [*COMMONSENSE_SETS, "mean"]
             rows = {f"{t} {m}": {c: _cell([r for r in members if r.task == t and r.method == m], c, len(seeds))
                                  for c in columns} for t in per_set for m in methods}
             tables.append(Table(f"{sweep}: mean ± std over seeds (n); rule: commonsense ("
-                                f"{_rule('commonsense').description})", columns, rows))
+                                f"{_rule('commonsense').description})", columns, rows,
+                                notes=_status_notes([r for r in members if r.task in per_set])))
     return tables
+
+
+def _status_notes(runs: list[RunResult]) -> list[str]:
+    """What the table's ``no test yet`` and ``other monitor`` runs are, naming them, and what to do."""
+    notes = []
+    waiting = [run.label for run in runs if run.status == NO_TEST]
+    if waiting:
+        notes.append(f"no test yet: {len(waiting)} run(s) finished the fit but not the test stage their task is "
+                     f"scored on (none yet, still running, failed or interrupted): {', '.join(waiting)}. Wait for a "
+                     "running test, or run the sweep again: it runs the test stage of such runs.")
+    other = [run for run in runs if run.status == OTHER_MONITOR]
+    if other:
+        by_monitor: dict[str, list[str]] = {}
+        for run in other:
+            best = run.record["fit"]["best"]
+            by_monitor.setdefault(f"{best.get('monitor')} ({best.get('mode')})", []).append(run.label)
+        named = "; ".join(f"{monitor}: {', '.join(labels)}" for monitor, labels in by_monitor.items())
+        notes.append(f"other monitor: {len(other)} run(s) rank their best checkpoint by another metric or mode than "
+                     f"the {SCORE_MONITOR} ({SCORE_MODE}) the best validation rule reports, so their fit.best is "
+                     f"not a score: {named}. A task scored on its test stage must be recognised as such (a commonsense "
+                     f"run by the config.yaml the flexlora command saves in its folder, a VTAB task by its name); any "
+                     f"other task must be fitted with RunRecord monitor {SCORE_MONITOR}, mode {SCORE_MODE}.")
+    return notes
 
 
 _TASK_ORDER = [*GLUE_COLUMNS, *VTAB_TASKS]  # the paper's column order where it is known
@@ -357,7 +442,7 @@ def _rule(name: str) -> SelectionRule:
 
 
 def _cell(runs: list[RunResult], column: str, expected: int) -> Cell:
-    cell = Cell(expected=max(expected, len(runs)), counts={FAILED: 0, UNFINISHED: 0, NO_METRIC: 0, MISSING: 0})
+    cell = Cell(expected=max(expected, len(runs)), counts=dict.fromkeys(STATUSES, 0))
     for run in sorted(runs, key=lambda r: (r.seed is None, r.seed)):
         if run.status == OK and column in run.values:
             cell.values.append(run.values[column])
