@@ -37,3 +37,22 @@ def write_tiny_vtab(root: Path, task: str = "kitti", num_classes: int = 4, size:
     for split, rows in lines.items():
         (folder / f"{split}.txt").write_text("\n".join(rows) + "\n")
     return folder
+
+
+def write_vtab_1k_sized(root: Path, task: str = "kitti", num_classes: int = 4, test: int = 12) -> Path:
+    """Write ``<root>/<task>/`` with VTAB-1k's split sizes: 800 + 200 training images (``train800val200`` lists
+    both) and ``test`` test images, each a 4×4 PNG, every image under its own split's folder. Returns the folder."""
+    folder = root / task
+    lines: dict[str, list[str]] = {}
+    for split, count in {"train800": 800, "val200": 200, "test": test}.items():
+        (folder / "images" / split).mkdir(parents=True, exist_ok=True)
+        lines[split] = []
+        for i in range(count):
+            label = i % num_classes
+            relative = f"images/{split}/{i:06d}.png"
+            Image.fromarray(np.full((4, 4), 40 * label + i % 7, dtype=np.uint8)).save(folder / relative)
+            lines[split].append(f"{relative} {label}")
+    lines["train800val200"] = lines["train800"] + lines["val200"]
+    for split, rows in lines.items():
+        (folder / f"{split}.txt").write_text("\n".join(rows) + "\n")
+    return folder

@@ -5,7 +5,9 @@ No pretrained ViT weights and no VTAB-1k images are reachable offline, so the vi
 scikit-learn (UCI optical recognition of handwritten digits, 10 classes). :func:`build_digits_vtab` writes
 them as ``<root>/digits/`` with ``train800.txt``, ``val200.txt``, ``train800val200.txt`` and ``test.txt``
 (800 / 200 / 1,000 / 797 images, a fixed shuffle), exactly the layout of a real task folder, so the demo
-runs the same data module, checks and preprocessing as the 19 tasks.
+runs the same data module, checks and preprocessing as the 19 tasks. The splits pass both checks of the
+data module: VTAB-1k's sizes (the test split's 797 declared by :data:`DIGITS_TASK`) and no image shared
+between what trains and what is tested or validated (each image is written once, under its split's folder).
 """
 
 from __future__ import annotations
@@ -19,15 +21,16 @@ import numpy as np
 from PIL import Image
 from typing_extensions import override
 
-from flexlora_pl.data.vtab import VTAB_SPLIT_FILES, VTABDataModule, VTABTask
+from flexlora_pl.data.vtab import VTAB_1K_SIZES, VTAB_SPLIT_FILES, VTABDataModule, VTABTask
 
 __all__ = ["DIGITS_TASK", "DigitsVTABDataModule", "build_digits_vtab"]
 
-DIGITS_TASK = VTABTask("digits", 10, "demo")
-"""The demo task: 10 classes, in no VTAB group."""
-
 # the split sizes of VTAB-1k (800 + 200 for training), the rest of the 1,797 digits for testing
-_TRAIN, _VAL = 800, 200
+_TRAIN, _VAL = VTAB_1K_SIZES["train800"], VTAB_1K_SIZES["val200"]
+_DIGITS = 1797
+
+DIGITS_TASK = VTABTask("digits", 10, "demo", test_size=_DIGITS - _TRAIN - _VAL)
+"""The demo task: 10 classes, in no VTAB group, 797 test images."""
 
 
 def build_digits_vtab(root: str | os.PathLike, seed: int = 0) -> Path:
@@ -53,6 +56,9 @@ def build_digits_vtab(root: str | os.PathLike, seed: int = 0) -> Path:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
+    if len(digits.images) != _DIGITS:
+        raise ValueError(f"scikit-learn's digits hold {len(digits.images)} images, not the {_DIGITS} the demo's "
+                         "split sizes assume; use a scikit-learn release that ships the UCI digits unchanged")
     pixels = np.clip(np.rint(digits.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)  # 0..16 grey levels
     order = np.random.default_rng(seed).permutation(len(pixels))
     splits = {"train800": order[:_TRAIN], "val200": order[_TRAIN:_TRAIN + _VAL], "test": order[_TRAIN + _VAL:]}
@@ -84,7 +90,8 @@ class DigitsVTABDataModule(VTABDataModule):
     """scikit-learn's digits as a VTAB-1k task (see :func:`build_digits_vtab`), built on first use.
 
     Everything else is :class:`~flexlora_pl.data.vtab.VTABDataModule`: protocols, preprocessing (bicubic
-    resize of the 8×8 digits to ``image_size``, ImageNet mean/std), checks and exact resume.
+    resize of the 8×8 digits to ``image_size``, ImageNet mean/std), checks (sizes and overlap included) and
+    exact resume.
 
     Args:
         root: where the ``digits`` task folder is (or will be built).

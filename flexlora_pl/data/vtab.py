@@ -3,7 +3,8 @@
 Each task folder ``<root>/<task>/`` holds ``train800.txt``, ``val200.txt``, ``train800val200.txt`` and
 ``test.txt``; every line is ``relative/path.jpg <int label>``, the path relative to the task folder.
 A registry gives each task's class count and group; :class:`VTABDataModule` serves one task under the
-``final`` (train800val200 → test) or ``tune`` (train800 → val200) protocol.
+``final`` (train800val200 → test) or ``tune`` (train800 → val200) protocol, after checking that the split
+files have VTAB-1k's sizes and that nothing it trains on is in a split it reports.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from flexlora_pl.runs.seeding import resolve_seed
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "VTAB_1K_SIZES",
     "VTAB_ALIASES",
     "VTAB_GROUPS",
     "VTAB_PROTOCOLS",
@@ -44,30 +46,54 @@ __all__ = [
 ]
 
 
+VTAB_1K_SIZES = {"train800": 800, "val200": 200, "train800val200": 1000}
+"""Images in the three training split files of every VTAB-1k task; the test split's count is each task's own."""
+
+
 @dataclass(frozen=True)
 class VTABTask:
-    """One VTAB-1k task: its folder name (NOAH's), number of classes and group."""
+    """One VTAB-1k task: its folder name (NOAH's), number of classes, group and test-set size.
+
+    Attributes:
+        name: the task folder's name.
+        num_classes: labels lie in ``0 .. num_classes - 1``.
+        group: ``natural``, ``specialized`` or ``structured`` (another word for a task outside the 19).
+        test_size: images in ``test.txt``, or ``None`` where the test split's size is not checked.
+    """
 
     name: str
     num_classes: int
     group: str  # "natural", "specialized" or "structured"
+    test_size: int | None = None
+
+    @property
+    def split_sizes(self) -> dict[str, int]:
+        """Images per split file (``train800`` ...) the size check expects: VTAB-1k's, plus the test count if known."""
+        sizes = dict(VTAB_1K_SIZES)
+        if self.test_size is not None:
+            sizes["test"] = self.test_size
+        return sizes
 
 
 VTAB_GROUPS = ("natural", "specialized", "structured")
 """The three task groups, in the order the paper's tables print them."""
 
+# name, classes, group, images in test.txt: the whole test split of Google's task_adaptation definitions, which
+# NOAH's generator writes. KITTI's is left unchecked: its test split changed between versions of the dataset
+# (634 or 711 images, depending on the release of the tensorflow_datasets KITTI a folder was built from).
 _TASKS = [
-    ("cifar", 100, "natural"), ("caltech101", 102, "natural"), ("dtd", 47, "natural"),
-    ("oxford_flowers102", 102, "natural"), ("oxford_iiit_pet", 37, "natural"), ("svhn", 10, "natural"),
-    ("sun397", 397, "natural"),
-    ("patch_camelyon", 2, "specialized"), ("eurosat", 10, "specialized"), ("resisc45", 45, "specialized"),
-    ("diabetic_retinopathy", 5, "specialized"),
-    ("clevr_count", 8, "structured"), ("clevr_dist", 6, "structured"), ("dmlab", 6, "structured"),
-    ("kitti", 4, "structured"), ("dsprites_loc", 16, "structured"), ("dsprites_ori", 16, "structured"),
-    ("smallnorb_azi", 18, "structured"), ("smallnorb_ele", 9, "structured"),
+    ("cifar", 100, "natural", 10_000), ("caltech101", 102, "natural", 6_084), ("dtd", 47, "natural", 1_880),
+    ("oxford_flowers102", 102, "natural", 6_149), ("oxford_iiit_pet", 37, "natural", 3_669),
+    ("svhn", 10, "natural", 26_032), ("sun397", 397, "natural", 21_750),
+    ("patch_camelyon", 2, "specialized", 32_768), ("eurosat", 10, "specialized", 5_400),
+    ("resisc45", 45, "specialized", 6_300), ("diabetic_retinopathy", 5, "specialized", 42_670),
+    ("clevr_count", 8, "structured", 15_000), ("clevr_dist", 6, "structured", 15_000),
+    ("dmlab", 6, "structured", 22_735), ("kitti", 4, "structured", None),
+    ("dsprites_loc", 16, "structured", 73_728), ("dsprites_ori", 16, "structured", 73_728),
+    ("smallnorb_azi", 18, "structured", 12_150), ("smallnorb_ele", 9, "structured", 12_150),
 ]
 
-VTAB_TASKS: dict[str, VTABTask] = {name: VTABTask(name, n, group) for name, n, group in _TASKS}
+VTAB_TASKS: dict[str, VTABTask] = {name: VTABTask(name, n, group, test) for name, n, group, test in _TASKS}
 """The 19 tasks by folder name, in the paper's column order (Natural 7, Specialized 4, Structured 8)."""
 
 VTAB_ALIASES = {"cifar100": "cifar", "oxford_pet": "oxford_iiit_pet"}
@@ -169,6 +195,33 @@ class VTABSplit(Dataset):
         return self.transform(pixels), example.label
 
 
+def _split_lines(path: Path, num_classes: int) -> list[tuple[int, str, int]]:
+    """The lines of a split file as ``(line number, relative image path, label)``; format and labels checked."""
+    if not path.is_file():
+        raise VTABDataError(f"split file {str(path)!r} does not exist; a VTAB-1k task folder holds "
+                            f"{', '.join(f'{s}.txt' for s in VTAB_SPLIT_FILES)} (build it with NOAH's VTAB-1k "
+                            "generator, see docs/vtab.md)")
+    rows = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            text = line.strip()
+            if not text:
+                continue
+            where = f"{path}:{number}"
+            parts = text.rsplit(maxsplit=1)
+            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+                raise VTABDataError(f"{where}: cannot parse {text!r}; each line must be '<relative/image/path> "
+                                    "<integer label>'")
+            label = int(parts[1])
+            if not 0 <= label < num_classes:
+                raise VTABDataError(f"{where}: label {label} is out of range for this task's {num_classes} classes "
+                                    f"(0..{num_classes - 1}); check that the folder belongs to this task")
+            rows.append((number, parts[0], label))
+    if not rows:
+        raise VTABDataError(f"split file {str(path)!r} lists no images; regenerate the task folder")
+    return rows
+
+
 def read_split_file(path: str | os.PathLike, num_classes: int, *, check_images: bool = True) -> list[VTABExample]:
     """Parse one VTAB-1k split file and check every line before any training.
 
@@ -186,40 +239,22 @@ def read_split_file(path: str | os.PathLike, num_classes: int, *, check_images: 
             image is missing or unreadable; the message names the file and line and says what to fix.
     """
     path = Path(path)
-    if not path.is_file():
-        raise VTABDataError(f"split file {str(path)!r} does not exist; a VTAB-1k task folder holds "
-                            f"{', '.join(f'{s}.txt' for s in VTAB_SPLIT_FILES)} (build it with NOAH's VTAB-1k "
-                            "generator, see docs/vtab.md)")
     folder = path.parent
     examples = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            text = line.strip()
-            if not text:
-                continue
-            where = f"{path}:{number}"
-            parts = text.rsplit(maxsplit=1)
-            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-                raise VTABDataError(f"{where}: cannot parse {text!r}; each line must be '<relative/image/path> "
-                                    "<integer label>'")
-            label = int(parts[1])
-            if not 0 <= label < num_classes:
-                raise VTABDataError(f"{where}: label {label} is out of range for this task's {num_classes} classes "
-                                    f"(0..{num_classes - 1}); check that the folder belongs to this task")
-            image = folder / parts[0]
-            if not image.is_file():
-                raise VTABDataError(f"{where}: image {str(image)!r} does not exist; paths are relative to the task "
-                                    f"folder {str(folder)!r}")
-            if check_images:
-                try:
-                    with Image.open(image) as opened:
-                        opened.size  # noqa: B018 - reads the header only
-                except (OSError, ValueError) as err:
-                    raise VTABDataError(f"{where}: image {str(image)!r} cannot be read as an image ({err}); "
-                                        "replace the file or remove the line") from err
-            examples.append(VTABExample(str(image), label, where))
-    if not examples:
-        raise VTABDataError(f"split file {str(path)!r} lists no images; regenerate the task folder")
+    for number, relative, label in _split_lines(path, num_classes):
+        where = f"{path}:{number}"
+        image = folder / relative
+        if not image.is_file():
+            raise VTABDataError(f"{where}: image {str(image)!r} does not exist; paths are relative to the task "
+                                f"folder {str(folder)!r}")
+        if check_images:
+            try:
+                with Image.open(image) as opened:
+                    opened.size  # noqa: B018 - reads the header only
+            except (OSError, ValueError) as err:
+                raise VTABDataError(f"{where}: image {str(image)!r} cannot be read as an image ({err}); "
+                                    "replace the file or remove the line") from err
+        examples.append(VTABExample(str(image), label, where))
     return examples
 
 
@@ -231,10 +266,11 @@ class VTABDataModule(ResumableTrainingData):
     test set. ``protocol="tune"`` trains on ``train800`` and validates on ``val200`` (``val/accuracy``,
     ``val/score``), for choosing hyper-parameters. Images are resized bicubically to ``image_size`` ×
     ``image_size``, with no crop and no augmentation, and normalised with ImageNet mean/std
-    (:func:`vtab_transform`); they are decoded in the DataLoader workers. Every split file the coming
-    stage needs is parsed and every image it names is checked in :meth:`prepare_data`, before the run
-    folder is created. The training order depends only on the seed and the epoch, and a run resumed from
-    a mid-epoch checkpoint continues on exactly the next batch.
+    (:func:`vtab_transform`); they are decoded in the DataLoader workers. Before the run folder is created,
+    :meth:`prepare_data` checks the split files against each other (:meth:`check_splits`: VTAB-1k's sizes,
+    and no image that trains in a split that is reported), then parses every split file the coming stage
+    needs and checks every image it names. The training order depends only on the seed and the epoch, and
+    a run resumed from a mid-epoch checkpoint continues on exactly the next batch.
 
     Batches are ``(images, labels)``: a float tensor ``(B, 3, image_size, image_size)`` and class ids.
 
@@ -248,6 +284,8 @@ class VTABDataModule(ResumableTrainingData):
         num_workers: ``DataLoader`` worker processes (they decode the images).
         seed: seeds the training shuffle; ``None`` follows ``seed_everything``.
         check_images: open every image's header before training (finds damaged files early).
+        check_split_sizes: require VTAB-1k's split sizes (:attr:`VTABTask.split_sizes`); ``false`` for a task
+            folder of other sizes (a small custom or test folder). The overlap check runs either way.
     """
 
     def __init__(
@@ -261,6 +299,7 @@ class VTABDataModule(ResumableTrainingData):
         num_workers: int = 4,
         seed: int | None = None,
         check_images: bool = True,
+        check_split_sizes: bool = True,
     ) -> None:
         super().__init__()
         if protocol not in VTAB_PROTOCOLS:
@@ -270,6 +309,9 @@ class VTABDataModule(ResumableTrainingData):
                                    ("eval_batch_size", eval_batch_size, 1), ("num_workers", num_workers, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+        for name, value in (("check_images", check_images), ("check_split_sizes", check_split_sizes)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be true or false, got {value!r}")
         self.task = self.resolve_task(task)
         self.root = str(root)
         self.protocol = protocol
@@ -279,6 +321,7 @@ class VTABDataModule(ResumableTrainingData):
         self.num_workers = num_workers
         self.seed = resolve_seed(seed)
         self.check_images = check_images
+        self.check_split_sizes = check_split_sizes
         # role ("train", "val", "test") -> dataset; filled by setup()
         self.datasets: dict[str, VTABSplit] = {}
         self._checked: dict[str, list[VTABExample]] = {}
@@ -356,16 +399,72 @@ class VTABDataModule(ResumableTrainingData):
             raise VTABDataError(f"task folder {str(self.task_dir)!r} does not exist; folders under {self.root!r}: "
                                 f"{present or 'none'}. Task folders carry NOAH's names ({', '.join(VTAB_TASKS)})")
 
+    def check_splits(self) -> None:
+        """Check the protocol's split files against each other, before anything is trained or scored.
+
+        The files the protocol reads are parsed (``final``: train800val200 and test; ``tune``: train800,
+        val200 and test). With ``check_split_sizes`` each must list the number of images of
+        :attr:`VTABTask.split_sizes` (800, 200, 1,000, and the task's test count where it is known). Always, no
+        image of the training file may be listed by a file that is reported (``final``: test; ``tune``: val200
+        and test), compared by their paths relative to the task folder.
+
+        Raises:
+            VTABDataError: a file is missing or malformed, has the wrong number of images, or shares images
+                with the training file; the message names the file, its first offending line, how many
+                and the fix.
+        """
+        roles = VTAB_PROTOCOLS[self.protocol]
+        train = roles["train"]
+        reported = [name for role, name in roles.items() if role != "train" and name is not None]
+        rows = {name: _split_lines(self.task_dir / f"{name}.txt", self.num_classes) for name in (train, *reported)}
+        if self.check_split_sizes:
+            sizes = self.task.split_sizes
+            for name, lines in rows.items():
+                if name in sizes and len(lines) != sizes[name]:
+                    raise VTABDataError(self._size_message(name, lines, sizes[name]))
+        trained: dict[str, int] = {}
+        for number, relative, _ in rows[train]:
+            trained.setdefault(os.path.normpath(relative), number)
+        for name in reported:
+            shared = [(number, relative) for number, relative, _ in rows[name]
+                      if os.path.normpath(relative) in trained]
+            if shared:
+                number, relative = shared[0]
+                raise VTABDataError(
+                    f"{self.task_dir / f'{name}.txt'}:{number}: image {relative!r} is also in the training split "
+                    f"({self.task_dir / f'{train}.txt'}:{trained[os.path.normpath(relative)]}); "
+                    f"{len(shared):,} of the {len(rows[name]):,} images of {name}.txt are in {train}.txt, and "
+                    f"nothing trained on may be {'validated' if name == roles['val'] else 'tested'} on. Remove "
+                    f"those lines from {name}.txt, or regenerate the task folder with NOAH's VTAB-1k generator, "
+                    "whose splits are disjoint (see docs/vtab.md)")
+
+    def _size_message(self, name: str, lines: list[tuple[int, str, int]], expected: int) -> str:
+        """The size check's message: the file, the line where it goes wrong, the counts and the fix."""
+        count = len(lines)
+        if count > expected:
+            where, what = lines[expected][0], f"the first image past the {expected:,} is on this line"
+        else:
+            where, what = lines[-1][0], f"the file ends on this line, {expected - count:,} short"
+        source = "every VTAB-1k task" if name in VTAB_1K_SIZES else f"task {self.task.name}"
+        return (f"{self.task_dir / f'{name}.txt'}:{where}: {name}.txt lists {count:,} images where {source} has "
+                f"{expected:,}; {what}. Regenerate the task folder with NOAH's VTAB-1k generator (see docs/vtab.md), "
+                "or, for a task folder of other sizes, set data.init_args.check_split_sizes=false")
+
     def _load(self, roles: Sequence[str]) -> dict[str, list[VTABExample]]:
+        if not roles:
+            return {}
         self.check_task_dir()
+        self.check_splits()
         return {role: read_split_file(self.split_file(role), self.num_classes, check_images=self.check_images)
                 for role in roles}
 
     @override
     def prepare_data(self) -> None:
-        """Parse and check the split files the coming stage needs, before the run folder is created.
+        """Check the split files, before the run folder is created.
 
-        The checked lines are kept for :meth:`setup` in this process; other processes (DDP) check their own.
+        :meth:`check_splits` checks the protocol's files against each other (sizes, overlap); then the split
+        files the coming stage needs are parsed and every image they name is checked. The checked lines are
+        kept for :meth:`setup` in this process; other processes (DDP) check their own.
         """
         fn = self.trainer.state.fn if self.trainer is not None else None
         wanted = [role for role in self.roles_for_stage(None if fn is None else fn.value)
