@@ -27,12 +27,14 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from flexlora_pl.core.importance import importance_scores
+from flexlora_pl.callbacks.rank_reallocation import RankReallocation, sensitivity_tracker
+from flexlora_pl.core.importance import STATEFUL_METRICS, importance_scores
 from flexlora_pl.core.inject import flexlora_layers
 from flexlora_pl.core.layer import FlexLoRALinear
 from flexlora_pl.methods import AdaptationMethod, FlexLoRA, build_method
 from flexlora_pl.runs.rng_state import capture_rng_states, restore_rng_states
 from flexlora_pl.runs.seeding import resolve_seed
+from flexlora_pl.runs.strategy import refuse_sharded_strategy
 
 __all__ = ["FlexLoRAModule", "refuse_sharded_strategy"]
 
@@ -196,10 +198,8 @@ class FlexLoRAModule(LightningModule):
                 ``RankReallocation(importance="sensitivity")`` callback feeds before every optimizer step.
         """
         named = list(self.flexlora_layers())
-        if metric == "sensitivity":
-            from flexlora_pl.callbacks.rank_reallocation import sensitivity_tracker
-
-            return sensitivity_tracker(self._trainer).scores(named)
+        if metric in STATEFUL_METRICS:
+            return sensitivity_tracker(self._trainer, metric).scores(named)
         return importance_scores([layer for _, layer in named], metric)
 
     @override
@@ -394,11 +394,7 @@ class FlexLoRAModule(LightningModule):
 
     @override
     def on_fit_start(self) -> None:
-        from flexlora_pl.callbacks.rank_reallocation import RankReallocation
-
-        moves_ranks = isinstance(self.method, FlexLoRA) or (
-            type(self.method).allocation_driver is not AdaptationMethod.allocation_driver)
-        if moves_ranks and not any(isinstance(cb, RankReallocation) for cb in self.trainer.callbacks):
+        if self.method.moves_ranks and not any(isinstance(cb, RankReallocation) for cb in self.trainer.callbacks):
             rank_zero_warn(
                 f"the {type(self.method).__name__} method moves ranks, but no RankReallocation callback is attached: "
                 "ranks will stay fixed. Add RankReallocation to trainer callbacks (the `flexlora` command always "
@@ -425,23 +421,6 @@ class FlexLoRAModule(LightningModule):
             kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
         scheduler = self.lr_scheduler_factory(optimizer, **kwargs)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-def refuse_sharded_strategy(trainer: Any) -> None:
-    """Raise before any work when the Trainer's strategy shards parameters or optimizer state (FSDP, DeepSpeed).
-
-    Rank masks, the optimizer-state surgery of allocation events, importance scores over whole λ vectors
-    and the slim checkpoints all assume every process holds whole adapter tensors; on shards they would
-    be silently wrong, so these strategies are refused rather than half supported.
-    """
-    strategy = type(getattr(trainer, "strategy", None)).__name__  # a bare stand-in trainer has none
-    if "FSDP" in strategy or "DeepSpeed" in strategy:
-        raise ValueError(
-            f"strategy {strategy} shards parameters and optimizer state, which flexlora_pl does not support: rank "
-            "masks, allocation events and checkpoints need whole adapter tensors on every process. Use "
-            "trainer.strategy: ddp (the adapters are small; only the frozen base is replicated) with "
-            "trainer.precision: bf16-true or bf16-mixed to fit the base model on each GPU."
-        )
 
 
 def _needs(factory: Callable, name: str) -> bool:

@@ -83,8 +83,9 @@ def test_the_importance_override_example_scores_entropy_times_norm(examples, tmp
 
 
 def test_every_python_block_is_covered_by_a_test():
-    """A new example must come with a test: each block is one of the four exercised in this file."""
-    markers = ["class DoRA", "class EntropyTimesNorm", "class FirstTokenClassifier", "class UniformNewDirections"]
+    """A new example must come with a test: each block is one of those exercised in this file."""
+    markers = ["class DoRA", "class EntropyTimesNorm", "class FirstTokenClassifier", "def uniform_init",
+               "def participation_ratio"]
     blocks = _python_blocks()
     assert len(blocks) == len(markers)
     assert all(sum(marker in block for block in blocks) == 1 for marker in markers)
@@ -119,13 +120,15 @@ def test_the_task_example_runs_through_the_flexlora_command(tmp_path, monkeypatc
     assert any((run / "checkpoints").glob("last*.ckpt"))
 
 
-def test_the_initialisation_example_draws_uniform_zero_impact_directions(examples):
+def _event_with(examples, **settings):
+    """One allocation event on a tiny BERT under ``settings``; the module, the callback, the masks before it, the
+    outputs before it and the decision."""
     import lightning as L
 
-    from flexlora_pl import flexlora_layers
+    from flexlora_pl import RankReallocation, flexlora_layers
 
-    callback = examples["UniformNewDirections"](b0=2, t_warmup=0, t_final=0, delta_t=1, total_steps=10, seed=3,
-                                                b_schedule="constant")
+    callback = RankReallocation(b0=2, t_warmup=0, t_final=0, delta_t=1, total_steps=10, seed=3,
+                                b_schedule="constant", **settings)
     module = FlexLoRAModule(tiny_bert(), ["query", "value"], init_rank=2, max_rank=4, modules_to_save=["classifier"],
                             init_seed=0)
     layers = [layer for _, layer in flexlora_layers(module)]
@@ -134,12 +137,19 @@ def test_the_initialisation_example_draws_uniform_zero_impact_directions(example
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)
     callback.setup(trainer, module, "fit")
-    callback._total = 10
     module.eval()
     inputs = {"input_ids": torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))}
     before_out = module(**inputs).logits
     masks = [layer.rank_mask.clone() for layer in layers]
     decision = callback.reallocate(trainer, module, step=1)
+    return module, layers, callback, masks, (inputs, before_out), decision
+
+
+def test_the_initialisation_example_draws_uniform_zero_impact_directions(examples):
+    from flexlora_pl.core.allocation import EXPANSION_INITS
+
+    assert EXPANSION_INITS["uniform"] is examples["uniform_init"]
+    module, layers, callback, masks, (inputs, before_out), decision = _event_with(examples, init="uniform")
     assert len(decision.expand) == 2
     torch.testing.assert_close(module(**inputs).logits, before_out)  # λ = 0: zero impact
     for i in decision.expand:
@@ -150,6 +160,23 @@ def test_the_initialisation_example_draws_uniform_zero_impact_directions(example
         assert p.abs().max() <= layer.out_features ** -0.5 and q.abs().max() <= layer.in_features ** -0.5
         assert p.abs().min() > 0 and q.abs().max() > 0.5 * layer.in_features ** -0.5  # drawn, not zero
     assert callback.history[-1]["expanded"]  # the built-in bookkeeping still ran
+
+
+def test_the_importance_example_is_selectable_and_decides_the_event(examples):
+    from flexlora_pl import RankReallocation
+    from flexlora_pl.core.importance import IMPORTANCE_METRICS
+
+    assert IMPORTANCE_METRICS["participation"] is examples["participation_ratio"]
+    assert float(examples["participation_ratio"](torch.tensor([1.0, 1.0]))) == pytest.approx(1.0)
+    assert float(examples["participation_ratio"](torch.tensor([1.0, 0.0]))) == pytest.approx(0.5)
+    _, layers, callback, _, _, decision = _event_with(examples, importance="participation")
+    scores = callback.history[-1]["scores"]
+    expected = [float(examples["participation_ratio"](torch.tensor([1.0, 0.1 * (i + 1)]))) for i in range(len(layers))]
+    assert scores == pytest.approx(expected)
+    # λ = [1, 0.1 (i + 1)]: the ratio grows with i, so the first two matrices prune and the last two expand
+    assert decision.prune == (0, 1) and set(decision.expand) == {2, 3}
+    with pytest.raises(ValueError, match="importance='participations' is not one of"):
+        RankReallocation(importance="participations")
 
 
 def test_faq_budget_table_is_what_the_schedule_computes():

@@ -21,8 +21,9 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from flexlora_pl.callbacks.prediction_writer import PredictionWriter, _atomic_write, _split_name
+from flexlora_pl.callbacks.prediction_writer import PredictionWriter, _split_name
 from flexlora_pl.callbacks.run_record import run_dir
+from flexlora_pl.runs.atomic import write_text_atomic
 
 __all__ = ["GenerationWriter"]
 
@@ -75,7 +76,8 @@ class GenerationWriter(PredictionWriter):
         for index, chunk in sorted(rows.items()):
             name = _split_name(trainer.datamodule, index)
             chunk = sorted(chunk, key=lambda row: row["id"])
-            path = _atomic_write(out / f"predictions_{name}.jsonl", "".join(json.dumps(row) + "\n" for row in chunk))
+            rows = "".join(json.dumps(row) + "\n" for row in chunk)
+            path = write_text_atomic(out / f"predictions_{name}.jsonl", rows)
             self.written.append(path)
             right = sum(bool(row.get("correct")) for row in chunk)
             rank_zero_info(f"Generations for '{name}' ({len(chunk)} records, {right} answered right) written to {path}")

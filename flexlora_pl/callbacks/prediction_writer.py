@@ -9,7 +9,6 @@ Files go to ``<run folder>/predictions/``.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from flexlora_pl.callbacks.run_record import run_dir
+from flexlora_pl.runs.atomic import write_text_atomic
 
 __all__ = ["GLUE_SUBMISSION_FILES", "PredictionWriter"]
 
@@ -98,7 +98,7 @@ class PredictionWriter(Callback):
             cells = [names[int(v)] for v in values]
         else:
             cells = [str(int(v)) for v in values]
-        return _atomic_write(out / filename, "index\tprediction\n" + "".join(
+        return write_text_atomic(out / filename, "index\tprediction\n" + "".join(
             f"{i}\t{cell}\n" for i, cell in enumerate(cells)))
 
     @staticmethod
@@ -112,16 +112,9 @@ class PredictionWriter(Callback):
             else:
                 row["prediction"] = value
             lines.append(json.dumps(row))
-        return _atomic_write(path, "\n".join(lines) + "\n")
+        return write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def _split_name(data: Any, index: int) -> str:
     splits = getattr(data, "predict_split_names", None) or ["test"]
     return splits[index] if index < len(splits) else f"dataloader{index}"
-
-
-def _atomic_write(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path

@@ -19,7 +19,6 @@ the whole trajectory.
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 import os
@@ -39,6 +38,7 @@ from typing_extensions import override
 
 from flexlora_pl.callbacks.rank_reallocation import RankReallocation
 from flexlora_pl.core.inject import flexlora_layers
+from flexlora_pl.runs.atomic import write_json_atomic
 
 __all__ = ["RankHeatmap", "heatmap_figure", "render_heatmap", "shorten_module_names"]
 
@@ -320,12 +320,8 @@ class RankHeatmap(Callback):
             "events": realloc.history if realloc is not None else [],
         }
         directory = trainer.log_dir or trainer.default_root_dir
-        os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, self.filename)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(record, f, indent=1)
-        os.replace(tmp, path)  # never leave a half-written file behind
+        write_json_atomic(path, record, indent=1)  # never leave a half-written file behind
         rank_zero_info(f"FlexLoRA: final rank pattern written to {path}")
 
 

@@ -40,6 +40,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
+from flexlora_pl.callbacks.rank_reallocation import RankReallocation
+from flexlora_pl.runs.atomic import write_json_atomic
 from flexlora_pl.runs.run_folder import checkpoint_step
 
 __all__ = ["METRICS_FILENAME", "RunRecord", "read_metrics"]
@@ -193,16 +195,11 @@ class RunRecord(Callback):
             **(counts() if callable(counts) else {}),
         }
         record[stage] = section
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(record, indent=1, default=str) + "\n")
-        os.replace(tmp, path)  # never a half-written file
+        write_json_atomic(path, record, indent=1)  # never a half-written file
 
 
 def _allocation_summary(trainer: Trainer) -> dict[str, Any] | None:
     """What FlexLoRA's allocation events did: their number, flip-flops, dead ends, new directions' first updates."""
-    from flexlora_pl.callbacks.rank_reallocation import RankReallocation
-
     realloc = next((cb for cb in trainer.callbacks if isinstance(cb, RankReallocation)), None)
     if realloc is None or not realloc.history:
         return None

@@ -18,7 +18,7 @@ moments. :func:`expand_direction` switches on the first free slot with the chose
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,11 +36,11 @@ __all__ = [
     "event_generator",
     "expand_direction",
     "prune_direction",
+    "register_expansion_init",
     "warm_second_moments",
 ]
 
 ALLOCATION_MODES = ("prune_and_expand", "prune_only", "expand_only")
-EXPANSION_INITS = ("zero_impact", "small", "zero", "orthogonal")
 PRUNE_CRITERIA = ("magnitude", "signed")  # which active direction a pruned module loses
 DIRECTION_STDS = ("scaled", "unit")  # σ of a zero_impact direction's P column and Q row: 1/√d or 1
 NEW_DIRECTION_MOMENTS = ("zero", "warm")  # a new direction's Adam second moments: zero, or the active entries' mean
@@ -153,6 +153,70 @@ def prune_direction(
     return index
 
 
+ExpansionInit = Callable[[FlexLoRALinear, int, "torch.Generator | None", str], None]
+"""Writes a new direction into free slot ``index`` of a layer: ``init(layer, index, generator, std)``.
+
+It is called after the slot's λ, P column, Q row and optimizer moments were zeroed and before the slot is
+switched on (so ``layer.rank_mask`` still holds the other active directions). Draw from ``generator`` only:
+it is seeded by (seed, step, module), so every DDP process and a resumed run draw the same numbers."""
+
+EXPANSION_INITS: dict[str, ExpansionInit] = {}
+"""Initialisation name → function: what ``reallocation.init`` chooses from (:func:`register_expansion_init`)."""
+
+
+def register_expansion_init(name: str) -> Callable[[ExpansionInit], ExpansionInit]:
+    """Decorator: make an :data:`ExpansionInit` selectable as ``reallocation.init: <name>``."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"an expansion init needs a non-empty name, got {name!r}")
+
+    def add(fn: ExpansionInit) -> ExpansionInit:
+        if name in EXPANSION_INITS and EXPANSION_INITS[name] is not fn:
+            raise ValueError(f"expansion init name {name!r} is taken by {EXPANSION_INITS[name].__qualname__}")
+        EXPANSION_INITS[name] = fn
+        return fn
+
+    return add
+
+
+def _gaussian_pair(layer: FlexLoRALinear, generator: torch.Generator | None, std: str) -> tuple[torch.Tensor, ...]:
+    """A P column (d_out,) and a Q row (d_in,) ~ N(0, 1), scaled to σ = 1/√d when ``std="scaled"``."""
+    kw = {"generator": generator} if generator is not None else {}
+    p = torch.randn(layer.out_features, **kw)
+    q = torch.randn(layer.in_features, **kw)
+    if std == "scaled":
+        p, q = p * gaussian_std(layer.out_features), q * gaussian_std(layer.in_features)
+    return p, q
+
+
+@register_expansion_init("zero_impact")
+def zero_impact_init(layer: FlexLoRALinear, index: int, generator: torch.Generator | None, std: str) -> None:
+    """λ = 0, P column ~ N(0, 1/d_out), Q row ~ N(0, 1/d_in): the output does not change (the paper's)."""
+    p, q = _gaussian_pair(layer, generator, std)
+    layer.lora_P[:, index] = p.to(layer.lora_P)
+    layer.lora_Q[index] = q.to(layer.lora_Q)
+
+
+@register_expansion_init("orthogonal")
+def orthogonal_init(layer: FlexLoRALinear, index: int, generator: torch.Generator | None, std: str) -> None:
+    """λ = 0, unit vectors orthogonal to the active P columns / Q rows: the output does not change."""
+    p, q = _gaussian_pair(layer, generator, std)
+    active = layer.rank_mask
+    layer.lora_P[:, index] = _orthonormal_to(p, layer.lora_P.detach()[:, active].float().cpu()).to(layer.lora_P)
+    layer.lora_Q[index] = _orthonormal_to(q, layer.lora_Q.detach()[active].float().t().cpu()).to(layer.lora_Q)
+
+
+@register_expansion_init("small")
+def small_init(layer: FlexLoRALinear, index: int, generator: torch.Generator | None, std: str) -> None:
+    """As ``orthogonal``, with λ = 1e-3: the output moves slightly."""
+    orthogonal_init(layer, index, generator, std)
+    layer.lora_lambda[index] = SMALL_LAMBDA
+
+
+@register_expansion_init("zero")
+def zero_init(layer: FlexLoRALinear, index: int, generator: torch.Generator | None, std: str) -> None:
+    """λ, P and Q stay zero: the direction receives no gradient and stays frozen."""
+
+
 @torch.no_grad()
 def expand_direction(
     layer: FlexLoRALinear,
@@ -161,7 +225,7 @@ def expand_direction(
     generator: torch.Generator | None = None,
     std: str = "scaled",
 ) -> int:
-    """Switch on the first free slot, initialised by ``init``; return its index.
+    """Switch on the first free slot, initialised by ``init`` (a name in :data:`EXPANSION_INITS`); return its index.
 
     ``zero_impact``: λ = 0, P column ~ N(0, 1/d_out), Q row ~ N(0, 1/d_in) — output unchanged.
     ``orthogonal``: λ = 0, unit vectors orthogonal to the active P columns / Q rows — output unchanged.
@@ -180,22 +244,7 @@ def expand_direction(
         raise ValueError(f"cannot expand a layer at full capacity (max_rank={layer.max_rank})")
     index = int(free[0])
     _reset_direction(layer, index, optimizers)
-    d_out, d_in = layer.out_features, layer.in_features
-    P, Q, lam = layer.lora_P, layer.lora_Q, layer.lora_lambda
-    if init != "zero":
-        kw = {"generator": generator} if generator is not None else {}
-        p = torch.randn(d_out, **kw)
-        q = torch.randn(d_in, **kw)
-        if std == "scaled":
-            p, q = p * gaussian_std(d_out), q * gaussian_std(d_in)
-        if init in ("orthogonal", "small"):
-            active = layer.rank_mask
-            p = _orthonormal_to(p, P.detach()[:, active].float().cpu())
-            q = _orthonormal_to(q, Q.detach()[active].float().t().cpu())
-        P[:, index] = p.to(P)
-        Q[index] = q.to(Q)
-        if init == "small":
-            lam[index] = SMALL_LAMBDA
+    EXPANSION_INITS[init](layer, index, generator, std)
     layer.rank_mask[index] = True
     return index
 

@@ -11,7 +11,11 @@ uses all of its rank (expand). λ is an explicit parameter, so no SVD is needed.
 r = 0 and an all-zero λ score 0.
 
 ``sensitivity`` (AdaLoRA's smoothed |w · ∇w|) needs gradients over time, so it lives in
-:class:`SensitivityTracker`, which the reallocation callback feeds before every optimizer step.
+:class:`SensitivityTracker`, which the allocation driver feeds before every optimizer step.
+
+Both kinds are registries: a new λ-based metric is a function decorated with :func:`register_importance`, a new
+stateful one a class decorated with :func:`register_stateful_importance`; ``reallocation.importance`` then
+accepts its name (``docs/extending.md``).
 """
 
 from __future__ import annotations
@@ -23,12 +27,16 @@ import torch
 
 __all__ = [
     "IMPORTANCE_METRICS",
+    "STATEFUL_METRICS",
     "SensitivityTracker",
     "elem_energy_entropy",
     "frobenius_importance",
     "importance_scores",
     "mat_energy_entropy",
+    "metric_names",
     "nuclear_importance",
+    "register_importance",
+    "register_stateful_importance",
     "spectral_entropy",
 ]
 
@@ -106,9 +114,41 @@ IMPORTANCE_METRICS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "elem_energy_entropy": elem_energy_entropy,
     "mat_energy_entropy": mat_energy_entropy,
 }
-"""λ-based metrics by name. ``"sensitivity"`` is handled by :class:`SensitivityTracker`."""
+"""λ-based metrics by name: a function of a module's 1-D active λ → a 0-d score (:func:`register_importance`)."""
 
-METRIC_NAMES = (*IMPORTANCE_METRICS, "sensitivity")
+STATEFUL_METRICS: dict[str, type] = {}
+"""Metrics that gather statistics over training (``sensitivity``), by name: a class with ``update(named_layers)``
+(called before every optimizer step), ``scores(named_layers)``, ``reset_direction(name, index)``,
+``state_dict()`` and ``load_state_dict(state)`` (:func:`register_stateful_importance`)."""
+
+
+def register_importance(name: str) -> Callable[[Callable], Callable]:
+    """Decorator: make a λ-based metric selectable as ``reallocation.importance: <name>``."""
+    return _register(IMPORTANCE_METRICS, name)
+
+
+def register_stateful_importance(name: str) -> Callable[[type], type]:
+    """Decorator: make a metric that gathers statistics every optimizer step selectable by ``name``."""
+    return _register(STATEFUL_METRICS, name)
+
+
+def _register(table: dict, name: str) -> Callable:
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"an importance metric needs a non-empty name, got {name!r}")
+
+    def add(obj):
+        taken = IMPORTANCE_METRICS.get(name, STATEFUL_METRICS.get(name))
+        if taken is not None and taken is not obj:
+            raise ValueError(f"importance metric name {name!r} is taken by {taken.__qualname__}")
+        table[name] = obj
+        return obj
+
+    return add
+
+
+def metric_names() -> list[str]:
+    """Every registered importance metric, λ-based first, then the stateful ones."""
+    return [*IMPORTANCE_METRICS, *STATEFUL_METRICS]
 
 
 def importance_scores(layers: Sequence, metric: str = "entropy") -> torch.Tensor:
@@ -117,14 +157,15 @@ def importance_scores(layers: Sequence, metric: str = "entropy") -> torch.Tensor
         fn = IMPORTANCE_METRICS[metric]
     except KeyError:
         raise ValueError(
-            f"unknown importance metric {metric!r}; choose one of {list(METRIC_NAMES)} "
-            "('sensitivity' needs a SensitivityTracker)"
+            f"unknown importance metric {metric!r} for λ-based scoring; choose one of {list(IMPORTANCE_METRICS)} "
+            f"(the stateful ones, {list(STATEFUL_METRICS)}, are scored by their tracker)"
         ) from None
     with torch.no_grad():
         scores = [fn(layer.lora_lambda.detach()[layer.rank_mask]) for layer in layers]
     return torch.stack(scores).float().cpu() if scores else torch.zeros(0)
 
 
+@register_stateful_importance("sensitivity")
 class SensitivityTracker:
     """AdaLoRA's smoothed sensitivity ``Ī · Ū`` of every adapter entry, summed per module.
 

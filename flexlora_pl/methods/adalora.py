@@ -19,14 +19,14 @@ re-applied after every later step. The loss carries the orthogonality term
 
     R = mean over the 2n factors of ‖P^T P − I‖_F and ‖Q Q^T − I‖_F         (plain Frobenius norms)
 
-with weight γ. The harness runs peft's own implementation (SPEC §5: ``AdaLoraConfig(init_r=r_max,
+with weight γ. The harness runs peft's own implementation (``docs/differences.md``: ``AdaLoraConfig(init_r=r_max,
 target_r=r, tinit=T_warmup, tfinal=T_final, deltaT=ΔT, total_step=T, orth_reg_weight=γ,
 beta1=beta2=0.85)``), injected in place like :class:`~flexlora_pl.methods.LoRA`, and drives it the way
 peft's pitfalls demand:
 
 * ``update_and_allocate(t)`` runs exactly once per optimizer step, after ``optimizer.step()`` and before
   the next ``zero_grad()``, with ``t`` = ``trainer.global_step`` (optimizer steps, 1 after the first), by
-  the ``RankReallocation`` callback through :class:`AdaLoRAAllocation`;
+  :class:`AdaLoRAAllocation`, the allocation driver that the ``RankReallocation`` callback calls;
 * ``total_step``, ``tinit``, ``tfinal`` and ``deltaT`` are the ``reallocation:`` group's ``total_steps``
   (the Trainer's optimizer steps by default), ``t_warmup``, ``t_final`` and ``delta_t``, set at fit start
   (peft needs a ``total_step`` when the layers are built; a placeholder stands in until then);
@@ -44,17 +44,15 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from flexlora_pl.methods.base import register_method
+from flexlora_pl.core.allocator import AllocationEvent, AllocationSettings
+from flexlora_pl.core.checks import require_int
+from flexlora_pl.methods.base import AllocationDriver, StepContext, register_method
 from flexlora_pl.methods.lora import ADAPTER_NAME, PeftAdapterMethod, peft_tuner
-
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    from flexlora_pl.callbacks.rank_reallocation import RankReallocation
 
 __all__ = ["AdaLoRA", "AdaLoRAAllocation"]
 
@@ -88,9 +86,8 @@ class AdaLoRA(PeftAdapterMethod):
                  alpha: float = 16.0, dropout: float = 0.0, orth_reg_weight: float = 0.1, beta1: float = 0.85,
                  beta2: float = 0.85) -> None:
         super().__init__(target_modules, alpha, dropout, reg_weight=orth_reg_weight)
-        for key, value in (("init_rank", init_rank), ("target_rank", target_rank)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"AdaLoRA: {key} must be an integer >= 1, got {value!r}")
+        require_int("init_rank", init_rank, 1, owner="AdaLoRA")
+        require_int("target_rank", target_rank, 1, owner="AdaLoRA")
         if target_rank >= init_rank:
             raise ValueError(
                 f"AdaLoRA: target_rank ({target_rank}) must be below init_rank ({init_rank}): AdaLoRA prunes from "
@@ -168,8 +165,7 @@ class AdaLoRA(PeftAdapterMethod):
         """
         for key, value, least in (("total_step", total_step, 1), ("t_warmup", tinit, 0), ("t_final", tfinal, 0),
                                   ("delta_t", delta_t, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"AdaLoRA: {key} must be an integer >= {least}, got {value!r}")
+            require_int(key, value, least, owner="AdaLoRA")
         if tinit >= total_step - tfinal:
             raise ValueError(
                 f"AdaLoRA: with t_warmup={tinit} and t_final={tfinal}, a run of {total_step} optimizer steps has no "
@@ -180,8 +176,8 @@ class AdaLoRA(PeftAdapterMethod):
         config.total_step, config.tinit, config.tfinal, config.deltaT = total_step, tinit, tfinal, delta_t
         return config
 
-    def allocation_driver(self, callback: RankReallocation) -> AdaLoRAAllocation:
-        return AdaLoRAAllocation(self, callback)
+    def allocation_driver(self, settings: AllocationSettings) -> AdaLoRAAllocation:
+        return AdaLoRAAllocation(self, settings)
 
     # ---------------------------------------------------------------- regulariser
     def regularizer(self, model: nn.Module) -> torch.Tensor:
@@ -217,63 +213,57 @@ class AdaLoRA(PeftAdapterMethod):
         return plan
 
 
-class AdaLoRAAllocation:
-    """Runs peft's AdaLoRA allocation on the ``RankReallocation`` callback's schedule.
+class AdaLoRAAllocation(AllocationDriver):
+    """Runs peft's AdaLoRA allocation on the ``reallocation:`` schedule (an allocation driver).
 
-    Made by :meth:`AdaLoRA.allocation_driver`; the callback calls :meth:`on_fit_start` once, then
-    :meth:`after_optimizer_step` after every optimizer step, and saves :meth:`state_dict` in checkpoints.
+    Made by :meth:`AdaLoRA.allocation_driver`. peft's ``update_and_allocate`` runs once after every optimizer
+    step; each masking is returned as an event (ranks, budget, mean triplet scores, the matrices that lost or
+    regained rank), which the ``RankReallocation`` callback records and logs like FlexLoRA's.
 
     Args:
         method: the AdaLoRA method that adapted the model.
-        callback: the ``RankReallocation`` callback: its schedule (``t_warmup``, ``t_final``, ``delta_t``, the
-            resolved total steps), its ``history`` and its loggers.
+        settings: the ``reallocation:`` group; its ``t_warmup``, ``t_final`` and ``delta_t`` become peft's
+            ``tinit``, ``tfinal`` and ``deltaT`` (its other switches are FlexLoRA's and do not apply).
     """
 
-    def __init__(self, method: AdaLoRA, callback: RankReallocation) -> None:
-        self.method, self.callback = method, callback
+    def __init__(self, method: AdaLoRA, settings: AllocationSettings) -> None:
+        self.method, self.settings = method, settings
         self._tuner: Any = None
         self._model: nn.Module | None = None
         self._pending: dict[str, Any] | None = None
+        self.layer_names: list[str] = []
 
     # ------------------------------------------------------------------ hooks
-    def on_fit_start(self, trainer: Any, pl_module: nn.Module) -> None:
-        """Find the adapted model in ``pl_module``, set peft's schedule and the callback's layer names."""
-        prefix, model = _adapted_model(pl_module)
+    def bind(self, module: nn.Module) -> list[str]:
+        """Find the adapted model in ``module`` and name its AdaLoRA layers relative to ``module``."""
+        prefix, model = _adapted_model(module)
         self._model, self._tuner = model, _tuner(model)
-        cb = self.callback
-        total = cb._total if cb._total is not None else cb.resolve_total_steps(trainer)
-        config = self.method.configure_schedule(model, total, cb.t_warmup, cb.t_final, cb.delta_t)
-        names = [f"{prefix}{name}" for name, _ in self.method.layers(model)]
-        if cb.history and cb.layer_names and cb.layer_names != names:
-            raise ValueError(
-                f"the checkpoint's RankReallocation history covers {len(cb.layer_names)} AdaLoRA layers "
-                f"({cb.layer_names[:2]}, ...) but the model's are {names[:2]}, ...: resume with the backbone and "
-                "target_modules the checkpoint was trained with"
-            )
-        cb.layer_names = names
+        self.layer_names = [f"{prefix}{name}" for name, _ in self.method.layers(model)]
+        return self.layer_names
+
+    def start(self, total_steps: int, history: Sequence[dict[str, Any]]) -> str:
+        """Set peft's schedule (T = ``total_steps``) and restore a checkpoint's allocator state."""
+        s = self.settings
+        config = self.method.configure_schedule(self._model, total_steps, s.t_warmup, s.t_final, s.delta_t)
         if self._pending is not None:
             state, self._pending = self._pending, None
             self.load_state_dict(state)
         allocator = self._tuner.rankallocator
-        final = total - config.tfinal
+        final = total_steps - config.tfinal
         masks = sum(1 for t in range(config.tinit + 1, final) if t % config.deltaT == 0) + 1
-        rank_zero_info(
-            f"AdaLoRA (peft): total rank {allocator.init_bgt} -> {allocator.target_bgt} over {len(names)} matrices; "
-            f"{masks} maskings (every step t with t % {config.deltaT} == 0 in ({config.tinit}, {final}), and the "
-            f"final budget at step {final}) in {total} optimizer steps. RankReallocation's b0, importance, mode, "
-            "init, r_min and b_schedule are FlexLoRA's and do not apply"
+        return (
+            f"AdaLoRA (peft): total rank {allocator.init_bgt} -> {allocator.target_bgt} over {len(self.layer_names)} "
+            f"matrices; {masks} maskings (every step t with t % {config.deltaT} == 0 in ({config.tinit}, {final}), "
+            f"and the final budget at step {final}) in {total_steps} optimizer steps. RankReallocation's b0, "
+            "importance, mode, init, r_min and b_schedule are FlexLoRA's and do not apply"
         )
 
-    def after_optimizer_step(self, trainer: Any, pl_module: nn.Module, step: int) -> dict[str, Any] | None:
-        """Call peft's ``update_and_allocate(step)`` once; record an event when it masked to the budget.
+    def after_optimizer_step(self, step: int, context: StepContext) -> AllocationEvent | None:
+        """Call peft's ``update_and_allocate(step)`` once; return an event when it masked to the budget.
 
         Args:
-            trainer: the Trainer (its loggers receive the event).
-            pl_module: the LightningModule being fitted.
             step: ``trainer.global_step``, the number of optimizer steps taken.
-
-        Returns:
-            The event's record, or ``None`` when peft did not mask at this step.
+            context: unused but for the protocol (peft scores and masks by itself).
         """
         tuner = self._tuner
         config = tuner.peft_config[ADAPTER_NAME]
@@ -289,10 +279,10 @@ class AdaLoRAAllocation:
         old = [self.method.layer_rank(layer) for _, layer in layers]
         # the λ (peft's lora_E) each matrix held when peft scored it, active entries only, as FlexLoRA records them
         spectra = {name: layer.lora_E[ADAPTER_NAME].detach().view(-1)[layer.rank_mask].float().cpu().tolist()
-                   for name, (_, layer) in zip(self.callback.layer_names, layers, strict=True)}
+                   for name, (_, layer) in zip(self.layer_names, layers, strict=True)}
         self._store_masks(config.rank_pattern)
         ranks = [self.method.layer_rank(layer) for _, layer in layers]
-        names = self.callback.layer_names
+        names = self.layer_names
         record = {
             "step": step,
             "budget": int(tuner.rankallocator.budget_schedule(step)[0]),
@@ -301,11 +291,7 @@ class AdaLoRAAllocation:
             "pruned": [n for n, a, b in zip(names, old, ranks, strict=True) if b < a],
             "expanded": [n for n, a, b in zip(names, old, ranks, strict=True) if b > a],
         }
-        self.callback.history.append(record)
-        self.callback.spectra.append({"step": step, "spectra": spectra})
-        self.callback._write_spectra(trainer)
-        self.callback._log_event(trainer, record)
-        return record
+        return AllocationEvent(record, spectra)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -11,9 +11,11 @@ dropout, target modules, initialisation, regulariser weight) and does four thing
 4. :meth:`AdaptationMethod.rank_pattern` reports every adapted matrix's active rank (for the heat-map,
    ``rank_pattern.json`` and ``metrics.json``).
 
-Ranks that move are driven by the ``RankReallocation`` callback (the ``reallocation:`` config group):
-FlexLoRA's own events, or :meth:`AdaptationMethod.allocation_driver` for a method that allocates its own
-way (AdaLoRA). A method whose ranks are fixed (LoRA) returns ``None`` there and no event fires.
+A method whose ranks move returns an :class:`AllocationDriver` from :meth:`AdaptationMethod.allocation_driver`,
+built from the frozen :class:`~flexlora_pl.core.allocator.AllocationSettings` of the ``reallocation:`` group.
+The ``RankReallocation`` callback decides *when* (after every optimizer step) and appends, logs and writes
+the events the driver returns; the driver decides *what* (FlexLoRA's entropy events, peft's AdaLoRA masking).
+A method whose ranks are fixed (LoRA) returns ``None`` and no event fires.
 
 Adding a method is one new file in this folder with a subclass decorated by :func:`register_method`, and
 its name in ``flexlora_pl/methods/__init__.py``; ``docs/extending.md`` walks through one.
@@ -23,16 +25,16 @@ from __future__ import annotations
 
 import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:  # pragma: no cover - typing only
-    from flexlora_pl.callbacks.rank_reallocation import RankReallocation
+from flexlora_pl.core.allocator import AllocationEvent, AllocationSettings
 
-__all__ = ["METHODS", "AdaptationMethod", "build_method", "register_method"]
+__all__ = ["METHODS", "AdaptationMethod", "AllocationDriver", "StepContext", "build_method", "register_method"]
 
 #: method name -> class; filled by :func:`register_method`
 METHODS: dict[str, type[AdaptationMethod]] = {}
@@ -121,14 +123,18 @@ class AdaptationMethod(ABC):
         """Parameters per direction (``d_in + d_out``, plus one for a singular value) of every adapted matrix."""
         raise NotImplementedError(f"{type(self).__name__} does not report its matrix shapes")
 
-    def allocation_driver(self, callback: RankReallocation) -> Any:
-        """What moves this method's ranks under the ``reallocation:`` schedule.
+    def allocation_driver(self, settings: AllocationSettings) -> AllocationDriver | None:
+        """What moves this method's ranks under the ``reallocation:`` schedule; ``None`` (default): fixed ranks.
 
-        ``None`` (the default): ranks are fixed and no allocation event fires. FlexLoRA is driven by the
-        callback itself; AdaLoRA returns an object with ``on_fit_start(trainer, module)``,
-        ``after_optimizer_step(trainer, module, step)``, ``state_dict()`` and ``load_state_dict()``.
+        Args:
+            settings: the ``reallocation:`` group's schedule and switches.
         """
         return None
+
+    @property
+    def moves_ranks(self) -> bool:
+        """Whether :meth:`allocation_driver` is overridden, i.e. this method's ranks can move."""
+        return type(self).allocation_driver is not AdaptationMethod.allocation_driver
 
     # ---------------------------------------------------------------- config
     def as_config(self) -> dict[str, Any]:
@@ -145,11 +151,80 @@ class AdaptationMethod(ABC):
         return f"{type(self).__name__}({args})"
 
 
-def public_class_path(cls: type) -> str:
-    """``flexlora_pl.methods.<Name>`` for a method exported there (what configs write), else its module path."""
-    import flexlora_pl.methods as package
+@dataclass(frozen=True)
+class StepContext:
+    """What an :class:`AllocationDriver` may use after one optimizer step; the callback builds it.
 
-    if getattr(package, cls.__name__, None) is cls:
+    Args:
+        optimizers: the Trainer's optimizers (an event zeroes the moments of the directions it moves).
+        history: the event records so far (read only: the callback appends what the driver returns).
+        scores: ``scores(metric)``: every adapted matrix's importance, from the LightningModule's
+            ``importance_scores`` when it has one (``None``: the driver scores by its built-in metric).
+        agree: ``agree(step, budget, prune, expand)``: raises when the processes of a distributed run decided
+            otherwise (a no-op on one process).
+        check_finite: ``check_finite(where)``: raises when the training loss went NaN or inf before the event.
+    """
+
+    optimizers: Sequence[torch.optim.Optimizer]
+    history: Sequence[dict[str, Any]]
+    scores: Callable[[str], torch.Tensor] | None = None
+    agree: Callable[[int, int, Sequence[int], Sequence[int]], None] | None = None
+    check_finite: Callable[[str], None] | None = None
+
+
+class AllocationDriver(ABC):
+    """Moves an adapted model's ranks on the ``reallocation:`` schedule (made by
+    :meth:`AdaptationMethod.allocation_driver`). It holds no Trainer: the ``RankReallocation`` callback calls
+
+    1. :meth:`bind` with the LightningModule when fitting is set up (and again at fit start);
+    2. :meth:`start` once the run's number of optimizer steps is known, before the first step;
+    3. :meth:`before_optimizer_step` and :meth:`after_optimizer_step` around every optimizer step; the latter
+       returns an :class:`~flexlora_pl.core.allocator.AllocationEvent` when ranks moved (the callback appends
+       its record to the history, writes its spectra and logs it) and ``None`` otherwise;
+    4. :meth:`measurements` whenever the host syncs anyway (events, checkpoints, the end), for diagnostics
+       measured on the device since;
+    5. :meth:`state_dict` / :meth:`load_state_dict` with checkpoints (the history is the callback's).
+
+    Attributes:
+        layer_names: the adapted matrices, named relative to the LightningModule, in model order.
+    """
+
+    layer_names: list[str]
+
+    @abstractmethod
+    def bind(self, module: nn.Module) -> list[str]:
+        """Find the adapted layers in ``module``; return their names (:attr:`layer_names`)."""
+
+    @abstractmethod
+    def start(self, total_steps: int, history: Sequence[dict[str, Any]]) -> str:
+        """Check the schedule against the layers before the first step (``ValueError`` naming the fix) and
+        return a one-line summary of what will happen. ``history`` is a resumed run's."""
+
+    def before_optimizer_step(self) -> None:
+        """Called before every optimizer step, while the gradients are the step's."""
+        return None
+
+    @abstractmethod
+    def after_optimizer_step(self, step: int, context: StepContext) -> AllocationEvent | None:
+        """Called once after every optimizer step ``step`` (``trainer.global_step``)."""
+
+    def measurements(self) -> list[tuple[int, int, dict[str, float]]]:
+        """``(step, event index, values)`` measured since the last call: added to that event's record and
+        logged as ``flexlora/<key>`` at ``step``."""
+        return []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (may come before :meth:`start`: keep it until then)."""
+        return None
+
+
+def public_class_path(cls: type) -> str:
+    """``flexlora_pl.methods.<Name>`` for a method that ships in :mod:`flexlora_pl.methods` (what configs write),
+    else its module path."""
+    if cls.__module__.startswith("flexlora_pl.methods.") and METHODS.get(getattr(cls, "name", "")) is cls:
         return f"flexlora_pl.methods.{cls.__name__}"
     return f"{cls.__module__}.{cls.__qualname__}"
 

@@ -2,22 +2,29 @@
 
 Every adapted linear layer becomes a :class:`~flexlora_pl.core.layer.FlexLoRALinear` with capacity r_max and
 r_init active directions; the masked orthogonality regulariser R = Σ‖PᵀP − I‖² + ‖QQᵀ − I‖² (paper eq. 2,
-over active directions) is added to the loss with weight γ. The ``RankReallocation`` callback moves
-directions between layers by spectral-entropy importance under the budget b(t).
+over active directions) is added to the loss with weight γ. Its allocation driver,
+:class:`FlexLoRAAllocation`, runs :class:`~flexlora_pl.core.allocator.FlexLoRAAllocator`'s events on the
+``reallocation:`` schedule: directions move between layers by importance (spectral entropy by default)
+under the budget b(t).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
+from flexlora_pl.core.allocator import AllocationEvent, AllocationSettings, FlexLoRAAllocator
+from flexlora_pl.core.first_update import FirstUpdateMonitor
+from flexlora_pl.core.importance import STATEFUL_METRICS, importance_scores
 from flexlora_pl.core.inject import flexlora_layers, inject_flexlora
 from flexlora_pl.core.orthogonality import ORTH_REG_FORMS, FactorBatch, group_by_shape, orthogonality_penalty
-from flexlora_pl.methods.base import AdaptationMethod, register_method
+from flexlora_pl.methods.base import AdaptationMethod, AllocationDriver, StepContext, register_method
 
-__all__ = ["FlexLoRA"]
+__all__ = ["FlexLoRA", "FlexLoRAAllocation"]
 
 
 @register_method
@@ -71,9 +78,111 @@ class FlexLoRA(AdaptationMethod):
     def rank_pattern(self, model: nn.Module) -> dict[str, int]:
         return {name: layer.rank for name, layer in flexlora_layers(model)}
 
+    def allocation_driver(self, settings: AllocationSettings) -> FlexLoRAAllocation:
+        return FlexLoRAAllocation(settings)
+
     def max_ranks(self, model: nn.Module) -> dict[str, int]:
         return {name: layer.max_rank for name, layer in flexlora_layers(model)}
 
     def matrix_shapes(self, model: nn.Module) -> dict[str, int]:
         # a direction is a P column, a Q row and a λ
         return {name: layer.in_features + layer.out_features + 1 for name, layer in flexlora_layers(model)}
+
+
+class FlexLoRAAllocation(AllocationDriver):
+    """FlexLoRA's allocation events on the ``reallocation:`` schedule (paper Algorithm 1).
+
+    At every event step it scores the layers (the LightningModule's ``importance_scores`` when the callback
+    passes it, else the built-in metric), and :class:`~flexlora_pl.core.allocator.FlexLoRAAllocator` prunes and
+    expands. A stateful metric (``sensitivity``) gets its tracker fed before every optimizer step. At the step
+    after an event it measures the new directions' first λ update (:class:`~flexlora_pl.core.first_update.
+    FirstUpdateMonitor`) on the device; :meth:`measurements` reads it when the host syncs anyway.
+
+    Args:
+        settings: the ``reallocation:`` group's schedule and switches.
+    """
+
+    def __init__(self, settings: AllocationSettings) -> None:
+        self.settings = settings
+        tracker_class = STATEFUL_METRICS.get(settings.importance)
+        self.tracker = tracker_class() if tracker_class is not None else None
+        self.first_updates = FirstUpdateMonitor()
+        self.named: list[tuple[str, Any]] = []
+        self.layer_names: list[str] = []
+        self.allocator: FlexLoRAAllocator | None = None
+        self.total_steps: int | None = None
+
+    def bind(self, module: nn.Module) -> list[str]:
+        self.named = list(flexlora_layers(module))
+        self.layer_names = [name for name, _ in self.named]
+        self.allocator = FlexLoRAAllocator(self.named, self.settings, tracker=self.tracker)
+        return self.layer_names
+
+    def start(self, total_steps: int, history: Sequence[dict[str, Any]]) -> str:
+        if not self.named:
+            raise ValueError("RankReallocation found no FlexLoRA layers in the LightningModule; "
+                             "call inject_flexlora (or use FlexLoRAModule) before fitting")
+        note = self.allocator.check_r_min(resumed=bool(history))
+        self.allocator.check_room_to_grow(resumed=bool(history))
+        self.total_steps = total_steps
+        s = self.settings
+        steps = s.event_steps(total_steps)
+        if len(steps) == 0:
+            message = (
+                f"RankReallocation will never fire: with t_warmup={s.t_warmup}, t_final={s.t_final} and "
+                f"delta_t={s.delta_t}, no event step lies in ({s.t_warmup}, {total_steps - s.t_final}) for a run "
+                f"of {total_steps} optimizer steps. Lower t_warmup / t_final / delta_t or train longer"
+            )
+            if not s.allow_no_events:
+                raise ValueError(message + " (or set allow_no_events: true to train with fixed ranks).")
+            warnings.warn(message + ".", UserWarning, stacklevel=2)
+            return "no event fires in this run (allow_no_events: true); ranks stay fixed"
+        summary = (f"{len(steps)} events over {total_steps} steps (first at {steps[0]}, last at {steps[-1]}) "
+                   f"across {len(self.named)} layers")
+        return summary + (f"; {note}" if note else "")
+
+    def before_optimizer_step(self) -> None:
+        if self.tracker is not None:
+            self.tracker.update(self.named)
+
+    def after_optimizer_step(self, step: int, context: StepContext) -> AllocationEvent | None:
+        if self.first_updates.waiting:
+            self.first_updates.measure(self.allocator.layers, step, len(context.history) - 1)
+        if not self.settings.is_event_step(step, self.total_steps):
+            return None
+        if context.check_finite is not None:  # a diverged run is reported as such, not as NaN importance scores
+            context.check_finite(f"at the allocation event of step {step}")
+        return self.run_event(step, context)
+
+    def run_event(self, step: int, context: StepContext) -> AllocationEvent:
+        """One event at optimizer step ``step``, whatever the schedule says."""
+        return self.allocator.run_event(
+            step, self.scores(context), self.total_steps, context.history, context.optimizers,
+            agree=context.agree,
+            on_expand=lambda i, slot, rank, layer: self.first_updates.watch(i, slot, rank, layer),
+        )
+
+    def scores(self, context: StepContext) -> torch.Tensor:
+        """Every layer's importance under ``settings.importance``, as a float64 CPU tensor."""
+        metric = self.settings.importance
+        if context.scores is not None:
+            raw = context.scores(metric)
+        elif self.tracker is not None:
+            raw = self.tracker.scores(self.named)
+        else:
+            raw = importance_scores(self.allocator.layers, metric)
+        return torch.as_tensor(raw, dtype=torch.float64).detach().cpu()
+
+    def measurements(self) -> list[tuple[int, int, dict[str, float]]]:
+        return self.first_updates.drain()
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"first_update_pending": self.first_updates.state_dict()}
+        if self.tracker is not None:
+            state[self.settings.importance] = self.tracker.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.first_updates.load_state_dict(state.get("first_update_pending", []))
+        if self.tracker is not None and self.settings.importance in state:
+            self.tracker.load_state_dict(state[self.settings.importance])

@@ -23,6 +23,7 @@ from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 from typing_extensions import override
 
 from flexlora_pl.data.glue import GLUE_TASKS
+from flexlora_pl.data.tweets import default_tokenizer_path
 from flexlora_pl.methods import AdaptationMethod, build_method
 from flexlora_pl.module import FlexLoRAModule
 from flexlora_pl.sources import require_folder
@@ -229,8 +230,6 @@ def _load_backbone(name: str | None, num_labels: int, trust_remote_code: bool) -
     from transformers import AutoModelForSequenceClassification
 
     if name is None:
-        from flexlora_pl.data.tweets import default_tokenizer_path
-
         name = default_tokenizer_path()
     require_folder(name, "model_name_or_path", "the model's config.json and weights", "microsoft/deberta-v3-base")
     if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):

@@ -9,7 +9,7 @@ the device until the host syncs anyway (the next event, a checkpoint, the end of
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -22,17 +22,17 @@ __all__ = ["FirstUpdateMonitor"]
 class FirstUpdateMonitor:
     """Measure new directions' first λ update against their module's other active directions.
 
-    Per event it adds ``new_direction_first_update`` (mean |Δλ| of the new directions) and
+    Per event it measures ``new_direction_first_update`` (mean |Δλ| of the new directions) and
     ``new_direction_update_ratio`` (mean over new directions of |Δλ| / mean |Δλ| of the module's other active
-    directions, at the same step) to the event's record, and logs both as ``flexlora/<key>`` at that step.
+    directions, at the same step); :meth:`drain` hands them over (the allocation callback adds them to the
+    event's record and logs both as ``flexlora/<key>`` at that step).
     """
 
     def __init__(self) -> None:
         # (layer index, slot, other active directions, λ after the event), waiting for the next optimizer step
         self._pending: list[tuple[int, int, int, torch.Tensor]] = []
-        # measured on the device: (step, event index, sizes, ratios); then read, waiting for a logger
+        # measured on the device, not read yet: (step, event index, sizes, ratios)
         self._measured: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
-        self._unlogged: list[tuple[int, dict[str, float]]] = []
 
     @property
     def waiting(self) -> bool:
@@ -61,26 +61,21 @@ class FirstUpdateMonitor:
         if sizes:
             self._measured.append((step, event_index, torch.stack(sizes), torch.stack(ratios)))
 
-    def flush(self, history: list[dict[str, Any]], loggers: Iterable[Any] | None = None) -> None:
-        """Read what was measured into the events of ``history`` and, given ``loggers``, log it at its step."""
+    def drain(self) -> list[tuple[int, int, dict[str, float]]]:
+        """Read what was measured since the last call (one host sync): ``(step, event index, values)`` with
+        ``values`` = ``new_direction_first_update`` and, when defined, ``new_direction_update_ratio``."""
+        out = []
         for step, event, sizes, ratios in self._measured:
             measured = {"new_direction_first_update": float(sizes.mean())}
             finite = [r for r in ratios.tolist() if math.isfinite(r)]
             if finite:
                 measured["new_direction_update_ratio"] = sum(finite) / len(finite)
-            if 0 <= event < len(history):
-                history[event].update(measured)
-            self._unlogged.append((step, measured))
+            out.append((step, event, measured))
         self._measured = []
-        if loggers is None:
-            return
-        for step, measured in self._unlogged:
-            for logger in loggers:
-                logger.log_metrics({f"flexlora/{key}": value for key, value in measured.items()}, step=step)
-        self._unlogged = []
+        return out
 
     def state_dict(self) -> list[tuple[int, int, int, list[float]]]:
-        """The directions still waiting for their first update (call :meth:`flush` first for the rest)."""
+        """The directions still waiting for their first update (call :meth:`drain` first for the rest)."""
         return [(i, slot, n, before.cpu().tolist()) for i, slot, n, before in self._pending]
 
     def load_state_dict(self, pending: Sequence[Sequence[Any]]) -> None:
