@@ -44,3 +44,25 @@ class CrashAt(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self.step:
             raise RuntimeError(f"simulated crash at step {self.step}")
+
+
+class SignalAt(Callback):
+    """Send ``signal`` (a name: ``SIGTERM``, ``SIGINT``) to this process at the end of training batch ``batch``.
+
+    ``batch`` counts the run's training batches from 0 across epochs (Lightning's ``total_batch_idx``), so a
+    resumed run, which starts after the batch, never sends it again.
+    """
+
+    def __init__(self, batch: int, signal: str = "SIGTERM") -> None:
+        import signal as signals
+
+        if signal not in signals.Signals.__members__:
+            raise ValueError(f"SignalAt: unknown signal {signal!r}; use a name such as 'SIGTERM' or 'SIGINT'")
+        self.batch = batch
+        self.signum = signals.Signals[signal]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        import os
+
+        if trainer.fit_loop.total_batch_idx == self.batch:
+            os.kill(os.getpid(), self.signum)

@@ -1,7 +1,9 @@
 """A real ``flexlora fit`` killed with SIGKILL, or stopped by SIGTERM or Ctrl-C (SIGINT), mid-run and resumed
 with ``--ckpt_path last`` finishes exactly like an uninterrupted run with the same seed: same rank trajectory,
 same final rank pattern, same final adapter tensors (bitwise, on CPU). An interrupted run exits non-zero and
-keeps everything it wrote; repeating a finished command starts a new run instead of resuming it.
+keeps everything it wrote; repeating a finished command starts a new run instead of resuming it. Under
+gradient accumulation a stop at any micro-batch of a window waits for the window's optimizer step (the
+epoch's last batch closes a partial window), so the resume is exact there too.
 
 The config carries the callbacks of the shipped configs (ModelCheckpoints without ``dirpath``,
 ``InterruptCheckpoint``), so checkpoints live in the run folder ``runs/tiny/version_<n>/checkpoints``."""
@@ -143,9 +145,13 @@ def reference(tmp_path_factory, tiny_tokenizer_dir):
 
 
 def _assert_same_run(resumed: tuple[dict, dict], reference: tuple[dict, dict]) -> None:
+    assert [e["step"] for e in reference[0]["events"]] == [5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31,
+                                                           33, 35, 37, 39, 41, 43]
+    _assert_identical(resumed, reference)
+
+
+def _assert_identical(resumed: tuple[dict, dict], reference: tuple[dict, dict]) -> None:
     (pattern, tensors), (ref_pattern, ref_tensors) = resumed, reference
-    assert [e["step"] for e in ref_pattern["events"]] == [5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31,
-                                                          33, 35, 37, 39, 41, 43]
     assert pattern["events"] == ref_pattern["events"]
     assert pattern["rank_pattern"] == ref_pattern["rank_pattern"]
     assert tensors.keys() == ref_tensors.keys()
@@ -183,3 +189,108 @@ def test_an_interrupted_run_exits_non_zero_keeps_its_logs_and_resumes_exactly(re
     assert not (out / "final.pt").exists()
     _run(_command(config, "--ckpt_path", "last"))
     _assert_same_run(_final(out), ref)
+
+
+ACCUMULATING = """
+seed_everything: 3
+trainer:
+  max_epochs: 2
+  accumulate_grad_batches: {accumulate}
+  accelerator: cpu
+  devices: 1
+  precision: 32-true
+  log_every_n_steps: 1
+  enable_progress_bar: false
+  enable_model_summary: false
+  num_sanity_val_steps: 0
+  logger:
+    class_path: lightning.pytorch.loggers.TensorBoardLogger
+    init_args: {{save_dir: {out}/runs, name: tiny}}
+  callbacks:
+    - class_path: flexlora_pl.RankHeatmap
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {{save_last: true}}
+    - class_path: flexlora_pl.InterruptCheckpoint
+    - class_path: run_helpers.DumpAdapters
+      init_args: {{path: {out}/final.pt}}
+{stop}reallocation: {{b0: 2, t_warmup: 1, t_final: 1, delta_t: 1, b_schedule: constant}}
+model:
+  class_path: flexlora_pl.FlexLoRASequenceClassifier
+  init_args:
+    model_name_or_path: {root}/model
+    method:
+      class_path: flexlora_pl.methods.FlexLoRA
+      init_args:
+        target_modules: [query, value, attention.output.dense]
+        init_rank: 2
+        max_rank: 4
+        alpha: 4
+    optimizer:
+      class_path: torch.optim.AdamW
+      init_args: {{lr: 0.01}}
+    lr_scheduler:
+      class_path: flexlora_pl.LinearWarmupDecay
+data:
+  class_path: flexlora_pl.data.GLUEDataModule
+  init_args:
+    task_name: mrpc
+    batch_size: 4
+    data_files: {{train: {root}/train.csv, validation: {root}/dev.csv}}
+"""
+
+BATCHES_PER_EPOCH = 12  # 48 training rows, batch size 4
+
+
+def _accumulating_config(root: Path, out: Path, accumulate: int, stop: tuple[int, str] | None = None) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    callback = ("" if stop is None else
+                f"    - class_path: run_helpers.SignalAt\n      init_args: {{batch: {stop[0]}, signal: {stop[1]}}}\n")
+    path = out / "config.yaml"
+    path.write_text(ACCUMULATING.format(root=root, out=out, accumulate=accumulate, stop=callback))
+    return path
+
+
+@pytest.fixture(scope="module")
+def accumulating_references(tmp_path_factory, tiny_glue_root):
+    """The uninterrupted run for each ``accumulate_grad_batches``, made once and shared by its stop positions."""
+    base, made = tmp_path_factory.mktemp("accumulating"), {}
+
+    def reference(accumulate: int) -> tuple[dict, dict]:
+        if accumulate not in made:
+            out = base / f"reference-{accumulate}"
+            _run(_command(_accumulating_config(tiny_glue_root, out, accumulate)))
+            made[accumulate] = _final(out)
+            steps = 2 * -(-BATCHES_PER_EPOCH // accumulate)
+            assert made[accumulate][1]["global_step"].item() == steps
+            assert made[accumulate][0]["events"], "the schedule must reallocate, so ranks are compared too"
+        return made[accumulate]
+
+    return base, reference
+
+
+# (accumulate_grad_batches, batch the signal arrives after): every micro-batch of the window of batches 4..7
+# (two windows for 2), and the partial window that ends epoch 0 (12 batches, windows of 5: 0-4, 5-9, 10-11).
+STOPS = [(2, 4), (2, 5), (4, 4), (4, 5), (4, 6), (4, 7), (5, 10)]
+
+
+@pytest.mark.parametrize(("accumulate", "batch"), STOPS, ids=[f"accumulate{a}-batch{b}" for a, b in STOPS])
+def test_a_stop_inside_an_accumulation_window_waits_for_its_optimizer_step(accumulating_references, tiny_glue_root,
+                                                                           accumulate, batch):
+    """A SIGTERM or a first Ctrl-C at any micro-batch stops after the window's optimizer step, and the resumed run
+    is bitwise the uninterrupted one; a stop inside the window would drop the accumulated gradients."""
+    base, reference = accumulating_references
+    ref = reference(accumulate)
+    sig = (signal.SIGTERM, signal.SIGINT)[batch % 2]  # both stop paths, each at positions inside a window
+    out = base / f"stop-{accumulate}-{batch}"
+    config = _accumulating_config(tiny_glue_root, out, accumulate, (batch, sig.name))
+    stopped = subprocess.run(_command(config), env=_env(), capture_output=True, text=True, timeout=600)
+    assert stopped.returncode == 128 + sig, stopped.stderr[-3000:]
+    ckpt = torch.load(_ckpt_dir(out) / "on_exception.ckpt", map_location="cpu", weights_only=False)
+    trained = ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"]
+    _run(_command(config, "--ckpt_path", "last"))
+    assert not (out / "runs" / "tiny" / "version_1").exists()  # resumed in the run's own folder
+    _assert_identical(_final(out), ref)
+    window_end = min((batch // accumulate + 1) * accumulate, BATCHES_PER_EPOCH)
+    step = -(-window_end // accumulate)
+    assert (trained, ckpt["global_step"]) == (window_end, step)
+    assert f"stopped by {sig.name} at optimizer step {step}." in stopped.stderr, stopped.stderr[-3000:]

@@ -32,7 +32,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from flexlora_pl.callbacks.interrupt_checkpoint import InterruptCheckpoint
+from flexlora_pl.callbacks.interrupt_checkpoint import InterruptCheckpoint, defer_stop_to_optimizer_step
 from flexlora_pl.callbacks.prediction_writer import PredictionWriter
 from flexlora_pl.callbacks.rank_reallocation import RankReallocation
 from flexlora_pl.callbacks.run_record import METRICS_FILENAME, RunRecord, read_metrics
@@ -273,7 +273,12 @@ class FlexLoRACLI(LightningCLI):
             restore_sigint()
 
     def _catch_sigint(self) -> Callable[[], None]:
-        """First Ctrl-C: stop at the next batch boundary, like SIGTERM (exact resume); the second aborts."""
+        """First Ctrl-C: stop like SIGTERM, after the next optimizer step (exact resume); the second aborts.
+
+        Both stops wait for the batch that steps the optimizer (:func:`defer_stop_to_optimizer_step`): with
+        ``accumulate_grad_batches > 1`` a stop inside an accumulation window is held until the window's end.
+        """
+        defer_stop_to_optimizer_step(self.trainer)
         if threading.current_thread() is not threading.main_thread():
             return lambda: None
         previous = signal.getsignal(signal.SIGINT)
@@ -281,8 +286,8 @@ class FlexLoRACLI(LightningCLI):
         def handler(signum: int, frame: Any) -> None:
             if self._stop_signal is None:
                 self._stop_signal = signum
-                self.trainer._signal_connector.received_sigterm = True  # what SIGTERM sets: checked between batches
-                print("\nCtrl-C: stopping after the current batch and writing a resumable checkpoint "
+                self.trainer._signal_connector.received_sigterm = True  # what SIGTERM sets; due after a step
+                print("\nCtrl-C: stopping after the next optimizer step and writing a resumable checkpoint "
                       "(press Ctrl-C again to abort at once)", file=sys.stderr, flush=True)
                 return
             signal.signal(signal.SIGINT, previous)
