@@ -39,7 +39,7 @@ def test_warm_second_moments_start_at_the_mean_of_the_active_entries():
         optimizer.step()
     slot = expand_direction(layer, [optimizer])
     v = optimizer.state[layer.lora_lambda]["exp_avg_sq"]
-    assert v[slot] == 0  # zero: what the SPEC resets
+    assert v[slot] == 0  # zero: what docs/method.md resets
     assert warm_second_moments(layer, slot, [optimizer]) == 3
     assert torch.isclose(v[slot], v[:2].mean())
     vp = optimizer.state[layer.lora_P]["exp_avg_sq"]

@@ -333,7 +333,7 @@ def test_there_is_one_config_per_task_and_they_differ_only_in_the_task():
         config = yaml.safe_load(path.read_text())
         assert config["data"]["init_args"]["task"] == name
         assert config["trainer"]["logger"]["init_args"]["name"] == f"vtab_{name}"
-    # Table 11, and the literature defaults for what it leaves open (SPEC §2.2)
+    # Table 11, and the literature defaults for what it leaves open (docs/vtab.md)
     config = yaml.safe_load(TASK_CONFIGS[0].read_text())
     model, method = config["model"]["init_args"], config["model"]["init_args"]["method"]["init_args"]
     assert config["trainer"]["max_epochs"] == 100 and config["data"]["init_args"]["batch_size"] == 32

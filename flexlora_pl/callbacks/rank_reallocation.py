@@ -126,7 +126,7 @@ class RankReallocation(Callback):
             first event on. Needs a single optimizer and a strategy that does not wrap it (single
             device or DDP). A run resumed after an event does not yet continue exactly
             (``docs/differences.md``, section 4).
-        new_direction_moments: Adam second moments of a new direction: ``zero`` (the SPEC: every moment
+        new_direction_moments: Adam second moments of a new direction: ``zero`` (docs/method.md: every moment
             of the slot is reset) or ``warm`` (``exp_avg_sq`` starts at the mean of the tensor's active
             entries, so the first updates are not ~3× larger than settled ones; see
             :func:`~flexlora_pl.core.allocation.warm_second_moments`).

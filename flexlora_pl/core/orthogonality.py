@@ -1,4 +1,4 @@
-"""The orthogonality regulariser over active directions (paper eq. 2, squared; SPEC §1)::
+"""The orthogonality regulariser over active directions (paper eq. 2, squared; docs/method.md)::
 
     R = mean over modules of  ‖P_mᵀ P_m − I‖²_F + ‖Q_m Q_mᵀ − I‖²_F
 

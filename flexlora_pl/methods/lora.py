@@ -5,7 +5,7 @@ Every adapted linear layer ``W`` (d_out × d_in) gets
     ΔW = (α / r) · B A        A: r × d_in (Kaiming-uniform),  B: d_out × r (zeros, so ΔW = 0 at start)
 
 and computes ``y = W x + b + (α / r) · B (A drop(x))``. Ranks never move: there is no allocation event
-and no regulariser. The paper's baseline (SPEC §5) is peft's ``LoraConfig(r, lora_alpha, lora_dropout,
+and no regulariser. The paper's baseline (docs/baselines.md) is peft's ``LoraConfig(r, lora_alpha, lora_dropout,
 target_modules)`` with the classifier head trained in full, so the layers here are peft's own.
 
 How peft is plugged in (shared with :class:`~flexlora_pl.methods.AdaLoRA`, see :class:`PeftAdapterMethod`):
