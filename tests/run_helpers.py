@@ -66,3 +66,19 @@ class SignalAt(Callback):
 
         if trainer.fit_loop.total_batch_idx == self.batch:
             os.kill(os.getpid(), self.signum)
+
+
+class DumpTrained(Callback):
+    """At the end of fit, save every trainable tensor, every ``rank_mask`` buffer and the allocation history of
+    the module to ``path`` (any method: FlexLoRA, LoRA, AdaLoRA)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_fit_end(self, trainer, pl_module):
+        state = {name: p.detach().cpu().clone() for name, p in pl_module.named_parameters() if p.requires_grad}
+        state.update({name: b.detach().cpu().clone() for name, b in pl_module.named_buffers()
+                      if name.endswith("rank_mask")})
+        realloc = next((cb for cb in trainer.callbacks if type(cb).__name__ == "RankReallocation"), None)
+        torch.save({"tensors": state, "history": list(realloc.history) if realloc is not None else [],
+                    "global_step": trainer.global_step}, self.path)
