@@ -310,7 +310,7 @@ def test_seed_none_follows_seed_everything(tmp_path: Path, tiny_tokenizer_dir: s
     monkeypatch.setenv("PL_GLOBAL_SEED", "0")
     lightning.seed_everything(11)
     assert module().seed == 11
-    with pytest.raises(ValueError, match="seed must be a non-negative integer or None"):
+    with pytest.raises(ValueError, match=r"seed must be an integer >= 0 \(or None: follow seed_everything\)"):
         module(seed=-1)
 
 

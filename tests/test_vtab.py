@@ -379,7 +379,7 @@ def test_warmup_cosine_rises_then_decays_to_zero():
     assert factors[9] == pytest.approx(10 / 11) and factors[10] == 1.0
     assert factors[55] == pytest.approx(0.5) and factors[100] == pytest.approx(0.0)
     assert all(a >= b for a, b in itertools.pairwise(factors[10:]))
-    with pytest.raises(ValueError, match="total_steps must be a positive integer"):
+    with pytest.raises(ValueError, match="total_steps must be an integer >= 1"):
         WarmupCosine(optimizer)
 
 

@@ -37,6 +37,7 @@ from matplotlib.ticker import MaxNLocator
 from typing_extensions import override
 
 from flexlora_pl.callbacks.rank_reallocation import RankReallocation
+from flexlora_pl.core.checks import require_int
 from flexlora_pl.core.inject import flexlora_layers
 from flexlora_pl.runs.atomic import write_json_atomic
 
@@ -260,8 +261,7 @@ class RankHeatmap(Callback):
                 raise ValueError(f"RankHeatmap: cell must be >= 1, got {cell}")
             warnings.warn("RankHeatmap: `cell` is deprecated and ignored; use `dpi` to scale the image",
                           DeprecationWarning, stacklevel=2)
-        if isinstance(dpi, bool) or not isinstance(dpi, int) or dpi < 1:
-            raise ValueError(f"RankHeatmap: dpi must be an integer >= 1, got {dpi!r}")
+        require_int("dpi", dpi, 1, owner="RankHeatmap")
         self.filename, self.cell, self.dpi = filename, cell, dpi
 
     @staticmethod

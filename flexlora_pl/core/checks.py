@@ -16,7 +16,8 @@ def _prefix(owner: str | None) -> str:
     return f"{owner}: " if owner else ""
 
 
-def require_int(name: str, value: Any, minimum: int | None = None, owner: str | None = None) -> int:
+def require_int(name: str, value: Any, minimum: int | None = None, owner: str | None = None,
+                hint: str | None = None) -> int:
     """``value`` if it is an integer (a bool is not) and at least ``minimum``; else a ``ValueError``.
 
     Args:
@@ -24,10 +25,12 @@ def require_int(name: str, value: Any, minimum: int | None = None, owner: str | 
         value: the value to check.
         minimum: the smallest allowed value (``None``: any integer).
         owner: what the key belongs to, prefixed to the message.
+        hint: what else the user should know about the value, shown in parentheses.
     """
     if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
         bound = f" >= {minimum}" if minimum is not None else ""
-        raise ValueError(f"{_prefix(owner)}{name} must be an integer{bound}, got {value!r}")
+        note = f" ({hint})" if hint else ""
+        raise ValueError(f"{_prefix(owner)}{name} must be an integer{bound}{note}, got {value!r}")
     return value
 
 

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flexlora_pl.core.checks import require_int
+
 __all__ = ["FlexLoRALinear"]
 
 
@@ -152,9 +154,8 @@ class FlexLoRALinear(nn.Module):
 
 
 def _check_ranks(init_rank: int, max_rank: int) -> None:
-    for name, value in (("init_rank", init_rank), ("max_rank", max_rank)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    require_int("init_rank", init_rank, 1)
+    require_int("max_rank", max_rank, 1)
     if max_rank < init_rank:
         raise ValueError(
             f"max_rank ({max_rank}) must be >= init_rank ({init_rank}): the capacity r_max holds the "

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from typing_extensions import override
 
+from flexlora_pl.core.checks import require_int
 from flexlora_pl.data.resumable import ResumableTrainingData
 from flexlora_pl.runs.seeding import resolve_seed
 
@@ -307,8 +308,7 @@ class VTABDataModule(ResumableTrainingData):
                              "train800val200 and tests on test; 'tune' trains on train800 and validates on val200")
         for name, value, least in (("image_size", image_size, 1), ("batch_size", batch_size, 1),
                                    ("eval_batch_size", eval_batch_size, 1), ("num_workers", num_workers, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+            require_int(name, value, least)
         for name, value in (("check_images", check_images), ("check_split_sizes", check_split_sizes)):
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be true or false, got {value!r}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from flexlora_pl.core.checks import require_int
+
 __all__ = ["LinearWarmupDecay", "WarmupSchedule"]
 
 
@@ -27,11 +29,8 @@ class WarmupSchedule(LambdaLR):
         warmup_steps: int | None = None,
     ) -> None:
         name = type(self).__name__
-        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-            raise ValueError(
-                f"{name}: total_steps must be a positive integer, got {total_steps!r} "
-                "(FlexLoRAModule fills it in from the Trainer; pass it when building the scheduler yourself)"
-            )
+        require_int("total_steps", total_steps, 1, owner=name,
+                    hint="FlexLoRAModule fills it in from the Trainer; pass it when building the scheduler yourself")
         if not 0.0 <= warmup_ratio < 1.0:
             raise ValueError(f"{name}: warmup_ratio must be in [0, 1), got {warmup_ratio}")
         if warmup_steps is not None and not 0 <= warmup_steps < total_steps:

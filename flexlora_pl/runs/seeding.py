@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 
+from flexlora_pl.core.checks import require_int
+
 __all__ = ["resolve_seed"]
 
 #: the seed used when neither an explicit seed nor ``seed_everything`` was given
@@ -24,8 +26,6 @@ def resolve_seed(seed: int | None) -> int:
         seed: an explicit seed, or ``None`` to follow ``seed_everything``.
     """
     if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer or None (follow seed_everything), got {seed!r}")
-        return seed
+        return require_int("seed", seed, 0, hint="or None: follow seed_everything")
     env = os.environ.get("PL_GLOBAL_SEED")
     return int(env) if env not in (None, "") else DEFAULT_SEED

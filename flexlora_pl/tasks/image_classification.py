@@ -24,6 +24,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
+from flexlora_pl.core.checks import require_int
 from flexlora_pl.methods import AdaptationMethod, build_method
 from flexlora_pl.module import FlexLoRAModule
 from flexlora_pl.runs.seeding import resolve_seed
@@ -87,8 +88,7 @@ class ImageClassifier(FlexLoRAModule):
         if num_classes is None:
             raise ValueError("num_classes is not set: the `flexlora` command links it from the data module's "
                              "num_classes; with a data module that has none, or in Python, pass num_classes")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+        require_int("num_classes", num_classes, 2)
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
         if pretrained_path is not None and not pretrained:

@@ -22,6 +22,7 @@ from torchmetrics.classification import Accuracy, F1Score, MatthewsCorrCoef
 from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 from typing_extensions import override
 
+from flexlora_pl.core.checks import require_int
 from flexlora_pl.data.glue import GLUE_TASKS
 from flexlora_pl.data.tweets import default_tokenizer_path
 from flexlora_pl.methods import AdaptationMethod, build_method
@@ -90,8 +91,7 @@ class FlexLoRASequenceClassifier(FlexLoRAModule):
         label_names: Sequence[str] | None = None,
         trust_remote_code: bool = False,
     ) -> None:
-        if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
-            raise ValueError(f"num_labels must be a positive integer (1 for regression), got {num_labels!r}")
+        require_int("num_labels", num_labels, 1, hint="1 for regression")
         task = task or ("regression" if num_labels == 1 else "classification")
         if task not in TASK_METRICS:
             raise ValueError(f"task={task!r} is not one of {sorted(TASK_METRICS)}")
