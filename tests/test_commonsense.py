@@ -18,6 +18,7 @@ from commonsense_helpers import TEST_SIZES, record, write_commonsense_data, writ
 from flexlora_pl import flexlora_layers
 from flexlora_pl.cli.main import build_cli
 from flexlora_pl.data.commonsense import COMMONSENSE_SETS, PROMPT_TEMPLATES, CommonsenseDataModule
+from flexlora_pl.experiments.grid import parse_sweep
 from flexlora_pl.methods import AdaLoRA, FlexLoRA, LoRA
 from flexlora_pl.tasks.answer_extraction import extract_answer, response_text
 from flexlora_pl.tasks.causal_lm import LLAMA_TARGETS, FlexLoRACausalLM, generate_continuations
@@ -94,6 +95,25 @@ def test_extraction_cuts_after_the_last_response_marker():
     assert response_text(PROMPT + "  the correct answer is answer1 \n") == "the correct answer is answer1"
     with pytest.raises(ValueError, match="boolq"):
         extract_answer("sciq", "answer1")
+
+
+# a generation that repeats the template: LLM-Adapters' rule reads the first response, DoRA's the last
+REPEATED = ("the correct answer is answer1\n\n### Instruction:\nPlease choose the correct answer\n\n"
+            "### Response:\nthe correct answer is answer2")
+
+
+def test_response_split_first_and_last_differ_on_a_generation_that_repeats_the_template():
+    assert response_text(PROMPT + REPEATED, "last") == "the correct answer is answer2"
+    assert response_text(PROMPT + REPEATED, "first") == (
+        "the correct answer is answer1\n\n### Instruction:\nPlease choose the correct answer")
+    assert extract_answer("ARC-Easy", PROMPT + REPEATED, "last") == "answer2"
+    assert extract_answer("ARC-Easy", PROMPT + REPEATED, "first") == "answer1"
+    assert extract_answer("ARC-Easy", PROMPT + REPEATED) == "answer2"  # the documented default: last
+    # without a repeated marker the two rules agree, with or without the prompt
+    for decoded in (PROMPT + "the correct answer is answer3", "the correct answer is answer3"):
+        assert extract_answer("ARC-Easy", decoded, "first") == extract_answer("ARC-Easy", decoded, "last") == "answer3"
+    with pytest.raises(ValueError, match=r"response_split='middle'.*'last'.*'first'"):
+        extract_answer("ARC-Easy", PROMPT + REPEATED, "middle")
 
 
 # --------------------------------------------------------------------------- data
@@ -434,6 +454,115 @@ def test_baselines_compose_over_the_r32_config(method, override, capsys):
     args = spec["init_args"]
     assert {k: args[k] for k in expected} == expected
     assert (args["dropout"], args["alpha"], args["target_modules"]) == (0.05, 16, LLAMA_TARGETS)
+
+
+# --------------------------------------------------------------------------- the published protocol
+PUBLISHED = CONFIGS / "commonsense" / "overrides" / "published_protocol.yaml"
+TABLE2 = CONFIGS / "sweeps" / "table2_commonsense.yaml"
+
+
+def printed(args: list[str], capsys) -> dict:
+    """The config the real CLI composes from ``args`` (``--print_config``: nothing is built)."""
+    with pytest.raises(SystemExit) as done:
+        build_cli([*args, "--print_config"])
+    assert done.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def with_published_protocol(args: list[str]) -> list[str]:
+    """``cli_args`` with the override right after the task config, and without the tiny runs' eval batch size
+    (so the override's batch 1 holds)."""
+    at = args.index("--data.init_args.eval_batch_size")
+    args = [*args[:at], *args[at + 2:]]
+    return [*args[:2], "--config", str(PUBLISHED), *args[2:]]
+
+
+def _check_published(fit: dict, test: dict) -> None:
+    assert fit.get("ckpt_path") is None and test["ckpt_path"] == "best"  # the lowest validation loss is tested
+    init, data = test["model"]["init_args"], test["data"]["init_args"]
+    assert (init["num_beams"], init["response_split"], data["eval_batch_size"]) == (4, "last", 1)
+    trainer = fit["trainer"]
+    assert fit["data"]["init_args"]["val_size"] == 120
+    assert trainer["val_check_interval"] / trainer["accumulate_grad_batches"] == 80  # optimizer steps
+
+
+@pytest.mark.parametrize("path", [R8, R32, R32_DDP], ids=lambda p: p.stem)
+def test_published_protocol_composes_over_each_shipped_config(path, capsys):
+    configs = ["--config", str(path), "--config", str(PUBLISHED)]
+    extra = ["--trainer.val_check_interval", "80"] if path is R32_DDP else []  # no accumulation: its header says so
+    fit = printed(["fit", *configs, *extra], capsys)
+    test = printed(["test", *configs, "--ckpt_path", "best"], capsys)
+    _check_published(fit, test)
+    assert test["model"]["init_args"]["method"] == fit["model"]["init_args"]["method"]  # the task's own method
+
+
+def test_table2_sweep_runs_the_published_protocol_with_test_best(capsys, monkeypatch):
+    # the shipped sweep plus `configs: [the override]` and `test: best`: every run's test stage is the published one
+    monkeypatch.chdir(CONFIGS.parent)  # the sweep's paths are relative to the repository root
+    spec = {**yaml.safe_load(TABLE2.read_text()), "configs": [str(PUBLISHED)], "test": "best"}
+    runs = parse_sweep(spec, source=str(TABLE2)).runs()
+    assert len(runs) == 6
+    for run in runs:
+        fit = printed(run.command("fit"), capsys)
+        test = printed(run.command("test", ckpt_path=run.test), capsys)
+        _check_published(fit, test)
+        assert test["model"]["init_args"]["method"]["class_path"].rsplit(".", 1)[-1].lower() == run.method
+
+
+def test_published_protocol_tests_the_best_checkpoint_with_4_beams_one_prompt_at_a_time(root, fitted, caplog):
+    version = fitted.name.removeprefix("version_")
+    with caplog.at_level("INFO"):
+        cli = build_cli(["test", *with_published_protocol(cli_args(root, R8, "--ckpt_path", "best",
+                                                                   "--version", version))])
+    assert cli.model.num_beams == 4 and cli.datamodule.eval_batch_size == 1
+    assert all(loader.batch_size == 1 for loader in cli.trainer.test_dataloaders)
+    assert "4-beam search" in caplog.text and "mean of 8" in caplog.text
+    record = json.loads((fitted / "metrics.json").read_text())
+    best = record["fit"]["best"]["checkpoint"]
+    assert record["test"]["ckpt_path"] == best and Path(best).name.startswith("best-")  # not last.ckpt
+    assert {name: record["test"]["metrics"][f"test/{name}/examples"] for name in COMMONSENSE_SETS} == TEST_SIZES
+    saved = yaml.safe_load((fitted / "config.test.yaml").read_text())  # the test's settings, beside config.yaml
+    assert (saved["model"]["init_args"]["num_beams"], saved["data"]["init_args"]["eval_batch_size"]) == (4, 1)
+    assert saved["model"]["init_args"]["response_split"] == "last"
+
+
+def test_response_split_reaches_the_scoring_from_the_config(root, fitted, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from flexlora_pl.tasks import causal_lm
+
+    version = fitted.name.removeprefix("version_")
+    ids = AutoTokenizer.from_pretrained(root / "model")(REPEATED, add_special_tokens=False)["input_ids"]
+    monkeypatch.setattr(causal_lm, "generate_continuations",  # every prompt "answered" by repeating the template
+                        lambda model, input_ids, attention_mask, **kwargs: torch.tensor([ids] * len(input_ids)))
+    for split, expected in (("first", "answer1"), ("last", "answer2")):
+        cli = build_cli(["predict", *cli_args(root, R8, "--ckpt_path", "last", "--version", version,
+                                              "--data.init_args.test_sets", "[ARC-Easy]",
+                                              "--model.init_args.response_split", split)])
+        assert cli.model.response_split == split
+        rows = [json.loads(line) for line in (fitted / "predictions" / "predictions_ARC-Easy.jsonl").read_text()
+                .splitlines()]
+        assert len(rows) == TEST_SIZES["ARC-Easy"] and {row["prediction"] for row in rows} == {expected}
+        saved = yaml.safe_load((fitted / "config.predict.yaml").read_text())
+        assert saved["model"]["init_args"]["response_split"] == split  # recorded with the run's settings
+
+
+def test_a_bad_response_split_is_refused_before_anything_is_built(monkeypatch, capsys):
+    from flexlora_pl.cli.main import FlexLoRACLI
+    from flexlora_pl.tasks import causal_lm
+
+    def built(*args, **kwargs):
+        raise AssertionError("a bad response_split got past the parser")
+
+    monkeypatch.setattr(FlexLoRACLI, "instantiate_classes", built)
+    monkeypatch.setattr(causal_lm, "_load_backbone", built)
+    with pytest.raises(SystemExit) as done:
+        build_cli(["test", "--config", str(R8), "--model.init_args.response_split", "middle"])
+    assert done.value.code == 2
+    message = capsys.readouterr().err
+    assert "response_split" in message and "'last', 'first'" in message and "middle" in message
+    with pytest.raises(ValueError, match=r"model.init_args.response_split='middle'.*'last'.*'first'"):
+        FlexLoRACausalLM("unused", response_split="middle")  # from Python: refused before the model loads
 
 
 # --------------------------------------------------------------------------- DDP

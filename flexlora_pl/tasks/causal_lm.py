@@ -5,11 +5,12 @@ bfloat16 (``torch_dtype``) while the adapters stay float32: with ``precision: bf
 run in bfloat16, and the optimizer updates float32 adapters. Training minimises the causal-LM loss over
 the labelled tokens (the data module labels the whole text, or the response only).
 
-``test`` follows the commonsense protocol of SPEC §2.1: every prompt of a set is continued by greedy
+``test`` follows LLM-Adapters' commonsense protocol: every prompt of a set is continued by greedy
 decoding (beam search with ``num_beams > 1``) for up to ``max_new_tokens`` tokens, in batches of
-left-padded prompts with their attention mask; the answer is the first match of the set's regex after
-the last ``### Response:`` (:mod:`flexlora_pl.tasks.answer_extraction`), and a set's accuracy is the
-share of records whose answer equals the record's ``answer`` (no match: wrong). Logged per set as
+left-padded prompts with their attention mask; the answer is the first match of the set's regex in the
+response, the text after the last ``### Response:`` (``response_split: last``) or between the first and
+the second (``first``; :mod:`flexlora_pl.tasks.answer_extraction`), and a set's accuracy is the share of
+records whose answer equals the record's ``answer`` (no match: wrong). Logged per set as
 ``test/<set>/accuracy`` (with ``test/<set>/examples``, the records scored), and ``test/accuracy`` is
 the plain mean over the sets evaluated; the counts are summed over DDP processes, each record once.
 """
@@ -17,7 +18,7 @@ the plain mean over the sets evaluated; the counts are summed over DDP processes
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -31,7 +32,7 @@ from flexlora_pl.data.commonsense import COMMONSENSE_SETS
 from flexlora_pl.methods import AdaptationMethod, build_method
 from flexlora_pl.module import FlexLoRAModule
 from flexlora_pl.sources import require_folder
-from flexlora_pl.tasks.answer_extraction import extract_answer, response_text
+from flexlora_pl.tasks.answer_extraction import check_response_split, extract_answer, response_text
 
 __all__ = ["LLAMA_TARGETS", "FlexLoRACausalLM", "SetAccuracy", "generate_continuations"]
 
@@ -115,6 +116,10 @@ class FlexLoRACausalLM(FlexLoRAModule):
             about a third more compute).
         max_new_tokens: most tokens generated per test prompt (SPEC §2.1: 32).
         num_beams: 1 for greedy decoding (default); LLM-Adapters' original evaluation used 4 beams.
+        response_split: where the scored response lies in the decoded prompt + generation: ``last`` (default)
+            the text after the last ``### Response:``, as DoRA's evaluation script cuts it; ``first`` the text
+            between the first ``### Response:`` and the second, as LLM-Adapters' script cuts it. They differ
+            only on generations that repeat the prompt template.
         trust_remote_code: allow model code from the hub folder to run (off by default).
     """
 
@@ -133,8 +138,10 @@ class FlexLoRACausalLM(FlexLoRAModule):
         gradient_checkpointing: bool = False,
         max_new_tokens: int = 32,
         num_beams: int = 1,
+        response_split: Literal["last", "first"] = "last",
         trust_remote_code: bool = False,
     ) -> None:
+        check_response_split(response_split, "model.init_args.response_split")
         if torch_dtype not in _DTYPES:
             raise ValueError(f"torch_dtype={torch_dtype!r} is not one of {list(_DTYPES)}")
         if max_new_tokens < 1 or num_beams < 1:
@@ -150,9 +157,9 @@ class FlexLoRACausalLM(FlexLoRAModule):
                 param.data = param.data.float()
         # generation and memory settings are not part of the trained model: `test --ckpt_path` may change them
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "method", "gradient_checkpointing",
-                                          "max_new_tokens", "num_beams"])
+                                          "max_new_tokens", "num_beams", "response_split"])
         self.hparams["method"] = self.method.as_config()
-        self.max_new_tokens, self.num_beams = max_new_tokens, num_beams
+        self.max_new_tokens, self.num_beams, self.response_split = max_new_tokens, num_beams, response_split
         self.test_accuracy = SetAccuracy(COMMONSENSE_SETS)
         self._set_names: list[str] = []
         self._tokenizer: Any = None
@@ -181,7 +188,8 @@ class FlexLoRACausalLM(FlexLoRAModule):
 
         Returns:
             One dict per row: ``id`` (position in ``test.json``), ``set``, ``prompt``, ``generation`` (the
-            response after the last ``### Response:``), ``prediction`` (``None``: no match), ``answer``, ``correct``.
+            response that was scored, cut by ``response_split``), ``prediction`` (``None``: no match),
+            ``answer``, ``correct``.
         """
         tokenizer = self._tokenizer
         if tokenizer is None:
@@ -194,8 +202,9 @@ class FlexLoRACausalLM(FlexLoRAModule):
         rows = []
         for index, prompt, text, answer in zip(batch["index"], batch["prompt"], texts, batch["answer"], strict=True):
             decoded = prompt + text  # what LLM-Adapters decodes: prompt and generation
-            prediction = extract_answer(set_name, decoded)
-            rows.append({"id": int(index), "set": set_name, "prompt": prompt, "generation": response_text(decoded),
+            prediction = extract_answer(set_name, decoded, self.response_split)
+            rows.append({"id": int(index), "set": set_name, "prompt": prompt,
+                         "generation": response_text(decoded, self.response_split),
                          "prediction": prediction, "answer": answer, "correct": prediction == answer})
         return rows
 
@@ -226,7 +235,8 @@ class FlexLoRACausalLM(FlexLoRAModule):
             self.log(f"test/{name}/examples", float(total[i]), sync_dist=True, add_dataloader_idx=False)
         if scores:
             self.log("test/accuracy", sum(scores.values()) / len(scores), sync_dist=True, add_dataloader_idx=False)
-        rank_zero_info(_accuracy_table(scores, {n: int(total[COMMONSENSE_SETS.index(n)]) for n in scores}))
+        rank_zero_info(_accuracy_table(scores, {n: int(total[COMMONSENSE_SETS.index(n)]) for n in scores},
+                                       self.num_beams, self.response_split))
 
     @override
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
@@ -234,11 +244,15 @@ class FlexLoRACausalLM(FlexLoRAModule):
         return self.answer_batch(batch, self._set_names[dataloader_idx])
 
 
-def _accuracy_table(scores: dict[str, float], totals: dict[str, int]) -> str:
+def _accuracy_table(scores: dict[str, float], totals: dict[str, int], num_beams: int = 1,
+                    response_split: str = "last") -> str:
     if not scores:
         return "Commonsense accuracy: no set was evaluated"
     width = max(len(name) for name in [*scores, "mean of 8"])
-    lines = ["Commonsense accuracy (greedy generation, first regex match after '### Response:'):",
+    decoding = "greedy generation" if num_beams == 1 else f"{num_beams}-beam search"
+    where = ("after the last '### Response:'" if response_split == "last"
+             else "between the first '### Response:' and the second")
+    lines = [f"Commonsense accuracy ({decoding}, first regex match {where}):",
              f"  {'set':<{width}}  accuracy  records"]
     lines += [f"  {name:<{width}}  {100 * value:7.2f}%  {totals[name]:>7}" for name, value in scores.items()]
     label = "mean of 8" if len(scores) == len(COMMONSENSE_SETS) else f"mean of {len(scores)}"
