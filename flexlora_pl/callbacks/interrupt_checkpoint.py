@@ -20,77 +20,12 @@ from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Checkpoint
-from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
-from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from flexlora_pl.runs.interrupts import defer_stop_to_optimizer_step
+
 __all__ = ["InterruptCheckpoint", "defer_stop_to_optimizer_step"]
-
-
-class _StepAlignedSignalConnector(_SignalConnector):
-    """Lightning's signal connector whose stop request waits for the end of a gradient-accumulation window.
-
-    Lightning's SIGTERM handler (and the ``flexlora`` command's first Ctrl-C) set ``received_sigterm``, and
-    the loops read it after every training batch, after every validation batch and at the end of an epoch.
-    Here the assignment only records the request; reading it answers ``True`` only while no accumulation
-    window is open, that is when the last training batch stepped the optimizer (the window's last
-    micro-batch, or the epoch's last batch, which closes a partial window). Outside fitting the request
-    is answered at once.
-    """
-
-    _pending_stop: bool = False
-
-    @property  # type: ignore[override]
-    def received_sigterm(self) -> bool:
-        return self._pending_stop and not _inside_accumulation_window(self.trainer)
-
-    @received_sigterm.setter
-    def received_sigterm(self, value: bool) -> None:
-        self._pending_stop = bool(value)
-
-    def register_signal_handlers(self) -> None:
-        pending = self._pending_stop  # a Ctrl-C during setup, before Lightning installs its handlers
-        super().register_signal_handlers()
-        self._pending_stop = pending
-
-    def teardown(self) -> None:
-        super().teardown()
-        self._pending_stop = False  # a request that came too late for this run does not stop the next one
-
-
-def _inside_accumulation_window(trainer: Trainer) -> bool:
-    """Whether fitting has trained micro-batches whose gradients no optimizer step has consumed yet."""
-    if trainer.state.fn != TrainerFn.FITTING:
-        return False
-    return trainer.fit_loop.epoch_loop._should_accumulate()
-
-
-def defer_stop_to_optimizer_step(trainer: Trainer) -> None:
-    """Make a SIGTERM (or the ``flexlora`` command's first Ctrl-C) stop ``trainer`` only after an optimizer step.
-
-    Lightning honours a stop after any training batch; with ``accumulate_grad_batches > 1`` a stop inside
-    a window would drop the gradients accumulated so far, and the resumed run's next optimizer step would
-    see only the remaining micro-batches. After this call the stop is held until the batch that steps the
-    optimizer, so a checkpoint written on the way out resumes exactly. Calling it again is harmless.
-
-    Args:
-        trainer: the Trainer, before or during ``fit``; its signal connector is switched in place, so a
-            handler Lightning has already installed keeps working.
-
-    Raises:
-        TypeError: when the trainer's signal connector is not Lightning's ``_SignalConnector``.
-    """
-    connector = trainer._signal_connector
-    if isinstance(connector, _StepAlignedSignalConnector):
-        return
-    if type(connector) is not _SignalConnector:
-        raise TypeError(f"defer_stop_to_optimizer_step: the trainer's signal connector is a "
-                        f"{type(connector).__qualname__}, not Lightning's _SignalConnector; use a Trainer whose "
-                        f"_signal_connector is Lightning's own, or drop the custom connector")
-    pending = bool(connector.__dict__.pop("received_sigterm", False))
-    connector.__class__ = _StepAlignedSignalConnector
-    connector.received_sigterm = pending
 
 
 class InterruptCheckpoint(Checkpoint):

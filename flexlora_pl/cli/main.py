@@ -17,39 +17,35 @@ import hashlib
 import json
 import os
 import shutil
-import signal
-import sys
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch import Callback, LightningDataModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from flexlora_pl.callbacks.interrupt_checkpoint import InterruptCheckpoint, defer_stop_to_optimizer_step
+from flexlora_pl.callbacks.interrupt_checkpoint import InterruptCheckpoint
 from flexlora_pl.callbacks.prediction_writer import PredictionWriter
 from flexlora_pl.callbacks.rank_reallocation import RankReallocation
 from flexlora_pl.callbacks.run_record import METRICS_FILENAME, RunRecord, read_metrics
 from flexlora_pl.module import FlexLoRAModule
+from flexlora_pl.runs.checkpoint_check import check_checkpoint_matches_config, plain_config_value, read_checkpoint
 from flexlora_pl.runs.checkpoint_io import AtomicCheckpointIO
-from flexlora_pl.runs.run_folder import RunFolder, newest_trained_checkpoint, run_folder_of, version_dirname, versions
+from flexlora_pl.runs.interrupts import RunInterrupted, StopSignal
+from flexlora_pl.runs.new_folders import new_output_dirs
+from flexlora_pl.runs.resolution import SPECIAL_CKPT_PATHS, resolve_run
+from flexlora_pl.runs.run_folder import RunFolder
 
-__all__ = ["FlexLoRACLI", "RunInterrupted", "build_cli", "main"]
+__all__ = ["FlexLoRACLI", "RunInterrupted", "build_cli", "main", "read_checkpoint"]
 
 
 def _task_of(data: LightningDataModule) -> str | None:
     """The metric set for the model: a GLUE task name, else chosen from the number of labels."""
     return getattr(getattr(data, "task", None), "name", None)
-
-
-class RunInterrupted(SystemExit):
-    """A run stopped by SIGTERM or Ctrl-C; the exit status is ``128 + signal`` (143 or 130), never 0."""
 
 
 class FlexLoRACLI(LightningCLI):
@@ -67,7 +63,7 @@ class FlexLoRACLI(LightningCLI):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.run_folder: RunFolder | None = None
         self._resuming = False
-        self._stop_signal: int | None = None
+        self._stop = StopSignal()
         super().__init__(*args, **kwargs)
 
     # ----------------------------------------------------------------- parser
@@ -103,91 +99,11 @@ class FlexLoRACLI(LightningCLI):
             return
         config = self.config[subcommand]
         _refuse_misplaced_callbacks(config)
-        self._resolve_run(subcommand, config)
+        self.run_folder = resolve_run(subcommand, config, recorded_best=_recorded_best)
+        self._resuming = subcommand == "fit" and self.run_folder is not None
         ckpt_path = config.get("ckpt_path")
-        if ckpt_path and ckpt_path not in _SPECIAL_CKPT_PATHS and "://" not in str(ckpt_path):
-            self._check_checkpoint_matches_config(subcommand, ckpt_path)
-
-    def _resolve_run(self, subcommand: str, config: Any) -> None:
-        logger = _logger_args(config)
-        ckpt_path = config.get("ckpt_path")
-        if logger is None:
-            if config.get("name") is not None or config.get("version") is not None or ckpt_path == "last":
-                raise ValueError("--name, --version and --ckpt_path last need a logger with a run folder: configure "
-                                 "trainer.logger (e.g. lightning.pytorch.loggers.TensorBoardLogger with save_dir and "
-                                 "name)")
-            return
-        if config.get("name") is not None:
-            logger.name = config.name
-        if config.get("version") is not None:
-            logger.version = config.version
-        save_dir, name = str(logger.save_dir), str(logger.name)
-        if ckpt_path is None:
-            if logger.version is not None:
-                folder = RunFolder(save_dir, name, version_dirname(logger.version))
-                if folder.path.is_dir() and any(folder.path.iterdir()):
-                    raise ValueError(
-                        f"run folder {folder.path} already exists and holds files; a new run never writes into "
-                        f"another run's folder. Resume it with --ckpt_path last --version {logger.version}, or "
-                        "choose another --version (or none: the next free version)"
-                    )
-            if subcommand != "fit":
-                rank_zero_warn(
-                    f"`flexlora {subcommand}` without --ckpt_path evaluates the model as built from the config, with "
-                    "freshly initialised adapters and task head: its scores say nothing about a trained run. Pass "
-                    "--ckpt_path (a .ckpt file, or 'last' / 'best' with --name/--version) to evaluate a trained run."
-                )
-            return
-        if ckpt_path in ("last", "best"):
-            if ckpt_path == "best" and subcommand == "fit":
-                raise ValueError("--ckpt_path best is for validate/test/predict; to resume a fit use --ckpt_path last")
-            folder = _locate_run(save_dir, name, logger.version)
-            path = _best_checkpoint(folder) if ckpt_path == "best" else _last_checkpoint(folder)
-            config.ckpt_path = str(path)
-        else:
-            folder = run_folder_of(ckpt_path)
-            if folder is None:
-                return  # a checkpoint outside any run folder: a new run folder starts from it
-            if subcommand == "fit" and (Path(folder.save_dir).resolve() / folder.name) != (
-                    Path(save_dir).resolve() / name):
-                raise ValueError(
-                    f"--ckpt_path {ckpt_path!r} belongs to run {folder.path}, not to a run of this config "
-                    f"({Path(save_dir) / name}); resuming it here would mix two runs. Resume with the config of that "
-                    f"run, or pass --name {folder.name} if it is the same experiment under another name"
-                )
-            logger.save_dir, logger.name = folder.save_dir, folder.name
-        if logger.version is not None and version_dirname(logger.version) != folder.version:
-            raise ValueError(f"--ckpt_path {config.ckpt_path!r} lies in run folder {folder.path}, but --version "
-                             f"{logger.version} names another run; drop --version or make them agree")
-        logger.version = folder.logger_version()
-        self.run_folder = folder
-        self._resuming = subcommand == "fit"
-
-    def _check_checkpoint_matches_config(self, subcommand: str, ckpt_path: str) -> None:
-        checkpoint = read_checkpoint(ckpt_path)
-        hparams = dict(checkpoint.get("hyper_parameters") or {})
-        model_config = self.config[subcommand].get("model")
-        if not hparams or model_config is None:
-            return
-        saved_class = hparams.pop("_class_path", None)
-        hparams.pop("_instantiator", None)
-        if saved_class and model_config.get("class_path") and saved_class != model_config.class_path:
-            raise ValueError(
-                f"--ckpt_path {ckpt_path!r} was saved by {saved_class} but the config builds "
-                f"{model_config.class_path}; resume with the model class that wrote it"
-            )
-        init_args = model_config.get("init_args") or {}
-        differences = [
-            difference for key, saved in hparams.items()
-            if key in init_args and key not in self.linked_model_args
-            for difference in _differences(key, _plain(init_args[key]), _plain(saved))
-        ]
-        if differences:
-            raise ValueError(
-                f"--ckpt_path {ckpt_path!r} does not match the model config: " + "; ".join(differences)
-                + ". Resume with the settings the checkpoint was trained with (drop the changed model "
-                "arguments), or start a new run without --ckpt_path."
-            )
+        if ckpt_path and ckpt_path not in SPECIAL_CKPT_PATHS and "://" not in str(ckpt_path):
+            check_checkpoint_matches_config(ckpt_path, config.get("model"), linked_args=self.linked_model_args)
 
     # --------------------------------------------------------------- trainer
     def before_instantiate_classes(self) -> None:
@@ -231,11 +147,11 @@ class FlexLoRACLI(LightningCLI):
         config = self.config.get(str(self.subcommand)) if self.subcommand else None
         if config is None:
             return None
-        trainer = _plain(config.get("trainer") or {})
+        trainer = plain_config_value(config.get("trainer") or {})
         keyed = {
-            "model": _plain(config.get("model")),
-            "data": _plain(config.get("data")),
-            "reallocation": _plain(config.get("reallocation")),
+            "model": plain_config_value(config.get("model")),
+            "data": plain_config_value(config.get("data")),
+            "reallocation": plain_config_value(config.get("reallocation")),
             "trainer": {k: trainer.get(k) for k in _RESULT_TRAINER_KEYS},
         }
         return hashlib.sha256(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -243,11 +159,11 @@ class FlexLoRACLI(LightningCLI):
     # ------------------------------------------------------------------- run
     def _run_subcommand(self, subcommand: str) -> None:
         trainer = self.trainer
-        created = _new_output_dirs(trainer)
+        created = new_output_dirs(trainer)
         if trainer.loggers and trainer.log_dir:
             action = "resumes" if self._resuming else ("evaluates into" if self.run_folder else "writes")
             rank_zero_info(f"flexlora {subcommand}: this run {action} {trainer.log_dir}")
-        restore_sigint = self._catch_sigint()
+        restore_sigint = self._stop.catch_sigint(trainer)
         try:
             super()._run_subcommand(subcommand)
         except BaseException as err:
@@ -256,15 +172,8 @@ class FlexLoRACLI(LightningCLI):
                 # Failed before its first optimizer step: nothing of value was written, so leave nothing behind.
                 for path in created():
                     shutil.rmtree(path, ignore_errors=True)
-            if isinstance(err, SIGTERMException):
-                signum = self._stop_signal or signal.SIGTERM
-                where = f" at optimizer step {trainer.global_step}" if subcommand == "fit" else ""
-                message = f"flexlora {subcommand} stopped by {signal.Signals(signum).name}{where}."
-                if trained and trainer.log_dir:
-                    message += (f" Everything it wrote is in {trainer.log_dir}. Resume it with the same command plus "
-                                f"--ckpt_path last --version {_version_of(trainer)}")
-                rank_zero_info(message)
-                raise RunInterrupted(128 + signum) from err
+            if isinstance(err, SIGTERMException):  # SIGTERM or the first Ctrl-C, after an optimizer step
+                raise self._stop.interrupted(subcommand, trainer, trained) from err
             if trained and trainer.log_dir:
                 rank_zero_info(f"flexlora {subcommand} failed at optimizer step {trainer.global_step}; its logs and "
                                f"checkpoints are kept in {trainer.log_dir}")
@@ -272,32 +181,6 @@ class FlexLoRACLI(LightningCLI):
         finally:
             restore_sigint()
 
-    def _catch_sigint(self) -> Callable[[], None]:
-        """First Ctrl-C: stop like SIGTERM, after the next optimizer step (exact resume); the second aborts.
-
-        Both stops wait for the batch that steps the optimizer (:func:`defer_stop_to_optimizer_step`): with
-        ``accumulate_grad_batches > 1`` a stop inside an accumulation window is held until the window's end.
-        """
-        defer_stop_to_optimizer_step(self.trainer)
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-        previous = signal.getsignal(signal.SIGINT)
-
-        def handler(signum: int, frame: Any) -> None:
-            if self._stop_signal is None:
-                self._stop_signal = signum
-                self.trainer._signal_connector.received_sigterm = True  # what SIGTERM sets; due after a step
-                print("\nCtrl-C: stopping after the next optimizer step and writing a resumable checkpoint "
-                      "(press Ctrl-C again to abort at once)", file=sys.stderr, flush=True)
-                return
-            signal.signal(signal.SIGINT, previous)
-            raise KeyboardInterrupt
-
-        signal.signal(signal.SIGINT, handler)
-        return lambda: signal.signal(signal.SIGINT, previous)
-
-
-_SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry")
 _RESULT_TRAINER_KEYS = ("max_epochs", "max_steps", "accumulate_grad_batches", "precision", "gradient_clip_val",
                         "gradient_clip_algorithm", "limit_train_batches", "devices", "num_nodes", "deterministic")
 
@@ -305,17 +188,6 @@ _RESULT_TRAINER_KEYS = ("max_epochs", "max_steps", "accumulate_grad_batches", "p
 def _label_names_of(data: LightningDataModule) -> list[str] | None:
     names = getattr(data, "label_names", None)
     return list(names) if names else None
-
-
-def _logger_args(config: Any) -> Any:
-    """The init_args of the run's logger (the first one) when it has a run folder, else ``None``."""
-    logger = (config.get("trainer") or {}).get("logger")
-    if isinstance(logger, list):
-        logger = logger[0] if logger else None
-    init_args = getattr(logger, "init_args", None) if logger is not None and not isinstance(logger, bool) else None
-    if init_args is None or "save_dir" not in init_args or "name" not in init_args:
-        return None
-    return init_args
 
 
 def _refuse_misplaced_callbacks(config: Any) -> None:
@@ -337,45 +209,10 @@ def _refuse_misplaced_callbacks(config: Any) -> None:
             )
 
 
-def _locate_run(save_dir: str, name: str, version: int | str | None) -> RunFolder:
-    """The run named by ``version``, or the newest run of ``name`` that holds a checkpoint."""
-    known = versions(save_dir, name)
-    if version is not None:
-        folder = RunFolder(save_dir, name, version_dirname(version))
-        if not folder.path.is_dir():
-            raise ValueError(f"no run folder {folder.path}; runs of '{name}' under {save_dir!r}: {known or 'none'}")
-        return folder
-    for candidate in reversed(known):
-        folder = RunFolder(save_dir, name, candidate)
-        if newest_trained_checkpoint(folder) is not None:
-            return folder
-    raise ValueError(
-        f"no run of '{name}' under {save_dir!r} holds a checkpoint (runs: {known or 'none'}), so there is nothing to "
-        "resume or evaluate; start a new run without --ckpt_path, or name the run with --name/--version"
-    )
-
-
-def _last_checkpoint(folder: RunFolder) -> Path:
-    found = newest_trained_checkpoint(folder)
-    if found is None:
-        raise ValueError(f"run folder {folder.path} holds no readable checkpoint in checkpoints/; nothing to resume. "
-                         "Start a new run without --ckpt_path.")
-    path, step = found
-    rank_zero_info(f"--ckpt_path last: {path} (optimizer step {step}, the most trained state of {folder.path})")
-    return path
-
-
-def _best_checkpoint(folder: RunFolder) -> Path:
-    metrics = folder.path / METRICS_FILENAME
-    best = read_metrics(metrics).get("fit", {}).get("best", {}) if metrics.is_file() else {}
-    if not best.get("checkpoint"):
-        raise ValueError(f"run {folder.path} records no best checkpoint (metrics.json fit.best.checkpoint); the run "
-                         "needs a ModelCheckpoint that monitors val/score. Give a .ckpt path or 'last' instead.")
-    path = folder.path / best["checkpoint"]
-    if not path.is_file():
-        raise ValueError(f"the best checkpoint recorded for run {folder.path}, {path}, does not exist any more")
-    rank_zero_info(f"--ckpt_path best: {path} ({best['monitor']}={best['value']} at optimizer step {best['step']})")
-    return path
+def _recorded_best(run_dir: Path) -> dict[str, Any]:
+    """The best checkpoint a run folder's ``metrics.json`` records (``fit.best``), ``{}`` when none."""
+    metrics = run_dir / METRICS_FILENAME
+    return read_metrics(metrics).get("fit", {}).get("best", {}) if metrics.is_file() else {}
 
 
 def _has_trained(trainer: Trainer) -> bool:
@@ -384,84 +221,6 @@ def _has_trained(trainer: Trainer) -> bool:
     if interrupt is not None:
         return interrupt.has_trained(trainer)
     return trainer.global_step > 0
-
-
-def _version_of(trainer: Trainer) -> int | str | None:
-    return getattr(trainer.logger, "version", None)
-
-
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a Lightning checkpoint safely (``weights_only=True``), with errors that say what is wrong."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"--ckpt_path {path!r} does not exist; give the path of a .ckpt file, or 'last' to resume the most "
-            "trained checkpoint of the run named by --name/--version"
-        )
-    if os.path.isdir(path):
-        raise ValueError(f"--ckpt_path {path!r} is a directory; give the path of a .ckpt file inside it")
-    size = os.path.getsize(path)
-    try:
-        # mmap: only the hyper-parameters are read here, not gigabytes of weights
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # torch raises EOFError, RuntimeError, UnpicklingError... for damaged files
-        raise ValueError(
-            f"--ckpt_path {path!r} is not a readable checkpoint ({size} bytes): the file is empty, truncated or "
-            f"corrupt ({type(err).__name__}). Resume from another checkpoint of the run (e.g. 'last' or a "
-            "periodic one)."
-        ) from err
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ValueError(f"--ckpt_path {path!r} is not a Lightning checkpoint (no 'state_dict' entry)")
-    return checkpoint
-
-
-def _differences(key: str, configured: Any, saved: Any) -> list[str]:
-    """Where a config value contradicts the checkpoint's, as ``key=saved in the checkpoint but key=... in the
-    config`` lines. A ``None`` in the config means "the default" and contradicts nothing; a method given as
-    ``{class_path, init_args}`` is compared by class name, then argument by argument."""
-    if configured is None or configured == saved:
-        return []
-    if isinstance(configured, dict) and isinstance(saved, dict):
-        if "class_path" in configured and "class_path" in saved:
-            if str(configured["class_path"]).rsplit(".", 1)[-1] != str(saved["class_path"]).rsplit(".", 1)[-1]:
-                return [f"{key}={saved['class_path']!r} in the checkpoint but {key}={configured['class_path']!r} in "
-                        "the config"]
-            configured, saved = configured.get("init_args") or {}, saved.get("init_args") or {}
-            key = f"{key}.init_args"
-        return [line for name in configured if name in saved
-                for line in _differences(f"{key}.{name}", configured[name], saved[name])]
-    return [f"{key}={saved!r} in the checkpoint but {key}={configured!r} in the config"]
-
-
-def _plain(value: Any) -> Any:
-    """Config values in comparable form: tuples and other sequences as lists, namespaces as dicts."""
-    if hasattr(value, "as_dict"):
-        value = value.as_dict()
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _new_output_dirs(trainer: Trainer) -> Callable[[], list[str]]:
-    """Note which of the run's output directories exist now; the returned call lists those created since.
-
-    Candidates are the loggers' log directories (the version is fixed when first read) and explicit
-    checkpoint ``dirpath``s; a checkpoint callback without one writes inside the logger's directory.
-    """
-    candidates = []
-    for logger in trainer.loggers:
-        log_dir, save_dir = getattr(logger, "log_dir", None), getattr(logger, "save_dir", None)
-        if log_dir and save_dir:  # the run folder and the parents it brings (<save_dir>/<name>), outermost first
-            parents = [p for p in Path(log_dir).parents if p == Path(save_dir) or Path(save_dir) in p.parents]
-            candidates += [str(p) for p in reversed(parents)]
-        candidates.append(log_dir)
-    candidates += [getattr(cb, "dirpath", None) for cb in trainer.checkpoint_callbacks]
-    fresh = [path for path in dict.fromkeys(candidates) if path and not os.path.exists(path)]
-    # only the outermost new folder of each chain needs removing
-    roots = [p for p in fresh if not any(p != q and Path(q) in Path(p).parents for q in fresh)]
-    return lambda: [path for path in roots if os.path.exists(path)]
 
 
 def build_cli(args: Sequence[str] | None = None, run: bool = True) -> FlexLoRACLI:
