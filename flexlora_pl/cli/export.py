@@ -1,4 +1,4 @@
-"""``flexlora-export``: turn a FlexLoRA Lightning checkpoint into a PEFT adapter, a merged model or an adapter.
+"""``flexlora-export``: turn a Lightning checkpoint of an adapted model into a peft adapter, a merged model, …
 
 Usage::
 
@@ -17,40 +17,39 @@ recorded ``model_name_or_path``; ``--base-model`` points there when the base mod
 (the weights found there must be the ones the checkpoint was trained on). The merged export of a
 transformers model also holds its tokenizer (``--tokenizer`` to choose it), so that
 ``transformers.pipeline(task, model=<out>)`` loads it alone.
+
+The formats, their help and their own flags come from the registry :data:`flexlora_pl.export.FORMATS` (one
+file per format in :mod:`flexlora_pl.export`): a flag of another format is refused, a flag the format needs
+is asked for, both before the checkpoint is read.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-from lightning.pytorch import LightningModule
-
 from flexlora_pl import export
+from flexlora_pl.export import FORMATS, ExportFormat, FormatOption
 
 __all__ = ["FORMATS", "build_parser", "main"]
 
-FORMATS = ("peft", "merged", "adapter")
-
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``flexlora-export``."""
+    """The argument parser of ``flexlora-export``, with the formats registered now."""
     parser = argparse.ArgumentParser(
         prog="flexlora-export",
-        description="Export a FlexLoRA Lightning checkpoint as a PEFT LoRA adapter, a merged model, "
-        "or a FlexLoRA adapter-only checkpoint.",
+        description="Export a Lightning checkpoint of an adapted model (FlexLoRA, LoRA, AdaLoRA, ...) in one of the "
+        f"formats {', '.join(FORMATS)}.",
     )
     parser.add_argument("--ckpt", required=True, type=Path, help="Lightning checkpoint (.ckpt) to export")
     parser.add_argument("--out", required=True, type=Path, help="output directory (created; must be new or empty)")
     parser.add_argument(
         "--format",
         required=True,
-        choices=FORMATS,
-        help="peft: adapter_config.json + adapter_model.safetensors for peft.PeftModel.from_pretrained; "
-        "merged: the base model with the update merged in (no FlexLoRA code needed); "
-        "adapter: FlexLoRA adapter-only checkpoint (load_adapter_checkpoint)",
+        choices=list(FORMATS),
+        help="; ".join(f"{fmt.name}: {fmt.help}" for fmt in FORMATS.values()),
     )
     parser.add_argument(
         "--module-class",
@@ -65,18 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the base model is now, replacing the model_name_or_path recorded in the checkpoint "
         "(a moved folder; it must hold the same weights)",
     )
-    parser.add_argument(
-        "--base-model-name-or-path",
-        default=None,
-        help="peft format: base model recorded in adapter_config.json (default: where the base was loaded from)",
-    )
-    parser.add_argument(
-        "--tokenizer",
-        default=None,
-        metavar="PATH",
-        help="merged format: tokenizer folder or hub name saved with the model (default: the base model's own)",
-    )
-    parser.add_argument("--task-type", default=None, help="peft format: peft task type, e.g. SEQ_CLS or CAUSAL_LM")
+    for option, names in _format_options().items():
+        try:
+            parser.add_argument(option.flag, default=None, metavar=option.metavar,
+                                help=f"{', '.join(names)} format: {option.help}")
+        except argparse.ArgumentError as err:
+            raise ValueError(f"export format {names[0]!r} declares {option.flag}, a flag flexlora-export has "
+                             "already: rename it in its FormatOption") from err
     parser.add_argument(
         "--trust-checkpoint",
         action="store_true",
@@ -94,10 +88,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``flexlora-export``; return the process exit status (0 on success)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    fmt = FORMATS[args.format]
     try:
-        _validate(args)
+        _validate(args, fmt)
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         parser.error(str(err))  # exits with status 2
+    options = {o.keyword: getattr(args, o.keyword) for o in fmt.options if getattr(args, o.keyword) is not None}
     try:
         module = export.load_module_from_checkpoint(
             args.ckpt,
@@ -106,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             trust_remote_code=args.trust_remote_code,
             base_model=args.base_model,
         )
-        _exporter(args)(module)
+        fmt.write(module, args.out, overwrite=args.overwrite, **options)
     except (FileNotFoundError, FileExistsError, ValueError, ImportError) as err:
         print(f"flexlora-export: error: {err}", file=sys.stderr)
         return 1
@@ -114,32 +110,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _validate(args: argparse.Namespace) -> None:
+def _format_options() -> dict[FormatOption, list[str]]:
+    """Every flag a registered format takes, with the formats that take it."""
+    options: dict[FormatOption, list[str]] = {}
+    for fmt in FORMATS.values():
+        for option in fmt.options:
+            options.setdefault(option, []).append(fmt.name)
+    return options
+
+
+def _validate(args: argparse.Namespace, fmt: ExportFormat) -> None:
     """Check what can be checked without reading the checkpoint, before anything is written."""
     if not args.ckpt.is_file():
         raise FileNotFoundError(f"checkpoint {args.ckpt} not found")
     export.check_output_dir(args.out, args.overwrite)
-    if args.format != "peft" and (args.base_model_name_or_path or args.task_type):
-        raise ValueError("--base-model-name-or-path and --task-type only apply to --format peft")
-    if args.format != "merged" and args.tokenizer:
-        raise ValueError("--tokenizer only applies to --format merged")
+    for option, names in _format_options().items():
+        given = getattr(args, option.keyword) is not None
+        if given and option not in fmt.options:
+            raise ValueError(f"{option.flag} only applies to --format {' / '.join(names)}")
+        if option.required and not given and option in fmt.options:
+            raise ValueError(f"--format {fmt.name} needs {option.flag}: {option.help}")
     if args.base_model is not None:
         export.check_base_model(args.base_model)
-
-
-def _exporter(args: argparse.Namespace) -> Callable[[LightningModule], object]:
-    if args.format == "peft":
-        return lambda module: export.export_peft_adapter(
-            module,
-            args.out,
-            base_model_name_or_path=args.base_model_name_or_path,
-            task_type=args.task_type,
-            overwrite=args.overwrite,
-        )
-    if args.format == "merged":
-        return lambda module: export.export_merged(module, args.out, overwrite=args.overwrite,
-                                                   tokenizer=args.tokenizer)
-    return lambda module: export.save_adapter_checkpoint(module, args.out, overwrite=args.overwrite)
 
 
 if __name__ == "__main__":

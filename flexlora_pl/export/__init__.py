@@ -1,25 +1,21 @@
-"""Export a trained FlexLoRA model: a standard PEFT LoRA adapter, a merged model, or an adapter checkpoint.
+"""Export a trained model: a standard peft adapter, a merged model, or a FlexLoRA adapter checkpoint.
 
-A FlexLoRA layer stores its update in SVD form with a rank mask ``m`` (see :mod:`flexlora_pl.core.layer`).
-With ``S`` the active directions and ``r = |S|``, the update is an ordinary rank-``r`` LoRA update::
-
-    ΔW = s · P diag(λ ⊙ m) Q = (α_m / r) · B A      A = diag(λ_S) Q_S  (r, d_in)    B = P_S  (d_out, r)
-                                                    α_m = s · r = α · r / r_init
-
-so peft's per-module scale ``α_m / r`` equals FlexLoRA's fixed scale ``s = α / r_init``. λ is folded
-into ``A``: the PEFT adapter holds ``r (d_in + d_out)`` numbers per module, ``r`` fewer than FlexLoRA's
-own count (which has a λ per direction). The ranks differ across modules, so the adapter config carries
-``rank_pattern`` / ``alpha_pattern`` keyed by exact module paths.
+This package is format plumbing: output folders written atomically, the rebuild of a module from a ``.ckpt``,
+and one file per format registered in :data:`FORMATS` (:mod:`flexlora_pl.export.formats`; ``flexlora-export
+--format`` offers exactly those). What an export holds is the adapting method's
+(:class:`~flexlora_pl.methods.AdaptationMethod`): ``peft_adapter_state`` (FlexLoRA folds λ into a LoRA adapter
+with per-module ranks; LoRA and AdaLoRA give peft's own adapter), ``merge`` and
+``adapter_checkpoint_layers``; a method refuses, naming itself and the reason, a format that makes no sense for it.
 
 What this package writes, from a live model or from a Lightning checkpoint (one file per format):
 
-* :func:`export_peft_adapter`: ``adapter_config.json`` + ``adapter_model.safetensors`` that
+* :func:`export_peft_adapter` (``peft``): ``adapter_config.json`` + ``adapter_model.safetensors`` that
   ``peft.PeftModel.from_pretrained(base_model, out_dir)`` loads with no flexlora_pl code (peft >= 0.14).
   Modules whose update is exactly zero (no active direction, or all active λ zero) are left out of the
   adapter: peft cannot express rank 0, and leaving them out changes no output.
-* :func:`export_merged` / :func:`merged_model`: ΔW added into the base weights and every FlexLoRA layer
-  replaced by its plain ``nn.Linear``: the model costs exactly what the base model costs at inference.
-* :func:`save_adapter_checkpoint` / :func:`load_adapter_checkpoint`: only what was trained (the active
+* :func:`export_merged` / :func:`merged_model` (``merged``): ΔW added into the base weights and every adapter
+  layer replaced by its plain ``nn.Linear``: the model costs exactly what the base model costs at inference.
+* :func:`save_adapter_checkpoint` / :func:`load_adapter_checkpoint` (``adapter``): only what was trained (the active
   part of P, λ, Q, the masks, the ``modules_to_save`` weights) plus a small JSON config, far smaller
   than a full ``.ckpt``. Inactive directions are always zero (pruning zeroes them, free slots start at
   zero), so storing the active part alone is lossless.
@@ -34,13 +30,15 @@ leaves no half-written output; their files and folders get the modes the umask g
 ``0o755`` under umask ``022``), not those of temporary files.
 """
 
+# The format files register themselves on import: a new format is one file plus its line here.
 from flexlora_pl.export.adapter_checkpoint import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
     load_adapter_checkpoint,
     save_adapter_checkpoint,
 )
-from flexlora_pl.export.files import check_output_dir
+from flexlora_pl.export.common import check_output_dir
+from flexlora_pl.export.formats import FORMATS, ExportFormat, FormatOption, register_format
 from flexlora_pl.export.load import check_base_model, load_module_from_checkpoint
 from flexlora_pl.export.merged import export_merged, merged_model
 from flexlora_pl.export.peft_adapter import PEFT_MIN_VERSION, export_peft_adapter
@@ -48,7 +46,10 @@ from flexlora_pl.export.peft_adapter import PEFT_MIN_VERSION, export_peft_adapte
 __all__ = [
     "ADAPTER_CONFIG_NAME",
     "ADAPTER_WEIGHTS_NAME",
+    "FORMATS",
     "PEFT_MIN_VERSION",
+    "ExportFormat",
+    "FormatOption",
     "check_base_model",
     "check_output_dir",
     "export_merged",
@@ -56,5 +57,6 @@ __all__ = [
     "load_adapter_checkpoint",
     "load_module_from_checkpoint",
     "merged_model",
+    "register_format",
     "save_adapter_checkpoint",
 ]

@@ -15,9 +15,12 @@ from torch import nn
 
 from flexlora_pl.core.inject import flexlora_layers, inject_flexlora
 from flexlora_pl.core.layer import FlexLoRALinear
-from flexlora_pl.export.common import _backbone, _require_layers, _saved_module_names, _saved_module_tensors
-from flexlora_pl.export.files import _atomic_output, check_output_dir
-from flexlora_pl.export.peft_adapter import _dropout_p
+from flexlora_pl.export.common import adapted, atomic_output, backbone_of, check_output_dir, saved_module_names
+from flexlora_pl.export.formats import ExportFormat, register_format
+from flexlora_pl.methods.base import module_tensors
+from flexlora_pl.methods.flexlora import dropout_probability
+
+__all__ = ["ADAPTER_CONFIG_NAME", "ADAPTER_WEIGHTS_NAME", "load_adapter_checkpoint", "save_adapter_checkpoint"]
 
 ADAPTER_WEIGHTS_NAME = "flexlora_adapter.safetensors"
 ADAPTER_CONFIG_NAME = "flexlora_adapter.json"
@@ -48,17 +51,20 @@ def save_adapter_checkpoint(
 
     Returns:
         The output directory.
+
+    Raises:
+        ValueError: the model holds no adapter, or its method's adapters are not FlexLoRA layers.
     """
     out = check_output_dir(path, overwrite)
-    backbone = _backbone(model_or_module)
-    layers = _require_layers(backbone)
-    saved = _saved_module_names(model_or_module, backbone, modules_to_save)
+    backbone, method = adapted(model_or_module)
+    layers = method.adapter_checkpoint_layers(backbone)
+    saved = saved_module_names(model_or_module, backbone, method, modules_to_save)
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in layers.items():
         tensors.update(_compact_layer_tensors(name, layer))
-    tensors.update(_saved_module_tensors(backbone, saved, prefix=""))
+    tensors.update(module_tensors(backbone, saved))
     config = _adapter_config(model_or_module, layers, saved)
-    with _atomic_output(out, overwrite) as tmp:
+    with atomic_output(out, overwrite) as tmp:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
     return out
@@ -104,7 +110,7 @@ def _layer_config(layer: FlexLoRALinear) -> dict[str, Any]:
         "init_rank": layer.init_rank,
         "max_rank": layer.max_rank,
         "alpha": layer.alpha,
-        "dropout": _dropout_p(layer),
+        "dropout": dropout_probability(layer),
     }
 
 
@@ -128,7 +134,7 @@ def load_adapter_checkpoint(model_or_module: nn.Module, path: str | Path) -> nn.
         ValueError: the layout does not match (the message names the first mismatching key).
     """
     config, tensors = _read_adapter_checkpoint(Path(path))
-    backbone = _backbone(model_or_module)
+    backbone = backbone_of(model_or_module)
     _check_saved_modules(backbone, config, tensors)
     if not any(True for _ in flexlora_layers(backbone)):
         _check_plain_targets(backbone, config)
@@ -267,3 +273,7 @@ def _restore_layer(layer: FlexLoRALinear, parts: dict[str, torch.Tensor]) -> Non
     layer.lora_lambda[mask] = parts["lora_lambda"].to(layer.lora_lambda)
     layer.lora_Q[mask] = parts["lora_Q"].to(layer.lora_Q)
     layer.rank_mask.copy_(mask)
+
+
+register_format(ExportFormat("adapter", "FlexLoRA adapter-only checkpoint (load_adapter_checkpoint)",
+                             save_adapter_checkpoint))

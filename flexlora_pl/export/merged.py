@@ -1,11 +1,10 @@
-"""The merged model: ΔW added into the base weights, every FlexLoRA layer replaced by its plain
-``nn.Linear`` (peft's layers of the LoRA and AdaLoRA methods by peft's ``merge_and_unload``);
-transformers models carry their tokenizer and label names."""
+"""The merged model: ΔW added into the base weights and no adapter layer left (the method's ``merge``: FlexLoRA
+puts back each layer's ``nn.Linear``, LoRA and AdaLoRA run peft's ``merge_and_unload``), saved in its library's
+format; transformers models carry their tokenizer and label names."""
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import sys
 import warnings
 from pathlib import Path
@@ -15,37 +14,32 @@ from lightning.pytorch import LightningModule
 from safetensors.torch import save_model
 from torch import nn
 
-from flexlora_pl.core.inject import flexlora_layers
-from flexlora_pl.export.common import _backbone, _require_layers
-from flexlora_pl.export.files import _atomic_output, check_output_dir
-from flexlora_pl.export.peft_adapter import _unloaded_copy
-from flexlora_pl.methods.lora import peft_tuner_layers
+from flexlora_pl.export.common import adapted, atomic_output, check_output_dir
+from flexlora_pl.export.formats import ExportFormat, FormatOption, register_format
+
+__all__ = ["export_merged", "merged_model"]
 
 
 def merged_model(model_or_module: nn.Module) -> nn.Module:
-    """A copy of the backbone with every ΔW merged and every FlexLoRA layer replaced by its ``nn.Linear``.
+    """A copy of the backbone with its update merged into the base weights and no adapter layer left.
 
     The caller's model is left untouched (the backbone is deep-copied, so peak memory holds two copies).
-    A backbone adapted by a peft-based method (:class:`~flexlora_pl.methods.LoRA`,
-    :class:`~flexlora_pl.methods.AdaLoRA`) is merged by peft's ``merge_and_unload`` (with its NaN check).
+    How the update is merged is the method's (:meth:`~flexlora_pl.methods.AdaptationMethod.merge`): FlexLoRA
+    replaces every FlexLoRA layer by its merged ``nn.Linear``; the peft-based methods
+    (:class:`~flexlora_pl.methods.LoRA`, :class:`~flexlora_pl.methods.AdaLoRA`) use peft's ``merge_and_unload``
+    (with its NaN check).
 
     Args:
-        model_or_module: a :class:`~flexlora_pl.FlexLoRAModule` or any ``nn.Module`` with FlexLoRA layers.
+        model_or_module: a :class:`~flexlora_pl.FlexLoRAModule` or a model adapted by a registered method.
 
     Returns:
-        The plain model: no FlexLoRA module, same outputs, the base model's inference cost.
+        The plain model: no adapter module, same outputs, the base model's inference cost.
+
+    Raises:
+        ValueError: the model holds no adapter, or its method cannot merge its update.
     """
-    backbone = _backbone(model_or_module)
-    if next(peft_tuner_layers(backbone), None) is not None:
-        return _unloaded_copy(backbone, merge=True)
-    plain = copy.deepcopy(backbone)
-    for name, layer in list(flexlora_layers(plain)):
-        layer.merge()  # a no-op when the layer is already merged: then the base weight holds ΔW
-        if not name:
-            return layer.base
-        parent_name, _, child = name.rpartition(".")
-        setattr(plain.get_submodule(parent_name) if parent_name else plain, child, layer.base)
-    return plain
+    backbone, method = adapted(model_or_module)
+    return method.merge(backbone)
 
 
 def export_merged(
@@ -68,7 +62,7 @@ def export_merged(
     * any other module: ``model.safetensors`` (load with ``safetensors.torch.load_model(model, path)``).
 
     Args:
-        model_or_module: a :class:`~flexlora_pl.FlexLoRAModule` or any ``nn.Module`` with FlexLoRA layers.
+        model_or_module: a :class:`~flexlora_pl.FlexLoRAModule` or a model adapted by a registered method.
         out_dir: output directory; must not exist or be empty unless ``overwrite``.
         overwrite: replace an existing non-empty ``out_dir``.
         tokenizer: transformers models only: the tokenizer to save next to the model, as a loaded
@@ -81,14 +75,13 @@ def export_merged(
         The merged plain model that was saved.
 
     Raises:
-        ValueError: ``tokenizer`` was given but cannot be loaded, or the model is not a transformers model.
+        ValueError: ``tokenizer`` was given but cannot be loaded, or the model is not a transformers model; the
+            model holds no adapter, or its method cannot merge its update.
     """
     out = check_output_dir(out_dir, overwrite)
-    if next(peft_tuner_layers(_backbone(model_or_module)), None) is None:
-        _require_layers(_backbone(model_or_module))
     plain = merged_model(model_or_module)
     tokenizer = _merged_tokenizer(model_or_module, plain, tokenizer, out)
-    with _atomic_output(out, overwrite) as tmp:
+    with atomic_output(out, overwrite) as tmp:
         _save_plain(plain, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
@@ -174,3 +167,10 @@ def _load_tokenizer(source: str) -> tuple[Any, str | None]:
     if len(tokenizer) <= len(set(tokenizer.all_special_tokens)):
         return None, "no tokenizer files there (only an empty tokenizer could be built)"
     return tokenizer, None
+
+
+register_format(ExportFormat(
+    "merged", "the base model with the update merged in (no FlexLoRA code needed)", export_merged,
+    options=(FormatOption("--tokenizer", "tokenizer folder or hub name saved with the model (default: the base "
+                          "model's own)", metavar="PATH"),),
+))

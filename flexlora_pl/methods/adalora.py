@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -81,6 +81,10 @@ class AdaLoRA(PeftAdapterMethod):
 
     name = "adalora"
     extra_per_direction = 1  # a singular value λ per direction
+    peft_type = "ADALORA"
+    peft_fields: ClassVar[dict[str, str]] = {
+        "init_rank": "init_r", "target_rank": "target_r", "alpha": "lora_alpha", "dropout": "lora_dropout",
+        "orth_reg_weight": "orth_reg_weight", "beta1": "beta1", "beta2": "beta2"}
 
     def __init__(self, target_modules: Sequence[str] | None = None, init_rank: int = 12, target_rank: int = 8,
                  alpha: float = 16.0, dropout: float = 0.0, orth_reg_weight: float = 0.1, beta1: float = 0.85,
@@ -145,6 +149,18 @@ class AdaLoRA(PeftAdapterMethod):
 
     def layer_capacity(self, layer: nn.Module) -> int:
         return int(layer.r[ADAPTER_NAME])
+
+    # ---------------------------------------------------------------- export
+    def layer_has_update(self, layer: nn.Module) -> bool:
+        return bool(layer.lora_E[ADAPTER_NAME].any())  # a matrix pruned to rank 0 is left out of a peft export
+
+    def finish_export_config(self, model: nn.Module, config: Any) -> None:
+        """The run's γ (training kept peft's at 0), and a rank pattern keeping every direction whose singular value
+        is non-zero: peft stores only those, so the adapter computes exactly what the model computes (also
+        mid-run, when peft's soft masks have let pruned values grow back)."""
+        config.orth_reg_weight = self.orth_reg_weight
+        config.rank_pattern = {f"{name}.lora_E.{ADAPTER_NAME}": (layer.lora_E[ADAPTER_NAME] != 0).view(-1).tolist()
+                               for name, layer in self.layers(model)}
 
     # ---------------------------------------------------------------- schedule
     def configure_schedule(self, model: nn.Module, total_step: int, tinit: int, tfinal: int, delta_t: int) -> Any:

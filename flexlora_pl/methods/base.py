@@ -17,6 +17,12 @@ The ``RankReallocation`` callback decides *when* (after every optimizer step) an
 the events the driver returns; the driver decides *what* (FlexLoRA's entropy events, peft's AdaLoRA masking).
 A method whose ranks are fixed (LoRA) returns ``None`` and no event fires.
 
+What an export needs of a method is the method's too: :meth:`AdaptationMethod.peft_adapter_state` (the
+peft adapter equal to the model), :meth:`AdaptationMethod.merge` (the plain model with the update merged in),
+:meth:`AdaptationMethod.adapter_checkpoint_layers` (what an adapter-only checkpoint stores) and
+:meth:`AdaptationMethod.recognize` (the method of a plain model that holds its adapters). The defaults refuse,
+naming the method and the reason, so :mod:`flexlora_pl.export` never asks which method it holds.
+
 Adding a method is one new file in this folder with a subclass decorated by :func:`register_method`, and
 its name in ``flexlora_pl/methods/__init__.py``; ``docs/extending.md`` walks through one.
 """
@@ -33,8 +39,10 @@ import torch
 from torch import nn
 
 from flexlora_pl.core.allocator import AllocationEvent, AllocationSettings
+from flexlora_pl.core.layer import FlexLoRALinear
 
-__all__ = ["METHODS", "AdaptationMethod", "AllocationDriver", "StepContext", "build_method", "register_method"]
+__all__ = ["METHODS", "AdaptationMethod", "AllocationDriver", "StepContext", "build_method", "module_tensors",
+           "recognize_method", "register_method"]
 
 #: method name -> class; filled by :func:`register_method`
 METHODS: dict[str, type[AdaptationMethod]] = {}
@@ -135,6 +143,56 @@ class AdaptationMethod(ABC):
     def moves_ranks(self) -> bool:
         """Whether :meth:`allocation_driver` is overridden, i.e. this method's ranks can move."""
         return type(self).allocation_driver is not AdaptationMethod.allocation_driver
+
+    # ---------------------------------------------------------------- export
+    @classmethod
+    def recognize(cls, model: nn.Module) -> AdaptationMethod | None:
+        """This method, as it adapted ``model``, when ``model`` holds its adapters; ``None`` (default) otherwise.
+
+        Lets an export of a plain model (no LightningModule, no ``method`` around it) find its method.
+        """
+        return None
+
+    def peft_adapter_state(self, model: nn.Module, saved_modules: Sequence[str]) -> tuple[Any, dict[str, torch.Tensor]]:
+        """The peft adapter equal to the adapted ``model``: its peft config and the tensors of its weights file.
+
+        Args:
+            model: the adapted backbone (left untouched).
+            saved_modules: exact names of the modules trained in full, stored whole (peft's ``modules_to_save``).
+
+        Returns:
+            ``(config, tensors)``: ``config.save_pretrained(folder)`` plus the tensors saved as the folder's
+            ``adapter_model.safetensors`` make an adapter that ``peft.PeftModel.from_pretrained`` loads.
+
+        Raises:
+            ValueError: the method has no peft form (the default), or this model has none.
+        """
+        raise self.export_refusal("a peft adapter", "it defines no peft form (AdaptationMethod.peft_adapter_state)")
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        """A copy of the adapted ``model`` with the update merged into the base weights and no adapter layer left.
+
+        Args:
+            model: the adapted backbone (left untouched).
+
+        Raises:
+            ValueError: the method cannot merge its update (the default).
+        """
+        raise self.export_refusal("a merged model", "it defines no merge of its update (AdaptationMethod.merge)")
+
+    def adapter_checkpoint_layers(self, model: nn.Module) -> dict[str, FlexLoRALinear]:
+        """The FlexLoRA layers an adapter-only checkpoint stores, by module name.
+
+        Raises:
+            ValueError: the method's adapters are not FlexLoRA layers (the default).
+        """
+        raise self.export_refusal("a FlexLoRA adapter checkpoint", "its adapters are not FlexLoRA layers (the "
+                                  "checkpoint stores their P, λ, Q and rank masks)")
+
+    def export_refusal(self, form: str, reason: str) -> ValueError:
+        """The error of an export that makes no sense for this method: it names the method, the form and why."""
+        return ValueError(f"method {self.name!r} ({type(self).__name__}) cannot be exported as {form} because "
+                          f"{reason}; choose another export format")
 
     # ---------------------------------------------------------------- config
     def as_config(self) -> dict[str, Any]:
@@ -247,3 +305,29 @@ def build_method(spec: AdaptationMethod | dict[str, Any] | str | None, default: 
             raise ValueError(f"method class_path {class_path!r} is not a registered method: {sorted(METHODS)}")
         return cls(**dict(spec.get("init_args") or {}))
     raise TypeError(f"method must be an AdaptationMethod, a name or a class_path dict, got {spec!r}")
+
+
+def recognize_method(model: nn.Module) -> AdaptationMethod:
+    """The registered method whose adapters ``model`` holds (:meth:`AdaptationMethod.recognize`).
+
+    Raises:
+        ValueError: no registered method recognises an adapter in ``model``.
+    """
+    for cls in METHODS.values():
+        method = cls.recognize(model)
+        if method is not None:
+            return method
+    raise ValueError(
+        f"{type(model).__name__} holds no adapter of a registered method ({', '.join(sorted(METHODS))}): no FlexLoRA "
+        "layer and no peft layer that flexlora_pl.methods injected, so nothing to export (a peft.PeftModel saves "
+        "itself with save_pretrained)"
+    )
+
+
+def module_tensors(model: nn.Module, names: Sequence[str], prefix: str = "") -> dict[str, torch.Tensor]:
+    """The state of the submodules ``names`` of ``model`` as detached CPU copies, keyed ``<prefix><name>.<key>``."""
+    tensors = {}
+    for name in names:
+        for key, value in model.get_submodule(name).state_dict().items():
+            tensors[f"{prefix}{name}.{key}"] = value.detach().cpu().contiguous().clone()
+    return tensors

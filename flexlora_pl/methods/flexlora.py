@@ -6,11 +6,24 @@ over active directions) is added to the loss with weight γ. Its allocation driv
 :class:`FlexLoRAAllocation`, runs :class:`~flexlora_pl.core.allocator.FlexLoRAAllocator`'s events on the
 ``reallocation:`` schedule: directions move between layers by importance (spectral entropy by default)
 under the budget b(t).
+
+Exports. The update of a layer with active directions ``S`` (``r = |S|``) is an ordinary rank-``r`` LoRA update::
+
+    ΔW = s · P diag(λ ⊙ m) Q = (α_m / r) · B A      A = diag(λ_S) Q_S  (r, d_in)    B = P_S  (d_out, r)
+                                                    α_m = s · r = α · r / r_init
+
+so peft's per-module scale ``α_m / r`` equals FlexLoRA's fixed scale ``s = α / r_init``, and the peft adapter
+(:meth:`FlexLoRA.peft_adapter_state`) holds ``r (d_in + d_out)`` numbers per module, λ folded into ``A``. The
+ranks differ across modules, so its config carries ``rank_pattern`` / ``alpha_pattern`` keyed by exact module
+paths; a module whose update is exactly zero is left out (peft cannot express rank 0; no output changes).
 """
 
 from __future__ import annotations
 
+import copy
+import re
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,10 +34,13 @@ from flexlora_pl.core.allocator import AllocationEvent, AllocationSettings, Flex
 from flexlora_pl.core.first_update import FirstUpdateMonitor
 from flexlora_pl.core.importance import STATEFUL_METRICS, importance_scores
 from flexlora_pl.core.inject import flexlora_layers, inject_flexlora
+from flexlora_pl.core.layer import FlexLoRALinear
 from flexlora_pl.core.orthogonality import ORTH_REG_FORMS, FactorBatch, group_by_shape, orthogonality_penalty
-from flexlora_pl.methods.base import AdaptationMethod, AllocationDriver, StepContext, register_method
+from flexlora_pl.methods.base import AdaptationMethod, AllocationDriver, StepContext, module_tensors, register_method
 
-__all__ = ["FlexLoRA", "FlexLoRAAllocation"]
+__all__ = ["FlexLoRA", "FlexLoRAAllocation", "dropout_probability"]
+
+_PEFT_PREFIX = "base_model.model."  # where peft's LoRA model keeps the wrapped model in its state dict
 
 
 @register_method
@@ -87,6 +103,51 @@ class FlexLoRA(AdaptationMethod):
     def matrix_shapes(self, model: nn.Module) -> dict[str, int]:
         # a direction is a P column, a Q row and a λ
         return {name: layer.in_features + layer.out_features + 1 for name, layer in flexlora_layers(model)}
+
+    # ---------------------------------------------------------------- export
+    @classmethod
+    def recognize(cls, model: nn.Module) -> FlexLoRA | None:
+        # the layers carry every setting an export reads, so the method's own defaults do
+        return cls() if next(flexlora_layers(model), None) is not None else None
+
+    def adapter_checkpoint_layers(self, model: nn.Module) -> dict[str, FlexLoRALinear]:
+        layers = dict(flexlora_layers(model))
+        if not layers:
+            raise ValueError(f"{type(model).__name__} holds no FlexLoRA layer: nothing to export")
+        return layers
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        """A copy of ``model`` with every ΔW merged and every FlexLoRA layer replaced by its ``nn.Linear``."""
+        plain = copy.deepcopy(model)
+        for name, layer in list(flexlora_layers(plain)):
+            layer.merge()  # a no-op when the layer is already merged: then the base weight holds ΔW
+            if not name:
+                return layer.base
+            parent_name, _, child = name.rpartition(".")
+            setattr(plain.get_submodule(parent_name) if parent_name else plain, child, layer.base)
+        return plain
+
+    def peft_adapter_state(self, model: nn.Module, saved_modules: Sequence[str]) -> tuple[Any, dict[str, torch.Tensor]]:
+        """A ``peft.LoraConfig`` with exact module paths, per-module ranks and α = s · r, and peft's tensors:
+        ``base_model.model.<path>.lora_{A,B}.weight`` (λ folded into ``A``) and the saved modules whole.
+
+        Raises:
+            ValueError: no module has a non-zero update, or module paths that peft could not tell apart.
+        """
+        exported = {name: layer for name, layer in self.adapter_checkpoint_layers(model).items()
+                    if bool((layer.masked_lambda() != 0).any())}  # some active direction with λ ≠ 0
+        if not exported:
+            raise ValueError(
+                "no FlexLoRA layer has a non-zero update (every active λ is zero or no direction is active): the "
+                "model equals its base model; use export_merged or save_adapter_checkpoint instead"
+            )
+        tensors: dict[str, torch.Tensor] = {}
+        for name, layer in exported.items():
+            lora_a, lora_b = _lora_factors(layer)
+            tensors[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = lora_a
+            tensors[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = lora_b
+        tensors.update(module_tensors(model, saved_modules, prefix=_PEFT_PREFIX))
+        return _lora_config(model, exported, list(saved_modules)), tensors
 
 
 class FlexLoRAAllocation(AllocationDriver):
@@ -186,3 +247,78 @@ class FlexLoRAAllocation(AllocationDriver):
         self.first_updates.load_state_dict(state.get("first_update_pending", []))
         if self.tracker is not None and self.settings.importance in state:
             self.tracker.load_state_dict(state[self.settings.importance])
+
+
+# ---------------------------------------------------------------------- the peft form of FlexLoRA layers
+def dropout_probability(layer: FlexLoRALinear) -> float:
+    """The dropout probability on a FlexLoRA layer's input (0 when it has none)."""
+    return float(layer.dropout.p) if isinstance(layer.dropout, nn.Dropout) else 0.0
+
+
+@torch.no_grad()
+def _lora_factors(layer: FlexLoRALinear) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A = diag(λ_S) Q_S`` (r, d_in) and ``B = P_S`` (d_out, r) over the active directions ``S``."""
+    active = layer.rank_mask
+    lam = layer.lora_lambda.float()[active]  # (r,)
+    lora_a = (lam[:, None] * layer.lora_Q.float()[active]).to(layer.lora_Q.dtype)  # (r, d_in)
+    lora_b = layer.lora_P[:, active]  # (d_out, r)
+    return lora_a.detach().cpu().contiguous(), lora_b.detach().cpu().contiguous()
+
+
+def _lora_config(model: nn.Module, exported: dict[str, FlexLoRALinear], saved: list[str]) -> Any:
+    from peft import LoraConfig
+
+    ranks = {name: layer.rank for name, layer in exported.items()}
+    alphas = {name: layer.alpha * ranks[name] / layer.init_rank for name, layer in exported.items()}
+    order = list(exported)
+    _check_pattern_keys(order, ranks, alphas)
+    default_rank = Counter(ranks[n] for n in order).most_common(1)[0][0]
+    default_alpha = next(alphas[n] for n in order if ranks[n] == default_rank)
+    dropout = Counter(dropout_probability(exported[n]) for n in order).most_common(1)[0][0]
+    return LoraConfig(
+        r=default_rank,
+        lora_alpha=default_alpha,
+        lora_dropout=dropout,
+        target_modules=_target_modules(model, order),
+        rank_pattern={n: ranks[n] for n in order},
+        alpha_pattern={n: alphas[n] for n in order},
+        modules_to_save=saved or None,
+        bias="none",
+        inference_mode=True,
+    )
+
+
+def _check_pattern_keys(names: Sequence[str], ranks: dict[str, int], alphas: dict[str, float]) -> None:
+    """Refuse paths for which peft's ``rank_pattern`` lookup could pick another module's entry.
+
+    peft matches a key ``k`` against a module name with the regex ``(.*\\.)?(k)$`` and takes the first
+    key that matches (the key is a regex: its dots match any character); older releases used
+    ``.*\\.k$`` with an exact-name fallback. peft writes the patterns sorted by key, so no order can be
+    relied on: when another key also matches a module's path (one path is a dotted suffix of the
+    other), the module may get that key's rank, which is harmless only if rank and α are the same.
+    """
+    for name in names:
+        for key in names:
+            clash = key != name and re.match(rf"(.*\.)?({key})$", name)
+            if clash and (ranks[key], alphas[key]) != (ranks[name], alphas[name]):
+                raise ValueError(
+                    f"peft could apply the rank of {key!r} (r={ranks[key]}) to {name!r} (r={ranks[name]}): one "
+                    "path is a suffix of the other. Export this model with export_merged instead"
+                )
+
+
+def _target_modules(model: nn.Module, names: Sequence[str]) -> list[str] | str:
+    """The exact list of exported paths, or an anchored regex when the list would select more.
+
+    peft also targets every module whose name ends with ``"." + target``; when such a module exists
+    (a nested module with the same tail), a regex that peft full-matches keeps the selection exact.
+    Module names are those of the model without FlexLoRA (no ``.base`` / ``.dropout`` children).
+    """
+    wrappers = [n for n, _ in flexlora_layers(model)]
+    exported = set(names)
+    others = [n for n, _ in model.named_modules()
+              if n and n not in exported and not any(n.startswith(w + ".") for w in wrappers)]
+    if any(other.endswith("." + name) for other in others for name in names):
+        return "(?:" + "|".join(re.escape(n) for n in names) + ")"
+    return list(names)
+

@@ -15,12 +15,13 @@ every state-dict name keeps its path (``bert.encoder.layer.0.attention.self.quer
 next to ``...query.base_layer.weight``; the head keeps ``classifier.weight``). Rank patterns, TensorBoard
 tags and checkpoints therefore name the same modules under every method, and no peft forward wrapper
 can add anything to the loss. The head is trained in place (``requires_grad``) rather than through
-peft's ``modules_to_save`` copies; the export (:func:`flexlora_pl.export.export_peft_adapter`) writes it
-into the adapter as ``modules_to_save``.
+peft's ``modules_to_save`` copies; the peft form of the model (:meth:`PeftAdapterMethod.peft_adapter_state`,
+what :func:`flexlora_pl.export.export_peft_adapter` writes) holds it as ``modules_to_save``.
 """
 
 from __future__ import annotations
 
+import copy
 import re
 import sys
 from collections.abc import Iterator, Sequence
@@ -70,12 +71,17 @@ class PeftAdapterMethod(AdaptationMethod):
     """Base of the methods whose layers are peft's: targets, freezing, seeding and in-place injection.
 
     A subclass implements :meth:`peft_config`, :meth:`tuner_class`, :meth:`is_own_layer`,
-    :meth:`layer_parameters`, :meth:`layer_rank`, :meth:`layer_capacity` and :meth:`capacity`. peft is
-    imported only when a model is adapted (importing it takes seconds).
+    :meth:`layer_parameters`, :meth:`layer_rank`, :meth:`layer_capacity` and :meth:`capacity`, and sets
+    :attr:`peft_type` and :attr:`peft_fields`. peft is imported only when a model is adapted (importing it
+    takes seconds).
     """
 
     #: parameters per direction besides the ``d_in + d_out`` of a factor pair (AdaLoRA's singular value: 1)
     extra_per_direction: ClassVar[int] = 0
+    #: peft's name of the method (``peft_type`` of its config): how :meth:`recognize` tells the methods apart
+    peft_type: ClassVar[str] = ""
+    #: constructor argument -> the field of the peft config that holds it (rebuilds the method from a model)
+    peft_fields: ClassVar[dict[str, str]] = {}
 
     # ---------------------------------------------------------------- to implement
     def tuner_class(self) -> type:
@@ -176,6 +182,78 @@ class PeftAdapterMethod(AdaptationMethod):
         return {name: layer.in_features + layer.out_features + self.extra_per_direction
                 for name, layer in self.layers(model)}
 
+    # ---------------------------------------------------------------- export
+    @classmethod
+    def recognize(cls, model: nn.Module) -> PeftAdapterMethod | None:
+        tuner = peft_tuner(model)
+        config = tuner.peft_config.get(ADAPTER_NAME) if tuner is not None else None
+        if config is None or config.peft_type != cls.peft_type:
+            return None
+        return cls(**{arg: getattr(config, field) for arg, field in cls.peft_fields.items()})
+
+    def adapter_checkpoint_layers(self, model: nn.Module) -> dict[str, FlexLoRALinear]:
+        raise self.export_refusal("a FlexLoRA adapter checkpoint", "its layers are peft's, not FlexLoRA layers; "
+                                  "the peft adapter (--format peft, export_peft_adapter) holds what it trained")
+
+    def layer_has_update(self, layer: nn.Module) -> bool:
+        """Whether a peft export keeps ``layer`` (default: always; AdaLoRA leaves out a matrix pruned to rank 0)."""
+        return True
+
+    def finish_export_config(self, model: nn.Module, config: Any) -> None:
+        """Complete the config of a peft export of ``model`` in place (AdaLoRA: its rank pattern and γ)."""
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        """peft's ``merge_and_unload`` (with its NaN check) on a copy of ``model``."""
+        return self.unloaded_copy(model, merge=True)
+
+    def peft_adapter_state(self, model: nn.Module, saved_modules: Sequence[str]) -> tuple[Any, dict[str, torch.Tensor]]:
+        """What ``PeftModel.save_pretrained`` would write for a ``PeftModel`` equal to ``model``.
+
+        The layers were injected in place (no ``PeftModel`` wrapper, the head trained in place), so a copy of
+        ``model`` is unloaded to the plain model (trained head included), wrapped by ``peft.get_peft_model``
+        with the run's config plus ``modules_to_save``, given the trained adapter tensors (same module paths),
+        and read back by peft's ``get_peft_model_state_dict``. The caller's model is left untouched.
+
+        Raises:
+            ValueError: no layer has an update, or the copy's adapter tensors do not match the model's.
+        """
+        import peft
+
+        config = copy.deepcopy(_own_tuner(model).peft_config[ADAPTER_NAME])
+        plain = self.unloaded_copy(model, merge=False)
+        layers = dict(self.layers(model))
+        kept = [name for name, layer in layers.items() if self.layer_has_update(layer)]
+        if not kept:
+            raise ValueError(f"no {type(self).__name__} layer has a non-zero update (every direction is pruned): the "
+                             "model equals its base model; use export_merged or keep the checkpoint instead")
+        if len(kept) < len(layers):  # a matrix without update is left out, as FlexLoRA's export does
+            config.target_modules = peft_target_modules(plain, kept)
+        config.modules_to_save = list(saved_modules) or None
+        config.inference_mode = True
+        config.task_type = None  # a generic PeftModel: a task class would add modules_to_save of its own
+        with torch.random.fork_rng(devices=[]):  # the fresh adapter's draws are overwritten: leave the RNG alone
+            peft_model = peft.get_peft_model(plain, config, adapter_name=ADAPTER_NAME)
+        trained = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, param in peft_model.get_base_model().named_parameters():
+                if ".lora_" in name or ".ranknum." in name:
+                    if name not in trained:
+                        raise ValueError(f"the adapter tensor {name!r} of the export has no counterpart in the model")
+                    param.copy_(trained[name])
+        saved_config = peft_model.peft_config[ADAPTER_NAME]
+        self.finish_export_config(peft_model.get_base_model(), saved_config)
+        tensors = peft.get_peft_model_state_dict(peft_model, adapter_name=ADAPTER_NAME, save_embedding_layers=False)
+        return saved_config, {key: t.detach().cpu().contiguous().clone() for key, t in tensors.items()}
+
+    def unloaded_copy(self, model: nn.Module, merge: bool) -> nn.Module:
+        """A copy of ``model`` without its peft layers (``merge``: with their updates merged into the weights)."""
+        duplicate = copy.deepcopy(model)  # the tuner is copied with it and points at the copy
+        tuner = _own_tuner(duplicate)
+        plain = tuner.merge_and_unload(safe_merge=True) if merge else tuner.unload()
+        drop_peft_tuner(plain)
+        plain.__dict__.pop("peft_config", None)  # peft removes it; a leftover would make transformers see an adapter
+        return plain
+
 
 @register_method
 class LoRA(PeftAdapterMethod):
@@ -191,6 +269,8 @@ class LoRA(PeftAdapterMethod):
 
     name = "lora"
     extra_per_direction = 0
+    peft_type = "LORA"
+    peft_fields: ClassVar[dict[str, str]] = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout"}
 
     def __init__(self, target_modules: Sequence[str] | None = None, r: int = 8, alpha: float = 16.0,
                  dropout: float = 0.0) -> None:
@@ -227,6 +307,16 @@ class LoRA(PeftAdapterMethod):
 
     def capacity(self) -> int:
         return self.r
+
+
+def _own_tuner(model: nn.Module) -> Any:
+    tuner = peft_tuner(model)
+    if tuner is None:
+        raise ValueError(
+            f"{type(model).__name__} holds peft layers but not the tuner that injected them; only models adapted by "
+            "flexlora_pl.methods (LoRA, AdaLoRA) are exported here: save a peft.PeftModel with its own save_pretrained"
+        )
+    return tuner
 
 
 # ---------------------------------------------------------------------- targets
