@@ -11,8 +11,16 @@ adalora   :class:`AdaLoRA`: peft's AdaLoRA, ``init_rank`` pruned to an average `
 """
 
 from flexlora_pl.methods.adalora import AdaLoRA
-from flexlora_pl.methods.base import METHODS, AdaptationMethod, build_method, register_method
+from flexlora_pl.methods.base import (
+    METHODS,
+    AdaptationMethod,
+    AllocationDriver,
+    StepContext,
+    build_method,
+    register_method,
+)
 from flexlora_pl.methods.flexlora import FlexLoRA
 from flexlora_pl.methods.lora import LoRA
 
-__all__ = ["METHODS", "AdaLoRA", "AdaptationMethod", "FlexLoRA", "LoRA", "build_method", "register_method"]
+__all__ = ["METHODS", "AdaLoRA", "AdaptationMethod", "AllocationDriver", "FlexLoRA", "LoRA", "StepContext",
+           "build_method", "register_method"]
