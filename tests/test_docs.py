@@ -1,7 +1,8 @@
 """The docs match the code. Every worked example of ``docs/extending.md`` runs: the DoRA method registers and
 trains through ``FlexLoRAModule``, the importance override is the one the callback's scores come from, the new
-task runs through the ``flexlora`` command, and the new-direction initialisation draws what it says at an
-event without changing the output. The numbers and names the other docs quote are checked against the code."""
+task runs through the ``flexlora`` command, the new-direction initialisation draws what it says at an
+event without changing the output, and the new export format is selectable through ``flexlora-export``. The
+numbers and names the other docs quote are checked against the code."""
 
 from __future__ import annotations
 
@@ -85,7 +86,7 @@ def test_the_importance_override_example_scores_entropy_times_norm(examples, tmp
 def test_every_python_block_is_covered_by_a_test():
     """A new example must come with a test: each block is one of those exercised in this file."""
     markers = ["class DoRA", "class EntropyTimesNorm", "class FirstTokenClassifier", "def uniform_init",
-               "def participation_ratio"]
+               "def participation_ratio", "def export_ranks"]
     blocks = _python_blocks()
     assert len(blocks) == len(markers)
     assert all(sum(marker in block for block in blocks) == 1 for marker in markers)
@@ -177,6 +178,39 @@ def test_the_importance_example_is_selectable_and_decides_the_event(examples):
     assert decision.prune == (0, 1) and set(decision.expand) == {2, 3}
     with pytest.raises(ValueError, match="importance='participations' is not one of"):
         RankReallocation(importance="participations")
+
+
+def test_the_export_format_example_is_selectable_in_flexlora_export(examples, tmp_path, tiny_tokenizer_dir, capsys):
+    import lightning as L
+
+    from flexlora_pl import prune_direction
+    from flexlora_pl.cli.export import main
+    from flexlora_pl.export import FORMATS
+    from flexlora_pl.methods import FlexLoRA
+    from flexlora_pl.tasks.sequence_classification import FlexLoRASequenceClassifier
+
+    try:
+        assert FORMATS["ranks"].write is examples["export_ranks"]
+        make_tiny_glue_run(tmp_path, tiny_tokenizer_dir)
+        module = FlexLoRASequenceClassifier(str(tmp_path / "model"), num_labels=2, init_seed=0,
+                                            method=FlexLoRA(["query", "value"], init_rank=2, max_rank=4))
+        prune_direction(next(layer for _, layer in module.flexlora_layers()))  # ranks that differ
+        torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                    "pytorch-lightning_version": L.__version__}, tmp_path / "run.ckpt")
+        args = ["--ckpt", str(tmp_path / "run.ckpt"), "--out", str(tmp_path / "ranks"), "--format", "ranks",
+                "--module-class", "flexlora_pl.tasks.sequence_classification.FlexLoRASequenceClassifier"]
+        with pytest.raises(SystemExit):
+            main([*args, "--tokenizer", "x"])  # the merged format's flag
+        assert "--tokenizer only applies to --format merged" in capsys.readouterr().err
+        assert main([*args, "--indent", "1"]) == 0
+        text = (tmp_path / "ranks" / "ranks.json").read_text()
+        assert text.startswith('{\n "method": "flexlora"')
+        expected = module.method.rank_pattern(module.backbone)
+        assert json.loads(text) == {"method": "flexlora", "rank_pattern": expected,
+                                    "max_ranks": dict.fromkeys(expected, 4)}
+        assert sorted(set(expected.values())) == [1, 2]
+    finally:
+        FORMATS.pop("ranks", None)  # the registry as it was for the other tests
 
 
 def test_faq_budget_table_is_what_the_schedule_computes():
