@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from flexlora_pl.callbacks.event_log import SPECTRA_FILENAME, log_event, log_measurements, write_spectra
 from flexlora_pl.callbacks.optimizer_rebuild import rebuild_optimizer
 from flexlora_pl.core.allocation import AllocationDecision
 from flexlora_pl.core.allocator import AllocationEvent, AllocationSettings, count_dead_ends
@@ -26,58 +27,38 @@ from flexlora_pl.core.checks import require_bool, require_int
 from flexlora_pl.core.importance import SensitivityTracker
 from flexlora_pl.methods.base import AllocationDriver, StepContext
 from flexlora_pl.methods.flexlora import FlexLoRAAllocation
-from flexlora_pl.runs.atomic import write_json_atomic
 from flexlora_pl.runs.consensus import check_same_decision
 from flexlora_pl.runs.seeding import resolve_seed
 from flexlora_pl.runs.strategy import refuse_sharded_strategy
 
 __all__ = ["SPECTRA_FILENAME", "RankReallocation", "sensitivity_tracker"]
 
-SPECTRA_FILENAME = "lambda_spectra.json"
-"""Written into the run folder at every event: every module's active λ as scored there (paper Figure 3)."""
-
 
 class RankReallocation(Callback):
     """Move rank between FlexLoRA layers during training (paper Algorithm 1).
 
-    After optimizer step ``t`` with ``t_warmup < t < T − t_final`` and ``(t − t_warmup) % delta_t == 0``,
-    the ``b(t)`` least important layers each lose their weakest direction and the ``b(t)`` most
-    important layers each gain a new one. ``t`` counts optimizer steps, so gradient accumulation is
-    handled. Per event the callback writes every layer's rank and importance, b(t) and the total active
-    rank to the Trainer's loggers (at the event's step, whatever ``log_every_n_steps`` is), and keeps
-    the whole trajectory in :attr:`history`, which is saved in checkpoints.
-
-    The callback decides *when*; what an event does is the method's allocation driver
-    (:meth:`AdaptationMethod.allocation_driver <flexlora_pl.methods.AdaptationMethod.allocation_driver>`, built
-    from this callback's settings, :class:`~flexlora_pl.core.allocator.AllocationSettings`): FlexLoRA's events
-    (:class:`~flexlora_pl.methods.flexlora.FlexLoRAAllocation`, the default for a module without a ``method``),
-    peft's AdaLoRA masking, or none for a method with fixed ranks (LoRA). Whatever the driver, the events it
-    returns are appended to :attr:`history`, written to ``lambda_spectra.json`` and logged through one path.
+    After optimizer step ``t`` with ``t_warmup < t < T − t_final`` and ``(t − t_warmup) % delta_t == 0`` (``t``
+    counts optimizer steps, so gradient accumulation is handled), the ``b(t)`` least important layers each
+    lose their weakest direction and the ``b(t)`` most important each gain a new one. The callback decides
+    *when*; what an event does is the method's allocation driver (:meth:`AdaptationMethod.allocation_driver
+    <flexlora_pl.methods.AdaptationMethod.allocation_driver>`, built from :class:`~flexlora_pl.core.allocator.
+    AllocationSettings`): FlexLoRA's events (also for a module without a ``method``), peft's AdaLoRA masking,
+    or none for fixed ranks (LoRA). Every driver's events go through one path: :attr:`history` (saved in
+    checkpoints), ``lambda_spectra.json`` (:data:`SPECTRA_FILENAME`: each module's active λ as scored) and
+    the loggers (ranks, importance, b(t), total rank, at the event's step).
 
     Scores come from the LightningModule's ``importance_scores(metric)`` whenever it has one
-    (:class:`~flexlora_pl.FlexLoRAModule` does): it is called with ``importance`` at every event, for
-    every metric, ``sensitivity`` included, so a subclass that overrides it always decides. A module
-    without the method is scored by the built-in metric. A stateful metric (``sensitivity``) is fed before
-    every optimizer step by the driver; the module reads its tracker through :func:`sensitivity_tracker`.
-
-    Every event also records, per module, the active λ it was scored on (the run folder's
-    ``lambda_spectra.json``, :data:`SPECTRA_FILENAME`), the directions it pruned and added by slot, and
-    how many of its prunes removed a direction that one of the last ``flip_flop_window`` events had added
-    (a *flip-flop*: eq. 3 divides by ``log r``, so a module's score drops when it gains a zero direction);
-    the cumulative count is logged as ``flexlora/flip_flops``. Modules that the events pruned down to
-    rank 1 and that no later event expanded are *dead ends* (:attr:`dead_ends`): a single direction has
-    entropy 0, so under the entropy metrics such a module scores lowest and is never chosen to grow again.
-    At the optimizer step after an event, the size of the new directions' first λ update relative to the
-    same step's update of the module's other active λ entries is logged as
-    ``flexlora/new_direction_update_ratio`` (≈ 3.2 for zeroed Adam moments and a steady gradient; see
-    ``new_direction_moments``).
+    (:class:`~flexlora_pl.FlexLoRAModule` does), for every metric, so a subclass that overrides it always
+    decides; a stateful metric (``sensitivity``) is fed before every optimizer step by the driver and read
+    through :func:`sensitivity_tracker`. Diagnostics: ``flexlora/flip_flops`` counts prunes of a direction
+    added at one of the last ``flip_flop_window`` events (eq. 3 divides by ``log r``, so a module's score
+    drops when it gains a zero direction); :attr:`dead_ends` are modules pruned to rank 1, where entropy is
+    0 and no event expands them again; ``flexlora/new_direction_update_ratio`` is a new direction's first λ
+    update over its module's settled ones (≈ 3.2 for zeroed Adam moments; see ``new_direction_moments``).
+    Under DDP each event's decision is compared across processes (:mod:`flexlora_pl.runs.consensus`).
 
     Everything is checked when fitting starts (``on_fit_start``, after the LightningModule's own
     ``setup``, so the number of optimizer steps can depend on data built there), before the first step.
-
-    Under DDP every process decides on its own replica; at each event the decisions are compared with one
-    small collective (a checksum), and a run whose processes disagree stops with an error naming the event
-    (:mod:`flexlora_pl.runs.consensus`) instead of letting DDP's buffer broadcast hide the divergence.
 
     ``budget_formula``, ``rank_cap``, ``prune_by``, ``new_direction_std`` and ``rebuild_optimizer`` reproduce
     behaviours of the authors' reference code, so that what each costs can be measured
@@ -90,11 +71,11 @@ class RankReallocation(Callback):
         t_final: the last ``t_final`` optimizer steps run with frozen ranks.
         delta_t: optimizer steps between events.
         total_steps: total optimizer steps ``T``; by default ``trainer.estimated_stepping_batches``.
-        importance: importance metric: ``entropy`` (paper), ``nuclear``, ``frobenius``,
-            ``sensitivity``, ``elem_energy_entropy`` or ``mat_energy_entropy``.
+        importance: importance metric: ``entropy`` (paper), ``nuclear``, ``frobenius``, ``sensitivity``,
+            ``elem_energy_entropy``, ``mat_energy_entropy``, or one registered with ``register_importance``.
         mode: ``prune_and_expand`` (paper; total rank conserved), ``prune_only`` or ``expand_only``.
-        init: initialisation of a new direction: ``zero_impact`` (paper), ``orthogonal``, ``small``
-            or ``zero``.
+        init: initialisation of a new direction: ``zero_impact`` (paper), ``orthogonal``, ``small``, ``zero``,
+            or one registered with ``register_expansion_init``.
         r_min: no layer is pruned below this rank. In ``prune_and_expand`` and ``prune_only`` at least
             one layer must start above it, or no rank could ever move; ``expand_only`` ignores it.
         b_schedule: ``cubic`` (paper eq. 4) or ``constant`` (b0 at every event).
@@ -321,18 +302,13 @@ class RankReallocation(Callback):
         self._take_measurements(trainer.loggers)
         self.history.append(record)
         self.spectra.append({"step": record["step"], "spectra": event.spectra})
-        self._write_spectra(trainer)
-        self._log_event(trainer, record)
+        write_spectra(trainer, self.spectra)
+        log_event(trainer.loggers, record, self.layer_names, self.flip_flop_count, self.verbose)
 
     def _take_measurements(self, loggers) -> None:
         """Diagnostics the driver measured on the device since the last host sync: into their events and logs."""
-        if self._driver is None:
-            return
-        for step, index, values in self._driver.measurements():
-            if 0 <= index < len(self.history):
-                self.history[index].update(values)
-            for logger in loggers or ():
-                logger.log_metrics({f"flexlora/{key}": value for key, value in values.items()}, step=step)
+        if self._driver is not None:
+            log_measurements(self._driver.measurements(), self.history, loggers)
 
     @property
     def flip_flop_count(self) -> int:
@@ -356,31 +332,6 @@ class RankReallocation(Callback):
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._take_measurements(trainer.loggers)
-
-    @rank_zero_only
-    def _write_spectra(self, trainer: Trainer) -> None:
-        folder = trainer.log_dir if trainer.loggers and trainer.log_dir else None
-        if folder is not None:
-            write_json_atomic(f"{folder}/{SPECTRA_FILENAME}", {"events": self.spectra})
-
-    def _log_event(self, trainer: Trainer, record: dict[str, Any]) -> None:
-        metrics: dict[str, float] = {
-            "flexlora/budget": float(record["budget"]),
-            "flexlora/total_rank": float(sum(record["ranks"])),
-            "flexlora/flip_flops": float(self.flip_flop_count),
-        }
-        for name, rank, score in zip(self.layer_names, record["ranks"], record["scores"], strict=True):
-            metrics[f"flexlora_rank/{name}"] = float(rank)
-            metrics[f"flexlora_importance/{name}"] = float(score)
-        # Written straight to the loggers (as LearningRateMonitor does): ``self.log`` from a callback
-        # only reaches them on steps that are multiples of ``log_every_n_steps``, and events are not.
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=record["step"])
-        if self.verbose:
-            rank_zero_info(
-                f"[step {record['step']}] b={record['budget']} total_rank={sum(record['ranks'])} "
-                f"pruned={record['pruned']} expanded={record['expanded']}"
-            )
 
     # ------------------------------------------------------------------ state
     @override
