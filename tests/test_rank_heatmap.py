@@ -240,3 +240,20 @@ def test_heatmap_figure_matches_the_rendered_image():
     image = render_heatmap(demo_ranks(), 12, module_names=bert_names(6), dpi=80)
     width, height = fig.get_size_inches() * fig.dpi
     assert image.shape[1] == pytest.approx(height, abs=1) and image.shape[2] == pytest.approx(width, abs=1)
+
+
+def test_the_figure_registry_draws_a_runs_rank_record():
+    from matplotlib.figure import Figure
+
+    from flexlora_pl.figures import FIGURES, register_figure
+
+    record = {"rank_pattern": {"backbone.a": 3, "backbone.b": 1}, "max_rank": {"backbone.a": 4, "backbone.b": 4},
+              "events": [{"step": 5, "ranks": [3, 1]}, {"step": 7, "ranks": [2, 2]}]}
+    figure = FIGURES["rank_heatmap"](record)
+    assert isinstance(figure, Figure)
+    image = figure.axes[0].images[0].get_array()
+    assert image.tolist() == [[3, 2], [1, 2]]  # modules × events
+    with pytest.raises(ValueError, match="holds no allocation event"):
+        FIGURES["rank_heatmap"]({**record, "events": []})
+    with pytest.raises(ValueError, match="figure name 'rank_heatmap' is taken"):
+        register_figure("rank_heatmap")(lambda record: None)

@@ -5,7 +5,7 @@
 Two kinds of figure, both read from what every run leaves in its folder:
 
 - ``<sweep>_<method>_seed<k>.png``: the modules × events rank heat-map of one run (``rank_pattern.json``), drawn
-  with :func:`flexlora_pl.callbacks.rank_heatmap.heatmap_figure`, as TensorBoard shows it;
+  with :func:`flexlora_pl.figures.heatmap_figure`, as TensorBoard shows it;
 - ``<sweep>_validation.png``: validation accuracy against the optimizer step for each method of a sweep, the
   mean over its seeds with the seeds' range shaded (``metrics.json``: ``fit.history``).
 
@@ -25,7 +25,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from flexlora_pl.callbacks.rank_heatmap import heatmap_figure
+from flexlora_pl.figures import heatmap_figure
 
 HERE = Path(__file__).parent
 TASK = "tweets"
