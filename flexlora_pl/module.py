@@ -118,7 +118,7 @@ class FlexLoRAModule(LightningModule):
     @property
     def orth_reg_weight(self) -> float:
         """γ, the weight of the method's regulariser in the loss."""
-        return self.method.reg_weight
+        return self.method.orth_reg_weight
 
     @property
     def adapted_modules(self) -> list[str]:

@@ -89,7 +89,7 @@ class AdaLoRA(PeftAdapterMethod):
     def __init__(self, target_modules: Sequence[str] | None = None, init_rank: int = 12, target_rank: int = 8,
                  alpha: float = 16.0, dropout: float = 0.0, orth_reg_weight: float = 0.1, beta1: float = 0.85,
                  beta2: float = 0.85) -> None:
-        super().__init__(target_modules, alpha, dropout, reg_weight=orth_reg_weight)
+        super().__init__(target_modules, alpha, dropout, orth_reg_weight=orth_reg_weight)
         require_int("init_rank", init_rank, 1, owner="AdaLoRA")
         require_int("target_rank", target_rank, 1, owner="AdaLoRA")
         if target_rank >= init_rank:

@@ -7,7 +7,7 @@ dropout, target modules, initialisation, regulariser weight) and does four thing
 1. :meth:`AdaptationMethod.adapt` adds the adapters and freezes everything else but ``modules_to_save``;
 2. :meth:`AdaptationMethod.adapter_parameters` names the parameters of the optimizer's ``adapter`` group;
 3. :meth:`AdaptationMethod.regularizer` returns the unweighted regulariser R (``None``: none), which
-   ``FlexLoRAModule`` adds to the task loss as ``reg_weight · R`` and logs as ``train/orth_reg``;
+   ``FlexLoRAModule`` adds to the task loss as ``orth_reg_weight · R`` and logs as ``train/orth_reg``;
 4. :meth:`AdaptationMethod.rank_pattern` reports every adapted matrix's active rank (for the heat-map,
    ``rank_pattern.json`` and ``metrics.json``).
 
@@ -67,24 +67,24 @@ class AdaptationMethod(ABC):
             ``None`` uses the task's default targets for its backbone.
         alpha: LoRA α (the update is scaled by α / r).
         dropout: dropout on the adapter inputs.
-        reg_weight: weight γ of the method's regulariser in the loss (0 switches it off).
+        orth_reg_weight: weight γ of the method's regulariser in the loss (0 switches it off).
     """
 
     #: registry key, recorded in ``metrics.json`` as the run's method
     name: ClassVar[str] = ""
 
     def __init__(self, target_modules: Sequence[str] | None = None, alpha: float = 16.0, dropout: float = 0.0,
-                 reg_weight: float = 0.0) -> None:
+                 orth_reg_weight: float = 0.0) -> None:
         if isinstance(target_modules, str):
             target_modules = [target_modules]
         if alpha <= 0:
             raise ValueError(f"alpha must be positive, got {alpha}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        if reg_weight < 0:
-            raise ValueError(f"the regulariser weight must be >= 0, got {reg_weight}")
+        if orth_reg_weight < 0:
+            raise ValueError(f"orth_reg_weight must be >= 0, got {orth_reg_weight}")
         self.target_modules = list(target_modules) if target_modules is not None else None
-        self.alpha, self.dropout, self.reg_weight = float(alpha), float(dropout), float(reg_weight)
+        self.alpha, self.dropout, self.orth_reg_weight = float(alpha), float(dropout), float(orth_reg_weight)
 
     # ------------------------------------------------------------------ adapt
     def with_default_targets(self, targets: Sequence[str]) -> AdaptationMethod:

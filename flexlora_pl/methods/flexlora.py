@@ -65,7 +65,7 @@ class FlexLoRA(AdaptationMethod):
     def __init__(self, target_modules: Sequence[str] | None = None, init_rank: int = 8, max_rank: int = 12,
                  alpha: float = 16.0, dropout: float = 0.0, orth_reg_weight: float = 0.1,
                  orth_reg_form: str = "squared") -> None:
-        super().__init__(target_modules, alpha, dropout, reg_weight=orth_reg_weight)
+        super().__init__(target_modules, alpha, dropout, orth_reg_weight=orth_reg_weight)
         if max_rank < init_rank:
             raise ValueError(f"max_rank ({max_rank}) must be >= init_rank ({init_rank}): the capacity r_max holds "
                              "the initial directions plus room to expand")

@@ -274,7 +274,7 @@ class LoRA(PeftAdapterMethod):
 
     def __init__(self, target_modules: Sequence[str] | None = None, r: int = 8, alpha: float = 16.0,
                  dropout: float = 0.0) -> None:
-        super().__init__(target_modules, alpha, dropout, reg_weight=0.0)
+        super().__init__(target_modules, alpha, dropout, orth_reg_weight=0.0)
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(f"LoRA: r must be an integer >= 1, got {r!r}")
         self.r = r
