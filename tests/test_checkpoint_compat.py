@@ -44,3 +44,46 @@ def test_a_checkpoint_from_before_the_move_resumes_and_finishes_as_it_did(tmp_pa
     assert sorted(now["tensors"]) == sorted(then["tensors"])
     for name, tensor in then["tensors"].items():
         torch.testing.assert_close(now["tensors"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_checkpoint_that_recorded_a_deep_class_path_matches_a_config_naming_the_public_one(tmp_path):
+    # configs now name classes by their public path (flexlora_pl.ImageClassifier); checkpoints written from the
+    # older configs recorded the module path (flexlora_pl.tasks.image_classification.ImageClassifier)
+    from jsonargparse import Namespace
+
+    from flexlora_pl.runs.checkpoint_check import check_checkpoint_matches_config, same_class
+
+    deep, public = "flexlora_pl.tasks.image_classification.ImageClassifier", "flexlora_pl.ImageClassifier"
+    assert same_class(deep, public) and same_class(public, deep)
+    assert not same_class(deep, "flexlora_pl.FlexLoRACausalLM")
+    assert not same_class("my_package.ImageClassifier", public)  # outside the package: compared as written
+    ckpt = tmp_path / "old.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"_class_path": deep, "num_classes": 10}}, ckpt)
+    check_checkpoint_matches_config(str(ckpt), Namespace(class_path=public, init_args=Namespace(num_classes=10)))
+    with pytest.raises(ValueError, match="was saved by flexlora_pl.tasks.image_classification.ImageClassifier but "
+                                         "the config builds flexlora_pl.FlexLoRACausalLM"):
+        check_checkpoint_matches_config(str(ckpt), Namespace(class_path="flexlora_pl.FlexLoRACausalLM",
+                                                             init_args=Namespace()))
+
+
+@pytest.mark.parametrize(("config", "deep"), [
+    ("vtab/cifar.yaml", {"--model.class_path": "flexlora_pl.tasks.image_classification.ImageClassifier",
+                         "--data.class_path": "flexlora_pl.data.vtab.VTABDataModule"}),
+    ("commonsense/llama3_8b_r8.yaml", {"--model.class_path": "flexlora_pl.tasks.causal_lm.FlexLoRACausalLM",
+                                       "--data.class_path": "flexlora_pl.data.commonsense.CommonsenseDataModule"}),
+])
+def test_configs_that_name_the_old_deep_class_paths_still_parse(config, deep, capsys):
+    import yaml
+
+    from flexlora_pl.cli import main
+
+    shipped = Path(__file__).parents[1] / "configs" / config
+    assert "class_path: flexlora_pl.tasks." not in shipped.read_text()  # the shipped configs use public paths
+    args = ["fit", "--config", str(shipped)]
+    for flag, path in deep.items():
+        args += [flag, path]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["class_path"] == deep["--model.class_path"]

@@ -8,13 +8,14 @@ the config sets to another value than the checkpoint holds is named in one error
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Collection
 from typing import Any
 
 import torch
 
-__all__ = ["check_checkpoint_matches_config", "plain_config_value", "read_checkpoint"]
+__all__ = ["check_checkpoint_matches_config", "plain_config_value", "read_checkpoint", "same_class"]
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -42,6 +43,27 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return checkpoint
 
 
+def same_class(recorded: str, configured: str) -> bool:
+    """Whether two class paths name one class: ``flexlora_pl.ImageClassifier`` (the public path configs use) and
+    ``flexlora_pl.tasks.image_classification.ImageClassifier`` (what older checkpoints recorded) do.
+
+    Paths outside ``flexlora_pl`` are compared as written: importing them would run code the user did not ask for.
+    """
+    if recorded == configured:
+        return True
+    if not (recorded.startswith("flexlora_pl.") and configured.startswith("flexlora_pl.")):
+        return False
+    try:
+        return _import(recorded) is _import(configured)
+    except (ImportError, AttributeError):
+        return False
+
+
+def _import(path: str) -> Any:
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
 def check_checkpoint_matches_config(ckpt_path: str, model_config: Any, linked_args: Collection[str] = ()) -> None:
     """Raise when the checkpoint at ``ckpt_path`` was saved by another model class or with other model arguments.
 
@@ -59,7 +81,7 @@ def check_checkpoint_matches_config(ckpt_path: str, model_config: Any, linked_ar
         return
     saved_class = hparams.pop("_class_path", None)
     hparams.pop("_instantiator", None)
-    if saved_class and model_config.get("class_path") and saved_class != model_config.class_path:
+    if saved_class and model_config.get("class_path") and not same_class(saved_class, model_config.class_path):
         raise ValueError(
             f"--ckpt_path {ckpt_path!r} was saved by {saved_class} but the config builds "
             f"{model_config.class_path}; resume with the model class that wrote it"
