@@ -2,7 +2,8 @@
 
 Each task folder ``<root>/<task>/`` holds ``train800.txt``, ``val200.txt``, ``train800val200.txt`` and
 ``test.txt``; every line is ``relative/path.jpg <int label>``, the path relative to the task folder.
-A registry gives each task's class count and group; :class:`VTABDataModule` serves one task under the
+A registry gives each task's class count and group (``vtab_tasks.py``); the split files and images are read by
+``vtab_files.py``; :class:`VTABDataModule` serves one task under the
 ``final`` (train800val200 → test) or ``tune`` (train800 → val200) protocol, after checking that the split
 files have VTAB-1k's sizes and that nothing it trains on is in a split it reports.
 """
@@ -10,20 +11,30 @@ files have VTAB-1k's sizes and that nothing it trains on is in a split it report
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch.utilities import rank_zero_info
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms
+from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from flexlora_pl.core.checks import require_int
 from flexlora_pl.data.resumable import ResumableTrainingData
+from flexlora_pl.data.vtab_files import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    VTAB_PROTOCOLS,
+    VTAB_SPLIT_FILES,
+    VTABDataError,
+    VTABExample,
+    VTABSplit,
+    read_split_file,
+    split_lines,
+    vtab_data_config,
+    vtab_transform,
+)
+from flexlora_pl.data.vtab_tasks import VTAB_1K_SIZES, VTAB_ALIASES, VTAB_GROUPS, VTAB_TASKS, VTABTask, vtab_task
 from flexlora_pl.runs.seeding import resolve_seed
 
 __all__ = [
@@ -45,218 +56,6 @@ __all__ = [
     "vtab_task",
     "vtab_transform",
 ]
-
-
-VTAB_1K_SIZES = {"train800": 800, "val200": 200, "train800val200": 1000}
-"""Images in the three training split files of every VTAB-1k task; the test split's count is each task's own."""
-
-
-@dataclass(frozen=True)
-class VTABTask:
-    """One VTAB-1k task: its folder name (NOAH's), number of classes, group and test-set size.
-
-    Attributes:
-        name: the task folder's name.
-        num_classes: labels lie in ``0 .. num_classes - 1``.
-        group: ``natural``, ``specialized`` or ``structured`` (another word for a task outside the 19).
-        test_size: images in ``test.txt``, or ``None`` where the test split's size is not checked.
-    """
-
-    name: str
-    num_classes: int
-    group: str  # "natural", "specialized" or "structured"
-    test_size: int | None = None
-
-    @property
-    def split_sizes(self) -> dict[str, int]:
-        """Images per split file (``train800`` ...) the size check expects: VTAB-1k's, plus the test count if known."""
-        sizes = dict(VTAB_1K_SIZES)
-        if self.test_size is not None:
-            sizes["test"] = self.test_size
-        return sizes
-
-
-VTAB_GROUPS = ("natural", "specialized", "structured")
-"""The three task groups, in the order the paper's tables print them."""
-
-# name, classes, group, images in test.txt: the whole test split of Google's task_adaptation definitions, which
-# NOAH's generator writes. KITTI's is left unchecked: its test split changed between versions of the dataset
-# (634 or 711 images, depending on the release of the tensorflow_datasets KITTI a folder was built from).
-_TASKS = [
-    ("cifar", 100, "natural", 10_000), ("caltech101", 102, "natural", 6_084), ("dtd", 47, "natural", 1_880),
-    ("oxford_flowers102", 102, "natural", 6_149), ("oxford_iiit_pet", 37, "natural", 3_669),
-    ("svhn", 10, "natural", 26_032), ("sun397", 397, "natural", 21_750),
-    ("patch_camelyon", 2, "specialized", 32_768), ("eurosat", 10, "specialized", 5_400),
-    ("resisc45", 45, "specialized", 6_300), ("diabetic_retinopathy", 5, "specialized", 42_670),
-    ("clevr_count", 8, "structured", 15_000), ("clevr_dist", 6, "structured", 15_000),
-    ("dmlab", 6, "structured", 22_735), ("kitti", 4, "structured", None),
-    ("dsprites_loc", 16, "structured", 73_728), ("dsprites_ori", 16, "structured", 73_728),
-    ("smallnorb_azi", 18, "structured", 12_150), ("smallnorb_ele", 9, "structured", 12_150),
-]
-
-VTAB_TASKS: dict[str, VTABTask] = {name: VTABTask(name, n, group, test) for name, n, group, test in _TASKS}
-"""The 19 tasks by folder name, in the paper's column order (Natural 7, Specialized 4, Structured 8)."""
-
-VTAB_ALIASES = {"cifar100": "cifar", "oxford_pet": "oxford_iiit_pet"}
-"""Other names in use for two of the folders."""
-
-
-def vtab_task(name: str) -> VTABTask:
-    """The task called ``name`` (a folder name or an alias); a clear error listing the 19 otherwise."""
-    key = VTAB_ALIASES.get(name, name)
-    if key not in VTAB_TASKS:
-        raise ValueError(
-            f"task={name!r} is not a VTAB-1k task; the 19 are: {', '.join(VTAB_TASKS)} "
-            f"(aliases: {', '.join(f'{a} = {b}' for a, b in VTAB_ALIASES.items())})"
-        )
-    return VTAB_TASKS[key]
-
-
-# ------------------------------------------------------------------------------------------------ data module
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-"""ImageNet channel means: the normalisation of the PEFT-for-ViT literature on VTAB-1k (not timm's 0.5)."""
-
-IMAGENET_STD = (0.229, 0.224, 0.225)
-"""ImageNet channel standard deviations (see :data:`IMAGENET_MEAN`)."""
-
-VTAB_SPLIT_FILES = ("train800", "val200", "train800val200", "test")
-"""The four split files of every task folder (``<name>.txt``)."""
-
-# protocol -> split file of each role ("val": None means no validation loop)
-VTAB_PROTOCOLS: dict[str, dict[str, str | None]] = {
-    "final": {"train": "train800val200", "val": None, "test": "test"},
-    "tune": {"train": "train800", "val": "val200", "test": "test"},
-}
-
-
-class VTABDataError(ValueError):
-    """A VTAB-1k folder, split file or image is missing or malformed (the message names it and the fix)."""
-
-
-def vtab_data_config(image_size: int) -> dict[str, Any]:
-    """The preprocessing of the VTAB-1k protocol as a timm data config.
-
-    ``crop_pct`` 1.0 with ``crop_mode`` ``squash`` is timm's way of saying "resize to exactly
-    ``image_size`` × ``image_size``, no crop", so ``timm.data.create_transform(**config)`` rebuilds the
-    same evaluation transform as :func:`vtab_transform`.
-
-    Args:
-        image_size: side of the square input in pixels.
-    """
-    return {"input_size": (3, image_size, image_size), "interpolation": "bicubic", "mean": IMAGENET_MEAN,
-            "std": IMAGENET_STD, "crop_pct": 1.0, "crop_mode": "squash"}
-
-
-def vtab_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
-    """Bicubic resize to ``image_size`` × ``image_size`` (aspect ratio not kept), no crop, no augmentation,
-    ImageNet mean/std: the preprocessing of NOAH, FacT, GLoRA and SPT, for training and evaluation alike.
-
-    Args:
-        image_size: side of the square input in pixels.
-    """
-    return transforms.Compose([
-        transforms.Resize((image_size, image_size), interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
-
-
-@dataclass(frozen=True)
-class VTABExample:
-    """One line of a split file: the image, its label, and where the line is (for error messages)."""
-
-    path: str
-    label: int
-    source: str  # "<split file>:<line number>"
-
-
-class VTABSplit(Dataset):
-    """The images of one split file; decoding happens in ``__getitem__`` (in the DataLoader workers).
-
-    Args:
-        examples: the parsed lines of the split file.
-        transform: turns a PIL image into the model's input tensor.
-    """
-
-    def __init__(self, examples: Sequence[VTABExample], transform: Callable[[Image.Image], torch.Tensor]) -> None:
-        self.examples = list(examples)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        example = self.examples[index]
-        try:
-            with Image.open(example.path) as image:
-                pixels = image.convert("RGB")
-        except (OSError, ValueError) as err:  # PIL raises OSError subclasses for damaged files
-            raise VTABDataError(f"{example.source}: cannot read image {example.path!r} ({err}); replace the file "
-                                "or remove the line") from err
-        return self.transform(pixels), example.label
-
-
-def _split_lines(path: Path, num_classes: int) -> list[tuple[int, str, int]]:
-    """The lines of a split file as ``(line number, relative image path, label)``; format and labels checked."""
-    if not path.is_file():
-        raise VTABDataError(f"split file {str(path)!r} does not exist; a VTAB-1k task folder holds "
-                            f"{', '.join(f'{s}.txt' for s in VTAB_SPLIT_FILES)} (build it with NOAH's VTAB-1k "
-                            "generator, see docs/vtab.md)")
-    rows = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            text = line.strip()
-            if not text:
-                continue
-            where = f"{path}:{number}"
-            parts = text.rsplit(maxsplit=1)
-            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-                raise VTABDataError(f"{where}: cannot parse {text!r}; each line must be '<relative/image/path> "
-                                    "<integer label>'")
-            label = int(parts[1])
-            if not 0 <= label < num_classes:
-                raise VTABDataError(f"{where}: label {label} is out of range for this task's {num_classes} classes "
-                                    f"(0..{num_classes - 1}); check that the folder belongs to this task")
-            rows.append((number, parts[0], label))
-    if not rows:
-        raise VTABDataError(f"split file {str(path)!r} lists no images; regenerate the task folder")
-    return rows
-
-
-def read_split_file(path: str | os.PathLike, num_classes: int, *, check_images: bool = True) -> list[VTABExample]:
-    """Parse one VTAB-1k split file and check every line before any training.
-
-    Each line is ``relative/path.jpg <int label>`` (path relative to the task folder; blank lines are
-    skipped). Every image must exist; with ``check_images`` its header is read too, so a damaged or
-    non-image file is found now rather than in the middle of an epoch.
-
-    Args:
-        path: the split file (``<root>/<task>/<split>.txt``).
-        num_classes: labels must lie in ``0 .. num_classes - 1``.
-        check_images: open every image's header (cheap: pixels are not decoded).
-
-    Raises:
-        VTABDataError: the file is missing or empty, a line does not parse, a label is out of range, or an
-            image is missing or unreadable; the message names the file and line and says what to fix.
-    """
-    path = Path(path)
-    folder = path.parent
-    examples = []
-    for number, relative, label in _split_lines(path, num_classes):
-        where = f"{path}:{number}"
-        image = folder / relative
-        if not image.is_file():
-            raise VTABDataError(f"{where}: image {str(image)!r} does not exist; paths are relative to the task "
-                                f"folder {str(folder)!r}")
-        if check_images:
-            try:
-                with Image.open(image) as opened:
-                    opened.size  # noqa: B018 - reads the header only
-            except (OSError, ValueError) as err:
-                raise VTABDataError(f"{where}: image {str(image)!r} cannot be read as an image ({err}); "
-                                    "replace the file or remove the line") from err
-        examples.append(VTABExample(str(image), label, where))
-    return examples
 
 
 class VTABDataModule(ResumableTrainingData):
@@ -416,7 +215,7 @@ class VTABDataModule(ResumableTrainingData):
         roles = VTAB_PROTOCOLS[self.protocol]
         train = roles["train"]
         reported = [name for role, name in roles.items() if role != "train" and name is not None]
-        rows = {name: _split_lines(self.task_dir / f"{name}.txt", self.num_classes) for name in (train, *reported)}
+        rows = {name: split_lines(self.task_dir / f"{name}.txt", self.num_classes) for name in (train, *reported)}
         if self.check_split_sizes:
             sizes = self.task.split_sizes
             for name, lines in rows.items():
