@@ -114,7 +114,7 @@ class FlexLoRACausalLM(FlexLoRAModule):
             ``precision: bf16-mixed``) or ``float16``. Trained parameters are always float32.
         gradient_checkpointing: recompute the decoder layers' activations in the backward pass (less memory,
             about a third more compute).
-        max_new_tokens: most tokens generated per test prompt (SPEC §2.1: 32).
+        max_new_tokens: most tokens generated per test prompt (docs/commonsense.md: 32).
         num_beams: 1 for greedy decoding (default); LLM-Adapters' original evaluation used 4 beams.
         response_split: where the scored response lies in the decoded prompt + generation: ``last`` (default)
             the text after the last ``### Response:``, as DoRA's evaluation script cuts it; ``first`` the text
