@@ -257,7 +257,8 @@ class RankReallocation(Callback):
         device = getattr(pl_module, "device", torch.device("cpu"))
 
         def agree(step: int, budget: int, prune, expand) -> None:
-            check_same_decision(trainer.strategy, step, budget, prune, expand, device=device)
+            # a stand-in trainer without a strategy (the step-time benchmark's) is one process
+            check_same_decision(getattr(trainer, "strategy", None), step, budget, prune, expand, device=device)
 
         return StepContext(optimizers=trainer.optimizers, history=self.history,
                            scores=score_fn if callable(score_fn) else None, agree=agree,
