@@ -1,7 +1,9 @@
-"""``FlexLoRAModule``: the LightningModule that owns a FlexLoRA-adapted backbone.
+"""``FlexLoRAModule``: the LightningModule that owns an adapted backbone, for every adaptation method.
 
-It injects FlexLoRA layers, adds ``γ · R`` (the masked orthogonality regulariser) to the task loss,
-builds the optimizer and LR scheduler from injected callables, and reports adapter parameter counts.
+The method (:mod:`flexlora_pl.methods`; FlexLoRA by default) adds the adapters and names its regulariser;
+the module adds ``γ · R`` to the task loss, builds the optimizer and LR scheduler from injected callables,
+reports adapter parameter counts and writes slim checkpoints (:mod:`flexlora_pl.runs.slim_checkpoint`) with
+every process's RNG states and a non-finite loss guard (:mod:`flexlora_pl.runs.nonfinite`).
 Researchers subclass it and override one method:
 
 * :meth:`compute_loss` to change the task loss (or the batch layout),
@@ -13,13 +15,10 @@ Rank reallocation itself runs in the :class:`~flexlora_pl.RankReallocation` call
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -32,8 +31,17 @@ from flexlora_pl.core.importance import STATEFUL_METRICS, importance_scores
 from flexlora_pl.core.inject import flexlora_layers
 from flexlora_pl.core.layer import FlexLoRALinear
 from flexlora_pl.methods import AdaptationMethod, FlexLoRA, build_method
-from flexlora_pl.runs.rng_state import capture_rng_states, restore_rng_states
+from flexlora_pl.runs.lr_scheduler import wants_keyword
+from flexlora_pl.runs.nonfinite import nonfinite_error, record_nonfinite
+from flexlora_pl.runs.rng_state import gather_rng_states, restore_rng_states, rng_states_of_rank
 from flexlora_pl.runs.seeding import resolve_seed
+from flexlora_pl.runs.slim_checkpoint import (
+    base_fingerprint,
+    check_checkpoint_layout,
+    drop_frozen_base,
+    frozen_parameter_names,
+    restore_frozen_base,
+)
 from flexlora_pl.runs.strategy import refuse_sharded_strategy
 
 __all__ = ["FlexLoRAModule", "refuse_sharded_strategy"]
@@ -227,15 +235,10 @@ class FlexLoRAModule(LightningModule):
             if every > 0 and (trainer.global_step + 1) % every == 0:  # this step is logged: sync anyway
                 self.log("loss", task_loss.detach().to("cpu"), prog_bar=True, logger=False)
         loss = task_loss + self.orth_reg_weight * orth
-        self._record_nonfinite(loss)
+        record_nonfinite(self._first_nonfinite_step, loss, self._trainer.global_step if self._trainer else 0)
         return loss
 
     # ---------------------------------------------------------------- numerics
-    def _record_nonfinite(self, loss: torch.Tensor) -> None:
-        first = self._first_nonfinite_step
-        hit = ~torch.isfinite(loss.detach()) & (first < 0)
-        first.copy_(torch.where(hit, self.trainer.global_step if self._trainer else 0, first))
-
     def check_finite(self, where: str) -> None:
         """Raise if any training loss so far was NaN or inf, naming its step and the last good checkpoint.
 
@@ -243,16 +246,8 @@ class FlexLoRAModule(LightningModule):
         diverged run stops before it can overwrite a good checkpoint.
         """
         step = int(self._first_nonfinite_step)
-        if step < 0:
-            return
-        good = [cb.last_model_path or cb.best_model_path for cb in getattr(self.trainer, "checkpoint_callbacks", [])
-                if getattr(cb, "last_model_path", None) or getattr(cb, "best_model_path", None)]
-        raise FloatingPointError(
-            f"the training loss became non-finite (NaN or inf) at optimizer step {step} (noticed {where}); "
-            f"training stopped before writing another checkpoint. Last good checkpoint: "
-            f"{good[0] if good else 'none written yet'}. Lower the learning rate, check the data, or "
-            "use gradient clipping (trainer.gradient_clip_val)."
-        )
+        if step >= 0:
+            raise nonfinite_error(step, where, self.trainer)
 
     @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -263,108 +258,23 @@ class FlexLoRAModule(LightningModule):
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_finite("while saving a checkpoint")
-        # One entry per process: under DDP each rank draws its own dropout masks. Every rank builds the
-        # checkpoint (Lightning then writes rank 0's), so the states are gathered here.
-        states = capture_rng_states()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            per_rank: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(per_rank, states)
-        else:
-            per_rank = [states]
-        checkpoint["flexlora_rng_states"] = per_rank
-        self._drop_frozen_base(checkpoint)
+        checkpoint["flexlora_rng_states"] = gather_rng_states()  # one entry per process, rank order
+        if not any(layer.merged for _, layer in self.flexlora_layers()):  # merged: the base holds ΔW, keep it
+            drop_frozen_base(self, checkpoint, self._base_source())
 
     def frozen_parameter_names(self) -> list[str]:
         """Names (as in :meth:`state_dict`) of the parameters training never changes: the frozen base."""
-        # remove_duplicate=False: a tied weight is in the state dict under each of its names
-        return [name for name, p in self.named_parameters(remove_duplicate=False) if not p.requires_grad]
+        return frozen_parameter_names(self)
 
     def base_fingerprint(self) -> str:
-        """A cheap fingerprint of the frozen base: every frozen tensor's name and shape, and 64 of its values.
-
-        Values are compared at bfloat16 precision, so a base loaded in another float precision (a
-        ``bf16-true`` run exported on a CPU in float32) still matches, while another model does not.
-        """
-        digest = hashlib.sha256()
-        for name, param in self.named_parameters():
-            if param.requires_grad:
-                continue
-            flat = param.detach().reshape(-1)
-            sample = flat[:: max(1, flat.numel() // 64)][:64]
-            values = sample.to(torch.bfloat16).float().cpu().numpy().tobytes()
-            digest.update(f"{name}:{tuple(param.shape)}:".encode() + values)
-        return digest.hexdigest()
-
-    def _drop_frozen_base(self, checkpoint: dict[str, Any]) -> None:
-        """Keep only what training changes in the checkpoint, plus what identifies the frozen base.
-
-        Adapters, rank masks, ``modules_to_save``, every buffer, the optimizer, schedulers, callbacks and
-        the data position stay; the frozen backbone weights are rebuilt from the model's own arguments
-        (``model_name_or_path``) when the checkpoint is loaded, and checked against the fingerprint.
-        """
-        if any(layer.merged for _, layer in self.flexlora_layers()):
-            return  # merged weights hold ΔW inside the base: keep the whole state
-        state = checkpoint.get("state_dict")
-        frozen = [name for name in self.frozen_parameter_names() if state is not None and name in state]
-        if not frozen:
-            return
-        for name in frozen:
-            del state[name]
-        checkpoint["flexlora_base"] = {
-            "source": self._base_source(),
-            "fingerprint": self.base_fingerprint(),
-            "frozen_tensors": len(frozen),
-        }
-
-    def _restore_frozen_base(self, checkpoint: dict[str, Any]) -> None:
-        """Fill a slim checkpoint's frozen weights from this module, after checking it is the same base."""
-        base = checkpoint.get("flexlora_base")
-        if not base:
-            return  # a full checkpoint
-        if base["fingerprint"] != self.base_fingerprint():
-            raise ValueError(
-                f"the checkpoint was trained on another base model than the one built now: its frozen weights "
-                f"(from {base.get('source')!r}) have another fingerprint than this model's (from "
-                f"{self._base_source()!r}). Build the model from the base the "
-                "checkpoint was trained on (model_name_or_path; flexlora-export --base-model for a moved folder)."
-            )
-        state = checkpoint.setdefault("state_dict", {})
-        own = self.state_dict()
-        for name in self.frozen_parameter_names():
-            state.setdefault(name, own[name])
+        """A cheap fingerprint of the frozen base (:func:`~flexlora_pl.runs.slim_checkpoint.base_fingerprint`)."""
+        return base_fingerprint(self)
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._restore_frozen_base(checkpoint)
-        self._check_checkpoint_layout(checkpoint.get("state_dict", {}))
-        per_rank = checkpoint.get("flexlora_rng_states") or []
-        if per_rank:  # another world size: data order changes too, so rank 0's states are as good as any
-            rank = self.global_rank if self.global_rank < len(per_rank) else 0
-            self._rng_to_restore = per_rank[rank]
-
-    def _check_checkpoint_layout(self, saved: Mapping[str, Any]) -> None:
-        """Refuse a checkpoint whose tensors do not fit this model, with one readable message."""
-        own = self.state_dict()
-        shape = lambda t: list(t.shape) if torch.is_tensor(t) else None  # noqa: E731
-        differ = [k for k in saved if k in own and shape(saved[k]) != shape(own[k])]
-        missing = [k for k in own if k not in saved]
-        extra = [k for k in saved if k not in own]
-        if not (differ or missing or extra):
-            return
-        parts = []
-        if differ:
-            k = differ[0]
-            parts.append(f"{len(differ)} tensors differ in shape, e.g. {k} is {shape(saved[k])} in the checkpoint "
-                         f"and {shape(own[k])} in the model")
-        if missing:
-            parts.append(f"{len(missing)} model tensors are not in the checkpoint, e.g. {missing[0]}")
-        if extra:
-            parts.append(f"{len(extra)} checkpoint tensors are not in the model, e.g. {extra[0]}")
-        raise ValueError(
-            "the checkpoint does not fit the model built from this config: " + "; ".join(parts)
-            + ". The backbone, target_modules or max_rank differ from the run that wrote it: build the model "
-            "the checkpoint was trained with (same model_name_or_path, target_modules, max_rank)."
-        )
+        restore_frozen_base(self, checkpoint, self._base_source())
+        check_checkpoint_layout(self.state_dict(), checkpoint.get("state_dict", {}))
+        self._rng_to_restore = rng_states_of_rank(checkpoint.get("flexlora_rng_states") or [], self.global_rank)
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -417,27 +327,8 @@ class FlexLoRAModule(LightningModule):
         if self.lr_scheduler_factory is None:
             return optimizer
         kwargs = {}
-        if _needs(self.lr_scheduler_factory, "total_steps"):
+        if wants_keyword(self.lr_scheduler_factory, "total_steps"):
             kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
         scheduler = self.lr_scheduler_factory(optimizer, **kwargs)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-
-def _needs(factory: Callable, name: str) -> bool:
-    """Whether ``factory`` takes keyword ``name`` and was not given a value for it.
-
-    Handles plain classes and functions and ``functools.partial`` objects, including the ones the CLI
-    builds (``partial(call, instantiator, SchedulerClass, **init_args)``).
-    """
-    keywords = getattr(factory, "keywords", None) or {}
-    if name in keywords:
-        return keywords[name] is None
-    for target in (getattr(factory, "func", factory), *getattr(factory, "args", ())):
-        if not callable(target):
-            continue
-        try:
-            if name in inspect.signature(target).parameters:
-                return True
-        except (TypeError, ValueError):
-            continue
-    return False

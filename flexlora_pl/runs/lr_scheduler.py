@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
+
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from flexlora_pl.core.checks import require_int
 
-__all__ = ["LinearWarmupDecay", "WarmupSchedule"]
+__all__ = ["LinearWarmupDecay", "WarmupSchedule", "wants_keyword"]
 
 
 class WarmupSchedule(LambdaLR):
@@ -64,3 +67,24 @@ class LinearWarmupDecay(WarmupSchedule):
 
     def decay(self, progress: float) -> float:
         return 1.0 - progress
+
+
+def wants_keyword(factory: Callable, name: str) -> bool:
+    """Whether ``factory`` takes keyword ``name`` and was not given a value for it.
+
+    Handles plain classes and functions and ``functools.partial`` objects, including the ones the CLI
+    builds (``partial(call, instantiator, SchedulerClass, **init_args)``): the module passes
+    ``total_steps`` to a scheduler factory that wants it.
+    """
+    keywords = getattr(factory, "keywords", None) or {}
+    if name in keywords:
+        return keywords[name] is None
+    for target in (getattr(factory, "func", factory), *getattr(factory, "args", ())):
+        if not callable(target):
+            continue
+        try:
+            if name in inspect.signature(target).parameters:
+                return True
+        except (TypeError, ValueError):
+            continue
+    return False

@@ -1,8 +1,9 @@
 """Capture and restore every random number generator a training step may draw from.
 
 Lightning checkpoints do not hold RNG states, so dropout after a resume would draw different masks
-than the uninterrupted run. :class:`~flexlora_pl.FlexLoRAModule` stores these states in each checkpoint
-and puts them back right before the first training batch after a resume.
+than the uninterrupted run. :class:`~flexlora_pl.FlexLoRAModule` stores these states in each checkpoint,
+one entry per process (:func:`gather_rng_states`), and puts this process's back
+(:func:`rng_states_of_rank`) right before the first training batch after a resume.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-__all__ = ["capture_rng_states", "restore_rng_states"]
+__all__ = ["capture_rng_states", "gather_rng_states", "restore_rng_states", "rng_states_of_rank"]
 
 
 def capture_rng_states() -> dict[str, Any]:
@@ -45,3 +47,25 @@ def restore_rng_states(states: dict[str, Any]) -> None:
         torch.set_rng_state(states["torch"].cpu() if torch.is_tensor(states["torch"]) else states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def gather_rng_states() -> list[dict[str, Any]]:
+    """Every process's :func:`capture_rng_states`, in rank order (one entry without a process group).
+
+    Under DDP each rank draws its own dropout masks, and every rank builds the checkpoint (Lightning then
+    writes rank 0's), so all ranks must call this together.
+    """
+    states = capture_rng_states()
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return [states]
+    per_rank: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, states)
+    return per_rank
+
+
+def rng_states_of_rank(per_rank: list[dict[str, Any]], rank: int) -> dict[str, Any] | None:
+    """The states ``rank`` saved, or rank 0's when the checkpoint came from fewer processes (another world
+    size changes the data order too, so any rank's states are as good as another's); ``None`` for none."""
+    if not per_rank:
+        return None
+    return per_rank[rank] if rank < len(per_rank) else per_rank[0]
