@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +13,9 @@ from torch import nn
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+HELPERS = Path(__file__).parent / "helpers"  # the tests' shared helpers and the tiny-run config
+sys.path.insert(0, str(HELPERS))
 
 
 def tiny_bert(num_labels: int = 2) -> nn.Module:
@@ -127,10 +132,13 @@ def tiny_glue_root(tmp_path_factory, tiny_tokenizer_dir):
     return root
 
 
-def tiny_run_folder(folder, tiny_glue_root, config: str):
-    """Link the shared tiny model and data into ``folder`` and write ``run.yaml`` (``{root}`` = ``folder``)."""
+def tiny_run_folder(folder, tiny_glue_root, changes: dict):
+    """Link the shared tiny model and data into ``folder`` and write ``run.yaml``: the tiny run
+    (``tests/helpers/tiny_run.yaml``) with ``changes``, reading from and writing to ``folder``."""
+    from tiny_run import tiny_run_config
+
     for name in ("model", "train.csv", "dev.csv"):
         (folder / name).symlink_to(tiny_glue_root / name)
-    (folder / "run.yaml").write_text(config.format(root=folder))
+    (folder / "run.yaml").write_text(tiny_run_config(folder, folder, changes))
     return folder
 

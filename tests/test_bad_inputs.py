@@ -20,53 +20,35 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_run import DROP, tiny_run_config
 
 from flexlora_pl.cli import main
 
 DOCS = Path(__file__).parents[1] / "docs" / "reliability.md"
 
-BASE_CONFIG = """
-seed_everything: 7
-trainer:
-  max_epochs: 1
-  accelerator: cpu
-  devices: 1
-  precision: 32-true
-  enable_progress_bar: false
-  enable_model_summary: false
-  default_root_dir: {out}
-  logger:
-    class_path: lightning.pytorch.loggers.TensorBoardLogger
-    init_args: {{save_dir: {out}, name: tiny}}
-  callbacks:   # the shipped configs' callbacks: a failed start must not make any of them write
-    - class_path: flexlora_pl.RankHeatmap
-    - class_path: lightning.pytorch.callbacks.LearningRateMonitor
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {{monitor: val/score, mode: max, filename: "best-{{epoch}}-{{step}}", save_last: true}}
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {{every_n_train_steps: 2, filename: "periodic-{{step}}"}}
-    - class_path: flexlora_pl.InterruptCheckpoint
-    - class_path: flexlora_pl.FinalMetricsReport
-reallocation: {{b0: 1, t_warmup: 1, t_final: 1, delta_t: 1, b_schedule: constant}}
-model:
-  class_path: flexlora_pl.FlexLoRASequenceClassifier
-  init_args:
-    model_name_or_path: {model}
-    method:
-      class_path: flexlora_pl.methods.FlexLoRA
-      init_args:
-        target_modules: [query, value]
-        init_rank: 2
-        max_rank: 4
-        alpha: 4
-data:
-  class_path: flexlora_pl.data.GLUEDataModule
-  init_args:
-    task_name: mrpc
-    batch_size: 8
-    max_seq_length: 32
-    data_files: {{train: {data}/train.csv, validation: {data}/dev.csv}}
-"""
+
+def _changes(out: Path, model: Path) -> dict:
+    """What these runs change in the tiny run (tests/helpers/tiny_run.yaml): the shipped configs' callbacks (a
+    failed start must not make any of them write), the library's default optimizer and logging cadence, a model
+    folder of its own and outputs straight under ``out``."""
+    return {
+        "trainer": {"log_every_n_steps": DROP, "default_root_dir": str(out),
+                    "logger": {"init_args": {"save_dir": str(out)}},
+                    "callbacks": [
+                        {"class_path": "flexlora_pl.RankHeatmap"},
+                        {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"},
+                        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                         "init_args": {"monitor": "val/score", "mode": "max", "filename": "best-{epoch}-{step}",
+                                       "save_last": True}},
+                        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                         "init_args": {"every_n_train_steps": 2, "filename": "periodic-{step}"}},
+                        {"class_path": "flexlora_pl.InterruptCheckpoint"},
+                        {"class_path": "flexlora_pl.FinalMetricsReport"}]},
+        "model": {"init_args": {"model_name_or_path": str(model), "optimizer": DROP}},
+        "data": {"init_args": {"max_seq_length": 32}},
+    }
+
+
 # 48 training rows in batches of 8: one epoch is 6 optimizer steps.
 
 WORDS = ["the movie is good", "a bad film", "i love this story", "they hate the plot", "we see a city"]
@@ -112,7 +94,7 @@ def _save_backbone(folder: Path, hidden: int, tokenizer_dir: str) -> None:
 
 
 def _write_config(path: Path, out: Path, model: Path, data: Path) -> Path:
-    path.write_text(BASE_CONFIG.format(out=out, model=model, data=data))
+    path.write_text(tiny_run_config(data, out, _changes(out, model)))
     return path
 
 

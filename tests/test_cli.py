@@ -12,6 +12,7 @@ import torch
 import yaml
 from conftest import make_tiny_glue_run
 from lightning.pytorch.callbacks import ProgressBar
+from tiny_run import DROP, tiny_run_config
 
 from flexlora_pl.cli import build_cli, main
 from flexlora_pl.core.inject import match_target
@@ -67,52 +68,23 @@ def test_glue_config_adapter_counts_match_the_paper(config):
     assert model_args["alpha"] == 16
 
 
-TINY_CONFIG = """
-seed_everything: 7
-trainer:
-  max_epochs: 3
-  accelerator: cpu
-  devices: 1
-  precision: 32-true
-  log_every_n_steps: 1
-  enable_progress_bar: false
-  logger:
-    class_path: lightning.pytorch.loggers.TensorBoardLogger
-    init_args: {{save_dir: {root}/runs, name: tiny}}
-  callbacks:
-    - class_path: flexlora_pl.RankHeatmap
-    - class_path: lightning.pytorch.callbacks.LearningRateMonitor
-      init_args: {{logging_interval: step}}
-reallocation: {{b0: 2, t_warmup: 3, t_final: 3, delta_t: 3, b_schedule: constant}}
-model:
-  class_path: flexlora_pl.FlexLoRASequenceClassifier
-  init_args:
-    model_name_or_path: {root}/model
-    method:
-      class_path: flexlora_pl.methods.FlexLoRA
-      init_args:
-        target_modules: [query, value, attention.output.dense]
-        init_rank: 2
-        max_rank: 4
-        alpha: 4
-    optimizer:
-      class_path: torch.optim.AdamW
-      init_args: {{lr: 0.01}}
-    lr_scheduler:
-      class_path: flexlora_pl.LinearWarmupDecay
-data:
-  class_path: flexlora_pl.data.GLUEDataModule
-  init_args:
-    task_name: mrpc
-    batch_size: 8
-    data_files: {{train: {root}/train.csv, validation: {root}/dev.csv}}
-"""
+# What this file's runs change in the tiny run (tests/helpers/tiny_run.yaml): three epochs, events every 3 steps
+# at budget 2, one more target module, a learning-rate schedule and its monitor.
+TINY_CHANGES = {
+    "trainer": {"max_epochs": 3, "enable_model_summary": DROP,
+                "callbacks": [{"class_path": "flexlora_pl.RankHeatmap"},
+                              {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor",
+                               "init_args": {"logging_interval": "step"}}]},
+    "reallocation": {"b0": 2, "t_warmup": 3, "t_final": 3, "delta_t": 3},
+    "model": {"init_args": {"method": {"init_args": {"target_modules": ["query", "value", "attention.output.dense"]}},
+                            "lr_scheduler": {"class_path": "flexlora_pl.LinearWarmupDecay"}}},
+}
 
 
 @pytest.fixture
 def tiny_run_dir(tmp_path, tiny_tokenizer_dir):
     make_tiny_glue_run(tmp_path, tiny_tokenizer_dir)
-    (tmp_path / "tiny.yaml").write_text(TINY_CONFIG.format(root=tmp_path))
+    (tmp_path / "tiny.yaml").write_text(tiny_run_config(tmp_path, tmp_path, TINY_CHANGES))
     return tmp_path
 
 

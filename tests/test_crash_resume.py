@@ -21,56 +21,35 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_tiny_glue_run
+from tiny_run import DROP, tiny_run_config
 
 pytestmark = pytest.mark.slow
 
-CONFIG = """
-seed_everything: 3
-trainer:
-  max_epochs: 4
-  accelerator: cpu
-  devices: 1
-  precision: 32-true
-  log_every_n_steps: 1
-  enable_progress_bar: false
-  logger:
-    class_path: lightning.pytorch.loggers.TensorBoardLogger
-    init_args: {{save_dir: {out}/runs, name: tiny}}
-  callbacks:
-    - class_path: flexlora_pl.RankHeatmap
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {{monitor: val/score, mode: max, filename: "best-{{step}}", save_last: true}}
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {{every_n_train_steps: 3, filename: "periodic-{{step}}"}}
-    - class_path: flexlora_pl.InterruptCheckpoint
-    - class_path: run_helpers.SlowDown
-      init_args: {{seconds: {sleep}}}
-    - class_path: run_helpers.DumpAdapters
-      init_args: {{path: {out}/final.pt}}
-reallocation: {{b0: 2, t_warmup: 3, t_final: 3, delta_t: 2, b_schedule: constant}}
-model:
-  class_path: flexlora_pl.FlexLoRASequenceClassifier
-  init_args:
-    model_name_or_path: {root}/model
-    method:
-      class_path: flexlora_pl.methods.FlexLoRA
-      init_args:
-        target_modules: [query, value, attention.output.dense]
-        init_rank: 2
-        max_rank: 4
-        alpha: 4
-    optimizer:
-      class_path: torch.optim.AdamW
-      init_args: {{lr: 0.01}}
-    lr_scheduler:
-      class_path: flexlora_pl.LinearWarmupDecay
-data:
-  class_path: flexlora_pl.data.GLUEDataModule
-  init_args:
-    task_name: mrpc
-    batch_size: 4
-    data_files: {{train: {root}/train.csv, validation: {root}/dev.csv}}
-"""
+
+
+def _changes(out: Path, sleep: float) -> dict:
+    """What the interrupted runs change in the tiny run (tests/helpers/tiny_run.yaml): four epochs of batches of 4,
+    events every 2 steps at budget 2, one more target module, a schedule, checkpoints every 3 steps, a slow-down
+    (so a signal lands mid-run) and a dump of the trained adapters to compare."""
+    return {
+        "seed_everything": 3,
+        "trainer": {"max_epochs": 4, "enable_model_summary": DROP,
+                    "callbacks": [
+                        {"class_path": "flexlora_pl.RankHeatmap"},
+                        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                         "init_args": {"monitor": "val/score", "mode": "max", "filename": "best-{step}",
+                                       "save_last": True}},
+                        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                         "init_args": {"every_n_train_steps": 3, "filename": "periodic-{step}"}},
+                        {"class_path": "flexlora_pl.InterruptCheckpoint"},
+                        {"class_path": "run_helpers.SlowDown", "init_args": {"seconds": sleep}},
+                        {"class_path": "run_helpers.DumpAdapters", "init_args": {"path": f"{out}/final.pt"}}]},
+        "reallocation": {"b0": 2, "t_warmup": 3, "t_final": 3, "delta_t": 2},
+        "model": {"init_args": {"method": {"init_args": {"target_modules": ["query", "value",
+                                                                            "attention.output.dense"]}},
+                                "lr_scheduler": {"class_path": "flexlora_pl.LinearWarmupDecay"}}},
+        "data": {"init_args": {"batch_size": 4}},
+    }
 
 
 def _command(config: Path, *extra: str) -> list[str]:
@@ -86,7 +65,7 @@ def _env() -> dict[str, str]:
 def _write_config(root: Path, out: Path, sleep: float) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "config.yaml"
-    path.write_text(CONFIG.format(root=root, out=out, sleep=sleep))
+    path.write_text(tiny_run_config(root, out, _changes(out, sleep)))
     return path
 
 

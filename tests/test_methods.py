@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import yaml
 from conftest import tiny_bert, tiny_run_folder
 from test_cli import DEBERTA_V3_BASE
-from test_runs import RUN_CONFIG
+from test_runs import RUN_CHANGES
 
 from flexlora_pl.cli import build_cli
 from flexlora_pl.cli.export import main as export_main
@@ -148,7 +148,7 @@ def test_bad_settings_are_refused_with_the_fix():
 @pytest.fixture
 def run_root(tmp_path, tiny_glue_root) -> Path:
     """A fresh folder with the tiny model and data (links) and ``run.yaml``; runs go to ``<it>/runs``."""
-    return tiny_run_folder(tmp_path, tiny_glue_root, RUN_CONFIG)
+    return tiny_run_folder(tmp_path, tiny_glue_root, RUN_CHANGES)
 
 
 def fit(root: Path, method: str, *extra: str, command: str = "fit"):

@@ -20,57 +20,30 @@ from conftest import tiny_run_folder
 from flexlora_pl.cli import build_cli, main
 from flexlora_pl.runs.run_folder import RunFolder, newest_trained_checkpoint
 
-RUN_CONFIG = """
-seed_everything: 7
-trainer:
-  max_epochs: 2
-  accelerator: cpu
-  devices: 1
-  precision: 32-true
-  log_every_n_steps: 1
-  enable_progress_bar: false
-  enable_model_summary: false
-  logger:
-    class_path: lightning.pytorch.loggers.TensorBoardLogger
-    init_args: {{save_dir: {root}/runs, name: tiny}}
-  callbacks:
-    - class_path: flexlora_pl.RankHeatmap
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {{monitor: val/score, mode: max, filename: "best-{{epoch}}-{{step}}", save_last: true}}
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {{every_n_train_steps: 4, filename: "periodic-{{step}}"}}
-    - class_path: flexlora_pl.InterruptCheckpoint
-    - class_path: flexlora_pl.FinalMetricsReport
-reallocation: {{b0: 1, t_warmup: 2, t_final: 1, delta_t: 2, b_schedule: constant}}
-model:
-  class_path: flexlora_pl.FlexLoRASequenceClassifier
-  init_args:
-    model_name_or_path: {root}/model
-    method:
-      class_path: flexlora_pl.methods.FlexLoRA
-      init_args:
-        target_modules: [query, value]
-        init_rank: 2
-        max_rank: 4
-        alpha: 4
-        dropout: 0.1
-    optimizer:
-      class_path: torch.optim.AdamW
-      init_args: {{lr: 0.01}}
-data:
-  class_path: flexlora_pl.data.GLUEDataModule
-  init_args:
-    task_name: mrpc
-    batch_size: 8
-    data_files: {{train: {root}/train.csv, validation: {root}/dev.csv, test: {root}/dev.csv}}
-"""
+# What the run-folder tests change in the tiny run (tests/helpers/tiny_run.yaml): two epochs, the shipped
+# configs' checkpoints and reports, events every 2 steps, adapter dropout, a test split.
+RUN_CHANGES = {
+    "trainer": {"max_epochs": 2,
+                "callbacks": [
+                    {"class_path": "flexlora_pl.RankHeatmap"},
+                    {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                     "init_args": {"monitor": "val/score", "mode": "max", "filename": "best-{epoch}-{step}",
+                                   "save_last": True}},
+                    {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                     "init_args": {"every_n_train_steps": 4, "filename": "periodic-{step}"}},
+                    {"class_path": "flexlora_pl.InterruptCheckpoint"},
+                    {"class_path": "flexlora_pl.FinalMetricsReport"}]},
+    "reallocation": {"t_warmup": 2, "delta_t": 2},
+    "model": {"init_args": {"method": {"init_args": {"dropout": 0.1}}}},
+    "data": {"init_args": {"data_files": {"test": "{root}/dev.csv"}}},
+}
 # 48 training rows in batches of 8: 6 optimizer steps per epoch, 12 in a run.
 
 
 @pytest.fixture
 def run_root(tmp_path, tiny_glue_root) -> Path:
     """A fresh folder with the tiny model and data (links) and ``run.yaml``; runs go to ``<it>/runs``."""
-    return tiny_run_folder(tmp_path, tiny_glue_root, RUN_CONFIG)
+    return tiny_run_folder(tmp_path, tiny_glue_root, RUN_CHANGES)
 
 
 def fit(root: Path, *extra: str):
