@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from test_callback import _backbone, _loader, _module, _trainer
+from tiny_mlp import mlp_backbone, mlp_loader, mlp_module, mlp_trainer
 from torch import nn
 
 from flexlora_pl import FlexLoRALinear, FlexLoRAModule, LinearWarmupDecay, RankReallocation
@@ -108,9 +108,9 @@ def _ready(tmp_path, module: FlexLoRAModule | None = None, **kwargs):
     L.seed_everything(0)
     settings = {"b0": 1, "t_warmup": 2, "t_final": 2, "delta_t": 3, "total_steps": 16, "b_schedule": "constant"}
     realloc = RankReallocation(**{**settings, **kwargs})
-    module = module if module is not None else _module()
-    trainer = _trainer(tmp_path, [realloc], max_steps=1)
-    trainer.fit(module, _loader())
+    module = module if module is not None else mlp_module()
+    trainer = mlp_trainer(tmp_path, [realloc], max_steps=1)
+    trainer.fit(module, mlp_loader())
     assert not realloc.history
     return module, realloc, trainer
 
@@ -163,9 +163,9 @@ def test_modes_lower_raise_or_keep_the_total_rank(tmp_path, mode, final_total):
     L.seed_everything(0)
     realloc = RankReallocation(b0=1, t_warmup=2, t_final=2, delta_t=3, b_schedule="constant", mode=mode)
     ranks = _Ranks()
-    trainer = _trainer(tmp_path, [realloc, ranks], max_epochs=2)
-    module = _module()
-    trainer.fit(module, _loader())
+    trainer = mlp_trainer(tmp_path, [realloc, ranks], max_epochs=2)
+    module = mlp_module()
+    trainer.fit(module, mlp_loader())
     assert [e["step"] for e in realloc.history] == [5, 8, 11]
     assert ranks.total[4] == 9 and ranks.total[16] == final_total  # 3 events of one direction each
     assert all(bool(e["pruned"]) == (mode != "expand_only") for e in realloc.history)
@@ -230,10 +230,10 @@ def test_rebuild_optimizer_loses_every_moment_drops_weight_decay_and_detaches_th
     realloc = RankReallocation(b0=1, t_warmup=2, t_final=2, delta_t=3, b_schedule="constant",
                                rebuild_optimizer=rebuild)
     watch = _OptimizerWatch()
-    trainer = _trainer(tmp_path, [realloc, watch], max_epochs=2)
-    module = _module(optimizer=functools.partial(torch.optim.AdamW, lr=5e-2, weight_decay=0.01),
+    trainer = mlp_trainer(tmp_path, [realloc, watch], max_epochs=2)
+    module = mlp_module(optimizer=functools.partial(torch.optim.AdamW, lr=5e-2, weight_decay=0.01),
                      lr_scheduler=functools.partial(LinearWarmupDecay, warmup_ratio=0.1))
-    trainer.fit(module, _loader())
+    trainer.fit(module, mlp_loader())
     seen, events = watch.seen, [5, 8, 11]
     assert [e["step"] for e in realloc.history] == events
     scheduler = trainer.lr_scheduler_configs[0].scheduler
@@ -261,9 +261,9 @@ def test_a_run_with_rebuild_optimizer_resumes_exactly(tmp_path):
         realloc = RankReallocation(b0=1, t_warmup=2, t_final=2, delta_t=3, b_schedule="constant",
                                    rebuild_optimizer=True, seed=3)
         ckpt = ModelCheckpoint(dirpath=root, every_n_epochs=1, save_top_k=-1, filename="{epoch}")
-        trainer = _trainer(root, [realloc, ckpt], max_epochs=3)
-        module = _module()
-        trainer.fit(module, _loader(), ckpt_path=ckpt_path)
+        trainer = mlp_trainer(root, [realloc, ckpt], max_epochs=3)
+        module = mlp_module()
+        trainer.fit(module, mlp_loader(), ckpt_path=ckpt_path)
         return module, realloc, trainer
 
     full, full_realloc, _ = run(tmp_path / "full")
@@ -293,8 +293,8 @@ def test_reference_budget_formula_gives_the_authors_numbers():
 def test_the_callback_uses_the_budget_formula(tmp_path, formula, budgets):
     L.seed_everything(0)
     realloc = RankReallocation(b0=4, t_warmup=2, t_final=2, delta_t=3, b_schedule="cubic", budget_formula=formula)
-    trainer = _trainer(tmp_path, [realloc], max_epochs=2)
-    trainer.fit(_module(), _loader())
+    trainer = mlp_trainer(tmp_path, [realloc], max_epochs=2)
+    trainer.fit(mlp_module(), mlp_loader())
     assert [(e["step"], e["budget"]) for e in realloc.history] == list(zip([5, 8, 11], budgets, strict=True))
 
 
@@ -325,10 +325,10 @@ class _FavourFirst(FlexLoRAModule):
 def test_rank_cap_off_lets_a_full_layer_take_the_expansion_slot_and_waste_it(tmp_path, rank_cap, final):
     L.seed_everything(0)
     realloc = RankReallocation(b0=1, t_warmup=2, t_final=2, delta_t=3, b_schedule="constant", rank_cap=rank_cap)
-    trainer = _trainer(tmp_path, [realloc], max_epochs=2)
-    module = _FavourFirst(backbone=_backbone, method=FlexLoRA(["0", "2", "4"], init_rank=3, max_rank=4, alpha=6.0),
+    trainer = mlp_trainer(tmp_path, [realloc], max_epochs=2)
+    module = _FavourFirst(backbone=mlp_backbone, method=FlexLoRA(["0", "2", "4"], init_rank=3, max_rank=4, alpha=6.0),
                           modules_to_save=["6"], optimizer=functools.partial(torch.optim.AdamW, lr=1e-2))
-    trainer.fit(module, _loader())
+    trainer.fit(module, mlp_loader())
     assert [layer.rank for _, layer in module.flexlora_layers()] == final
     # capped: layer 0 fills up at the first event and then layer 1 takes its slot; uncapped: layer 0 keeps
     # winning the slot and wasting it, as the authors' code would (there, layer 0 would grow to 6)

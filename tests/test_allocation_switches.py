@@ -12,7 +12,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from test_callback import _loader, _module, _trainer
+from tiny_mlp import mlp_loader, mlp_module, mlp_trainer
 
 from flexlora_pl import RankReallocation, RunRecord, decide_allocation, expand_direction
 from flexlora_pl.callbacks.rank_reallocation import SPECTRA_FILENAME
@@ -51,9 +51,9 @@ def _fit_with(tmp_path, logger=False, callbacks=(), module=None, **realloc_kwarg
     L.seed_everything(0)
     settings = {"b0": 1, "t_warmup": 4, "t_final": 4, "delta_t": 4, "b_schedule": "constant", **realloc_kwargs}
     realloc = RankReallocation(**settings)
-    module = module or _module()
-    trainer = _trainer(tmp_path, [realloc, *callbacks], max_epochs=5, logger=logger)
-    trainer.fit(module, _loader())
+    module = module or mlp_module()
+    trainer = mlp_trainer(tmp_path, [realloc, *callbacks], max_epochs=5, logger=logger)
+    trainer.fit(module, mlp_loader())
     return realloc, module
 
 
@@ -86,7 +86,7 @@ class _Alternating:
 
 def _flip_flop_module():
     # lr 0: every λ keeps its value, so a direction added with λ = 0 has the smallest |λ| of its module
-    module = _module(optimizer=functools.partial(torch.optim.SGD, lr=0.0), lr_scheduler=None)
+    module = mlp_module(optimizer=functools.partial(torch.optim.SGD, lr=0.0), lr_scheduler=None)
     with torch.no_grad():
         for _, layer in module.flexlora_layers():
             layer.lora_lambda.fill_(1.0)
@@ -159,7 +159,7 @@ class _LowestFirst:
 
 
 def test_a_module_pruned_to_rank_one_and_never_expanded_is_a_dead_end(tmp_path):
-    module = _module()
+    module = mlp_module()
     module.importance_scores = _LowestFirst(module)
     realloc, module = _fit_with(tmp_path, module=module, callbacks=[RunRecord()],
                                 logger=TensorBoardLogger(tmp_path, name="run", version=0))
@@ -206,12 +206,12 @@ def test_switch_values_are_checked(bad):
 
 
 def test_a_run_whose_layers_all_start_at_max_rank_is_refused_before_training(tmp_path):
-    module = _module(init_rank=3, max_rank=3)
-    trainer = _trainer(tmp_path, [RankReallocation(b0=1, t_warmup=2, t_final=2, delta_t=2)], max_epochs=1)
+    module = mlp_module(init_rank=3, max_rank=3)
+    trainer = mlp_trainer(tmp_path, [RankReallocation(b0=1, t_warmup=2, t_final=2, delta_t=2)], max_epochs=1)
     with pytest.raises(ValueError, match=r"every FlexLoRA layer starts at its max_rank \(3\).*Raise max_rank"):
-        trainer.fit(module, _loader())
+        trainer.fit(module, mlp_loader())
     assert trainer.global_step == 0
     # prune_only needs no room to grow
-    trainer = _trainer(tmp_path, [RankReallocation(b0=1, t_warmup=2, t_final=2, delta_t=2, mode="prune_only")],
+    trainer = mlp_trainer(tmp_path, [RankReallocation(b0=1, t_warmup=2, t_final=2, delta_t=2, mode="prune_only")],
                        max_epochs=1)
-    trainer.fit(_module(init_rank=3, max_rank=3), _loader())
+    trainer.fit(mlp_module(init_rank=3, max_rank=3), mlp_loader())

@@ -11,50 +11,10 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from tiny_mlp import mlp_backbone, mlp_loader, mlp_module, mlp_trainer
+from torch.utils.data import DataLoader
 
-from flexlora_pl import FlexLoRAModule, LinearWarmupDecay, RankReallocation, event_steps
-
-
-def _backbone() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
-        nn.Linear(32, 4),
-    )
-
-
-def _module(**kwargs) -> FlexLoRAModule:
-    defaults = {
-        "backbone": _backbone,
-        "target_modules": ["0", "2", "4"],
-        "init_rank": 3,
-        "max_rank": 6,
-        "alpha": 6.0,
-        "modules_to_save": ["6"],
-        "optimizer": functools.partial(torch.optim.AdamW, lr=5e-2, weight_decay=0.01),
-        "lr_scheduler": functools.partial(LinearWarmupDecay, warmup_ratio=0.1),
-    }
-    return FlexLoRAModule(**{**defaults, **kwargs})
-
-
-def _loader(batches: int = 8, batch_size: int = 4) -> DataLoader:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(batches * batch_size, 16, generator=g)
-    y = (x[:, :4].argmax(dim=1) + (x[:, 5] > 1).long()) % 4
-    # a private generator, as flexlora_pl's data modules use: the loader then never draws from the global
-    # RNG, which the checkpoint restores for dropout
-    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False, generator=torch.Generator())
-
-
-def _trainer(tmp_path, callbacks, **kwargs) -> L.Trainer:
-    defaults = {
-        "default_root_dir": tmp_path, "accelerator": "cpu", "devices": 1, "logger": False,
-        "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0,
-        "deterministic": True,
-    }
-    return L.Trainer(callbacks=callbacks, **{**defaults, **kwargs})
+from flexlora_pl import FlexLoRAModule, RankReallocation, event_steps
 
 
 class _Recorder(Callback):
@@ -74,9 +34,9 @@ def test_events_fire_at_the_expected_steps_and_ranks_move(tmp_path):
     L.seed_everything(0)
     realloc = RankReallocation(b0=2, t_warmup=4, t_final=6, delta_t=3, b_schedule="constant")
     recorder = _Recorder()
-    module = _module()
-    trainer = _trainer(tmp_path, [realloc, recorder], max_epochs=5)
-    trainer.fit(module, _loader())
+    module = mlp_module()
+    trainer = mlp_trainer(tmp_path, [realloc, recorder], max_epochs=5)
+    trainer.fit(module, mlp_loader())
     total = 5 * 8
     assert [e["step"] for e in realloc.history] == list(event_steps(4, 6, 3, total)) == [7, 10, 13, 16, 19, 22,
                                                                                         25, 28, 31]
@@ -93,8 +53,8 @@ def test_events_count_optimizer_steps_under_gradient_accumulation(tmp_path):
     L.seed_everything(0)
     realloc = RankReallocation(b0=1, t_warmup=2, t_final=2, delta_t=2, b_schedule="constant")
     recorder = _Recorder()
-    trainer = _trainer(tmp_path, [realloc, recorder], max_epochs=4, accumulate_grad_batches=3)
-    trainer.fit(_module(), _loader(batches=9))
+    trainer = mlp_trainer(tmp_path, [realloc, recorder], max_epochs=4, accumulate_grad_batches=3)
+    trainer.fit(mlp_module(), mlp_loader(batches=9))
     total = 4 * 9 // 3
     assert trainer.global_step == total
     assert [e["step"] for e in realloc.history] == list(event_steps(2, 2, 2, total)) == [4, 6, 8]
@@ -104,9 +64,9 @@ def test_lr_schedule_keeps_decaying_through_events(tmp_path):
     L.seed_everything(0)
     realloc = RankReallocation(b0=2, t_warmup=4, t_final=4, delta_t=2, b_schedule="constant")
     recorder = _Recorder()
-    trainer = _trainer(tmp_path, [realloc, recorder], max_epochs=4)
-    module = _module()
-    trainer.fit(module, _loader())
+    trainer = mlp_trainer(tmp_path, [realloc, recorder], max_epochs=4)
+    module = mlp_module()
+    trainer.fit(module, mlp_loader())
     lrs = [recorder.lrs[s] for s in sorted(recorder.lrs)]
     peak = max(lrs)
     after_peak = lrs[lrs.index(peak):]
@@ -121,9 +81,9 @@ def test_resume_between_events_reproduces_the_uninterrupted_run(tmp_path):
         L.seed_everything(0)
         realloc = RankReallocation(b0=2, t_warmup=4, t_final=6, delta_t=3, b_schedule="cubic", seed=11)
         ckpt = ModelCheckpoint(dirpath=root, every_n_epochs=1, save_top_k=-1, filename="{epoch}")
-        trainer = _trainer(root, [realloc, ckpt], max_epochs=6)
-        module = _module(dropout=0.2)  # dropout draws from the global RNG: the checkpoint must restore it
-        trainer.fit(module, _loader(), ckpt_path=ckpt_path)
+        trainer = mlp_trainer(root, [realloc, ckpt], max_epochs=6)
+        module = mlp_module(dropout=0.2)  # dropout draws from the global RNG: the checkpoint must restore it
+        trainer.fit(module, mlp_loader(), ckpt_path=ckpt_path)
         return module, realloc
 
     full, full_realloc = run(tmp_path / "full")
@@ -152,30 +112,30 @@ def test_callback_validates_arguments():
 
 def test_a_schedule_that_can_never_fire_raises_before_training_or_warns_if_allowed(tmp_path):
     realloc = RankReallocation(t_warmup=30, t_final=20, delta_t=5)
-    trainer = _trainer(tmp_path, [realloc], max_epochs=1)
-    module = _module()
+    trainer = mlp_trainer(tmp_path, [realloc], max_epochs=1)
+    module = mlp_module()
     before = {k: v.clone() for k, v in module.state_dict().items() if torch.is_tensor(v)}
     with pytest.raises(ValueError, match=r"never fire: with t_warmup=30, t_final=20 .* run of 8 optimizer steps"):
-        trainer.fit(module, _loader())
+        trainer.fit(module, mlp_loader())
     assert all(torch.equal(before[k], module.state_dict()[k]) for k in before), "trained before refusing"
 
     realloc = RankReallocation(t_warmup=30, t_final=20, delta_t=5, allow_no_events=True)
-    trainer = _trainer(tmp_path, [realloc], max_epochs=1)
+    trainer = mlp_trainer(tmp_path, [realloc], max_epochs=1)
     with pytest.warns(UserWarning, match="will never fire"):
-        trainer.fit(_module(), _loader())
+        trainer.fit(mlp_module(), mlp_loader())
     assert realloc.history == []
 
 
 def test_module_warns_without_the_callback_and_reports_counts(tmp_path):
-    module = _module()
+    module = mlp_module()
     counts = module.parameter_counts()
     per_direction = (16 + 32 + 1) + 2 * (32 + 32 + 1)
     assert counts["active"] == 3 * per_direction
     assert counts["allocated"] == 6 * per_direction
     assert counts["modules_to_save"] == 32 * 4 + 4
-    trainer = _trainer(tmp_path, [], max_steps=1)
+    trainer = mlp_trainer(tmp_path, [], max_steps=1)
     with pytest.warns(UserWarning, match="no RankReallocation callback"):
-        trainer.fit(module, _loader())
+        trainer.fit(module, mlp_loader())
 
 
 @pytest.mark.parametrize("importance", ["nuclear", "frobenius", "sensitivity", "elem_energy_entropy",
@@ -184,10 +144,10 @@ def test_every_importance_metric_drives_events(tmp_path, importance):
     L.seed_everything(0)
     realloc = RankReallocation(b0=1, t_warmup=2, t_final=2, delta_t=3, importance=importance,
                                b_schedule="constant")
-    trainer = _trainer(tmp_path, [realloc], max_epochs=2)
+    trainer = mlp_trainer(tmp_path, [realloc], max_epochs=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(_module(), _loader())
+        trainer.fit(mlp_module(), mlp_loader())
     assert [e["step"] for e in realloc.history] == [5, 8, 11]
     assert any(e["pruned"] for e in realloc.history)
 
@@ -199,23 +159,23 @@ def test_subclass_overrides_the_importance_score(tmp_path):
 
     L.seed_everything(0)
     realloc = RankReallocation(b0=1, t_warmup=2, t_final=2, delta_t=2, b_schedule="constant")
-    trainer = _trainer(tmp_path, [realloc], max_epochs=2)
+    trainer = mlp_trainer(tmp_path, [realloc], max_epochs=2)
     module = FavourFirst(**{k: v for k, v in _module_kwargs().items()})
-    trainer.fit(module, _loader())
+    trainer.fit(module, mlp_loader())
     ranks = [layer.rank for _, layer in module.flexlora_layers()]
     assert ranks[0] == 6 and ranks[2] < 3 and sum(ranks) == 9
 
 
 def _module_kwargs() -> dict:
     return {
-        "backbone": _backbone, "target_modules": ["0", "2", "4"], "init_rank": 3, "max_rank": 6,
+        "backbone": mlp_backbone, "target_modules": ["0", "2", "4"], "init_rank": 3, "max_rank": 6,
         "alpha": 6.0, "optimizer": functools.partial(torch.optim.AdamW, lr=1e-2),
     }
 
 
 def test_orth_regulariser_is_logged_and_added(tmp_path):
-    module = _module(orth_reg_weight=0.5)
-    x, y = next(iter(_loader()))
+    module = mlp_module(orth_reg_weight=0.5)
+    x, y = next(iter(mlp_loader()))
     module.log = lambda *a, **k: None
     total = module.training_step((x, y), 0)
     expected = torch.nn.functional.cross_entropy(module(x), y) + 0.5 * module.orthogonality_loss()
@@ -236,9 +196,9 @@ def test_loading_a_history_for_other_layers_is_refused():
 def test_bf16_mixed_training_keeps_adapters_fp32_and_moves_ranks(tmp_path):
     L.seed_everything(0)
     realloc = RankReallocation(b0=1, t_warmup=2, t_final=2, delta_t=2, b_schedule="constant")
-    trainer = _trainer(tmp_path, [realloc], max_epochs=2, precision="bf16-mixed")
-    module = _module()
-    trainer.fit(module, _loader())
+    trainer = mlp_trainer(tmp_path, [realloc], max_epochs=2, precision="bf16-mixed")
+    module = mlp_module()
+    trainer.fit(module, mlp_loader())
     assert [e["step"] for e in realloc.history] == [4, 6, 8, 10, 12]
     assert any(e["pruned"] for e in realloc.history)
     for _, layer in module.flexlora_layers():
@@ -260,20 +220,20 @@ def test_seed_follows_seed_everything_unless_given(monkeypatch):
 @pytest.mark.parametrize("r_min", [3, 7])  # = init_rank, and > max_rank
 def test_an_r_min_that_freezes_every_rank_is_refused_when_fitting_starts(tmp_path, mode, r_min):
     realloc = RankReallocation(b0=1, t_warmup=2, t_final=2, delta_t=2, r_min=r_min, mode=mode)
-    module = _module()  # init_rank 3, max_rank 6
+    module = mlp_module()  # init_rank 3, max_rank 6
     before = {k: v.clone() for k, v in module.state_dict().items() if torch.is_tensor(v)}
     message = (rf"r_min={r_min} is not below the rank of any FlexLoRA layer \(initial rank 3\).*mode='{mode}'.*"
                rf"plain LoRA\. Lower r_min to 2 or less, raise init_rank above {r_min} .*or use mode: expand_only")
     with pytest.raises(ValueError, match=message):
-        _trainer(tmp_path, [realloc], max_epochs=1).fit(module, _loader())
+        mlp_trainer(tmp_path, [realloc], max_epochs=1).fit(module, mlp_loader())
     assert all(torch.equal(before[k], module.state_dict()[k]) for k in before), "trained before refusing"
 
 
 def test_expand_only_ignores_r_min(tmp_path):
     realloc = RankReallocation(b0=1, t_warmup=2, t_final=0, delta_t=2, r_min=7, mode="expand_only",
                                b_schedule="constant")
-    module = _module()
-    _trainer(tmp_path, [realloc], max_epochs=1).fit(module, _loader())
+    module = mlp_module()
+    mlp_trainer(tmp_path, [realloc], max_epochs=1).fit(module, mlp_loader())
     assert sum(layer.rank for _, layer in module.flexlora_layers()) == 9 + 2  # events at 4 and 6
 
 
@@ -282,8 +242,8 @@ def test_a_prune_only_run_resumed_at_the_r_min_floor_is_accepted_but_a_raised_r_
         realloc = RankReallocation(b0=3, t_warmup=2, t_final=0, delta_t=2, r_min=r_min, mode="prune_only",
                                    b_schedule="constant")
         ckpt = ModelCheckpoint(dirpath=root, every_n_epochs=1, save_top_k=-1, filename="{epoch}")
-        module = _module()
-        _trainer(root, [realloc, ckpt], max_epochs=epochs).fit(module, _loader(), ckpt_path=ckpt_path)
+        module = mlp_module()
+        mlp_trainer(root, [realloc, ckpt], max_epochs=epochs).fit(module, mlp_loader(), ckpt_path=ckpt_path)
         return module, realloc
 
     module, realloc = fit(tmp_path / "a", 1, r_min=1)  # events at 4 and 6 prune every layer from 3 to 1
@@ -298,7 +258,7 @@ class _DataInSetup(FlexLoRAModule):
     """Builds its training data in its own ``setup``, which Lightning runs after the callbacks' ``setup``."""
 
     def setup(self, stage):
-        self.train_data = _loader().dataset
+        self.train_data = mlp_loader().dataset
 
     def train_dataloader(self):
         return DataLoader(self.train_data, batch_size=4)
@@ -308,12 +268,12 @@ def test_total_steps_are_read_after_the_modules_own_setup(tmp_path):
     L.seed_everything(0)
     realloc = RankReallocation(b0=1, t_warmup=2, t_final=2, delta_t=2, b_schedule="constant")
     module = _DataInSetup(**_module_kwargs())
-    _trainer(tmp_path, [realloc], max_epochs=2).fit(module)
+    mlp_trainer(tmp_path, [realloc], max_epochs=2).fit(module)
     assert [e["step"] for e in realloc.history] == list(event_steps(2, 2, 2, 16)) == [4, 6, 8, 10, 12]
 
     never = RankReallocation(t_warmup=30, t_final=20, delta_t=5)
     with pytest.raises(ValueError, match="never fire: .* run of 8 optimizer steps"):
-        _trainer(tmp_path, [never], max_epochs=1).fit(_DataInSetup(**_module_kwargs()))
+        mlp_trainer(tmp_path, [never], max_epochs=1).fit(_DataInSetup(**_module_kwargs()))
 
 
 def test_a_restored_history_is_checked_against_the_layers_found_at_fit_start():
@@ -322,7 +282,7 @@ def test_a_restored_history_is_checked_against_the_layers_found_at_fit_start():
     realloc = RankReallocation()
     realloc.load_state_dict({"history": [], "last_step": 3, "layer_names": ["backbone.0", "backbone.9"]})
     with pytest.raises(ValueError, match=r"first differ at 'backbone.9' \(checkpoint\) vs 'backbone.2' \(model\)"):
-        realloc.on_fit_start(None, _module())
+        realloc.on_fit_start(None, mlp_module())
 
 
 class _Metrics(Logger):
@@ -355,7 +315,7 @@ def test_importance_scores_keep_full_precision_in_history_and_loggers(tmp_path):
     L.seed_everything(0)
     realloc = RankReallocation(b0=1, t_warmup=2, t_final=2, delta_t=2, b_schedule="constant")
     logger = _Metrics()
-    _trainer(tmp_path, [realloc], max_epochs=1, logger=logger).fit(TinyScores(**_module_kwargs()), _loader())
+    mlp_trainer(tmp_path, [realloc], max_epochs=1, logger=logger).fit(TinyScores(**_module_kwargs()), mlp_loader())
     assert realloc.history and all(e["scores"] == [3e-10, 2e-10, 1e-10] for e in realloc.history)
     events = [m for step, m in logger.metrics if "flexlora/budget" in m]
     assert len(events) == len(realloc.history)
@@ -376,7 +336,7 @@ def test_an_importance_override_is_called_under_sensitivity_too(tmp_path):
     realloc = RankReallocation(b0=1, t_warmup=2, t_final=2, delta_t=2, importance="sensitivity",
                                b_schedule="constant")
     module = FavourFirst(**_module_kwargs())
-    _trainer(tmp_path, [realloc], max_epochs=2).fit(module, _loader())
+    mlp_trainer(tmp_path, [realloc], max_epochs=2).fit(module, mlp_loader())
     assert len(module.calls) == len(realloc.history) == 5
     assert all(metric == "sensitivity" for metric, _ in module.calls)
     assert all(base.shape == (3,) and bool((base > 0).all()) for _, base in module.calls)
@@ -388,4 +348,4 @@ def test_an_importance_override_is_called_under_sensitivity_too(tmp_path):
 def test_sensitivity_scores_need_the_callback_that_gathers_them(tmp_path):
     with pytest.raises(ValueError, match=r"RankReallocation\(importance='sensitivity'\) callback, and none is "
                                          r"attached to this module \(it is not attached to a Trainer\)"):
-        _module().importance_scores("sensitivity")
+        mlp_module().importance_scores("sensitivity")

@@ -12,6 +12,7 @@ import torch
 import yaml
 from conftest import make_tiny_glue_run
 from lightning.pytorch.callbacks import ProgressBar
+from shapes import DEBERTA_V3_BASE
 from tiny_run import DROP, tiny_run_config
 
 from flexlora_pl.cli import build_cli, main
@@ -44,11 +45,6 @@ def test_every_config_parses_with_the_real_cli(config, capsys):
         assert (callback.get("init_args") or {}).get("dirpath") is None, callback
 
 
-# DeBERTaV3-base dimensions (microsoft/deberta-v3-base config.json)
-DEBERTA_V3_BASE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
-                   "intermediate_size": 3072, "vocab_size": 128100, "position_buckets": 256,
-                   "relative_attention": True, "pos_att_type": ["p2c", "c2p"], "max_relative_positions": -1,
-                   "norm_rel_ebd": "layer_norm", "share_att_key": True}
 
 
 @pytest.mark.parametrize("config", GLUE_CONFIGS, ids=[c.name for c in GLUE_CONFIGS])

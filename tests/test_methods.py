@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from conftest import tiny_bert, tiny_run_folder
-from test_cli import DEBERTA_V3_BASE
+from shapes import DEBERTA_V3_BASE
 from test_runs import RUN_CHANGES
 
 from flexlora_pl.cli import build_cli

@@ -7,7 +7,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from test_callback import _loader, _module, _trainer
+from tiny_mlp import mlp_loader, mlp_module, mlp_trainer
 
 from flexlora_pl import RankReallocation
 
@@ -24,14 +24,14 @@ class DivergesAt:
 
 @pytest.mark.parametrize("every", [1, 4])
 def test_nonfinite_loss_stops_before_overwriting_the_last_good_checkpoint(tmp_path, every):
-    module = _module()
+    module = mlp_module()
     module.__class__ = type("Diverging", (DivergesAt, type(module)), {})
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=every, save_last=True)
     realloc = RankReallocation(b0=1, t_warmup=1, t_final=1, delta_t=2)
-    trainer = _trainer(tmp_path, [realloc, ckpt], max_epochs=3, log_every_n_steps=1)
+    trainer = mlp_trainer(tmp_path, [realloc, ckpt], max_epochs=3, log_every_n_steps=1)
     L.seed_everything(0)
     with pytest.raises(FloatingPointError) as info:
-        trainer.fit(module, _loader())
+        trainer.fit(module, mlp_loader())
     message = str(info.value)
     assert "non-finite" in message and "optimizer step 5" in message
     good = tmp_path / "ckpt" / "last.ckpt"

@@ -11,7 +11,7 @@ import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from matplotlib import colormaps
-from test_callback import _loader, _module, _trainer
+from tiny_mlp import mlp_loader, mlp_module, mlp_trainer
 
 import flexlora_pl.callbacks.rank_heatmap as rank_heatmap
 from flexlora_pl import RankHeatmap, RankReallocation
@@ -214,8 +214,8 @@ def test_callback_logs_a_labelled_image_during_fit(tmp_path, monkeypatch):
     L.seed_everything(0)
     realloc = RankReallocation(b0=1, t_warmup=2, t_final=2, delta_t=3, b_schedule="constant")
     logger = TensorBoardLogger(tmp_path, name="run")
-    trainer = _trainer(tmp_path, [realloc, RankHeatmap()], max_epochs=2, logger=logger)
-    trainer.fit(_module(), _loader(), val_dataloaders=_loader(batches=2))
+    trainer = mlp_trainer(tmp_path, [realloc, RankHeatmap()], max_epochs=2, logger=logger)
+    trainer.fit(mlp_module(), mlp_loader(), val_dataloaders=mlp_loader(batches=2))
 
     steps = [event["step"] for event in realloc.history]
     assert steps == [5, 8, 11]
