@@ -340,10 +340,9 @@ class RankReallocation(Callback):
         self._take_measurements(None)  # a checkpoint syncs anyway: its history holds every measurement
         state: dict[str, Any] = {"history": self.history, "last_step": self._last_step,
                                  "layer_names": self.layer_names, "spectra": self.spectra}
-        if self._driver is not None:
-            state["driver"] = self._driver.state_dict()
-        elif self._driver_state is not None:
-            state["driver"] = self._driver_state
+        driver = self._driver.state_dict() if self._driver is not None else self._driver_state
+        if driver is not None:
+            state["driver"] = driver
         return state
 
     @override
@@ -366,8 +365,7 @@ class RankReallocation(Callback):
     def _check_layer_names(self, saved_names: list[str]) -> None:
         """Refuse a restored history whose layers are not the model's (:attr:`layer_names`)."""
         if saved_names != self.layer_names:
-            pairs = itertools.zip_longest(saved_names, self.layer_names)
-            first = next((a, b) for a, b in pairs if a != b)
+            first = next((a, b) for a, b in itertools.zip_longest(saved_names, self.layer_names) if a != b)
             raise ValueError(
                 f"the checkpoint's RankReallocation history covers {len(saved_names)} adapted layers but the model "
                 f"has {len(self.layer_names)}; they first differ at {first[0]!r} (checkpoint) vs {first[1]!r} "
