@@ -12,9 +12,9 @@ from test_sweep import run_tiny_sweep
 
 from flexlora_pl.cli.results import main as results_main
 from flexlora_pl.data.commonsense import COMMONSENSE_SETS
-from flexlora_pl.experiments.grid import load_sweep
 from flexlora_pl.experiments.paper import PAPER_TABLES, check_table
 from flexlora_pl.experiments.results import MixedMetricsError, collect, load_runs, results_tables
+from flexlora_pl.experiments.sweep_file import load_sweep
 
 
 def write_run(root: Path, task: str, method: str, seed: int, *, status: str = "finished", best: float | None = None,
@@ -220,3 +220,21 @@ def test_the_allocation_table_averages_what_the_events_did(tmp_path):
     only_lora = tmp_path / "only_lora"
     write_run(only_lora, "tweets", "lora", 0, best=0.6)
     assert not any(t.title.startswith("allocation") for t in collect(only_lora))
+
+
+def test_the_former_module_names_still_import_the_same_objects():
+    from flexlora_pl.experiments import collection, costs, grid, results, selection, sweep, sweep_file, sweep_runner
+    from flexlora_pl.experiments import tables as tables_module
+
+    assert grid.load_sweep is sweep_file.load_sweep and grid.Sweep is sweep_file.Sweep
+    assert sweep.plan_run is sweep_runner.plan_run and sweep.BROKEN == sweep_runner.BROKEN
+    homes = {"RunResult": collection, "load_runs": collection, "add_expected": collection, "STATUSES": collection,
+             "SELECTION_RULES": selection, "MixedMetricsError": selection, "score_runs": selection,
+             "vtab_name": selection, "Cell": tables_module, "Table": tables_module, "results_tables": tables_module,
+             "add_paper": tables_module, "paper_markdown": tables_module, "write_csv": tables_module,
+             "cost_table": costs, "allocation_table": costs}
+    for name, home in homes.items():
+        assert getattr(results, name) is getattr(home, name), name
+    assert set(homes) <= set(results.__all__)
+    for module in (grid, sweep, results):
+        assert all(hasattr(module, name) for name in module.__all__), module.__name__

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from flexlora_pl.cli.sweep import main as sweep_main
-from flexlora_pl.experiments.grid import SweepError, load_sweep, parse_sweep
-from flexlora_pl.experiments.sweep import BROKEN, DONE, NEW, RESUME, TEST, plan_run
+from flexlora_pl.experiments.sweep_file import SweepError, load_sweep, parse_sweep
+from flexlora_pl.experiments.sweep_runner import BROKEN, DONE, NEW, RESUME, TEST, plan_run
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -16,9 +16,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from flexlora_pl.experiments.grid import load_sweep
 from flexlora_pl.experiments.paper import PAPER_TABLES
 from flexlora_pl.experiments.results import MixedMetricsError, collect, paper_markdown, write_csv
+from flexlora_pl.experiments.sweep_file import load_sweep
 
 __all__ = ["main"]
 

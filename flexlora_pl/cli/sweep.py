@@ -17,8 +17,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from flexlora_pl.experiments.grid import SweepError, load_sweep
-from flexlora_pl.experiments.sweep import plan_run, print_commands, run_sweep
+from flexlora_pl.experiments.sweep_file import SweepError, load_sweep
+from flexlora_pl.experiments.sweep_runner import plan_run, print_commands, run_sweep
 
 __all__ = ["main"]
 
