@@ -204,22 +204,39 @@ def test_results_of_the_real_tiny_sweep(tmp_path_factory, tiny_glue_root):
     assert int(cost.derived_values["grid lora"]["active"].replace(",", "")) > 0
 
 
+def _allocation(folder: Path, **summary) -> None:
+    record = json.loads((folder / "metrics.json").read_text())
+    record["fit"]["allocation"] = summary
+    (folder / "metrics.json").write_text(json.dumps(record))
+
+
 def test_the_allocation_table_averages_what_the_events_did(tmp_path):
-    for seed, (flips, ratio) in enumerate(((2, 3.0), (4, 2.0))):
+    for seed, (flips, dead, ratio) in enumerate(((2, 1, 3.0), (4, 2, 2.0))):
         folder = write_run(tmp_path, "tweets", "flexlora", seed, best=0.7)
-        record = json.loads((folder / "metrics.json").read_text())
-        record["fit"]["allocation"] = {"events": 7, "moved": 20, "flip_flops": flips,
-                                       "new_direction_update_ratio": ratio, "final_total_rank": 288}
-        (folder / "metrics.json").write_text(json.dumps(record))
+        _allocation(folder, events=7, moved=20, flip_flops=flips, flip_flop_window=1, dead_ends=dead,
+                    dead_end_modules=[f"layer.{i}" for i in range(dead)], new_direction_update_ratio=ratio,
+                    final_total_rank=288)
     write_run(tmp_path, "tweets", "lora", 0, best=0.6)  # no events: no row
     tables = collect(tmp_path)
     allocation = next(t for t in tables if t.title.startswith("allocation"))
     assert allocation.derived_values == {"s flexlora": {
-        "runs": "2", "events": "7.0", "directions moved": "20.0", "flip-flops": "3.0", "first-update ratio": "2.50",
-        "final total rank": "288.0"}}
+        "runs": "2", "events": "7.0", "directions moved": "20.0", "flip-flops": "3.0", "dead ends": "1.5",
+        "first-update ratio": "2.50", "final total rank": "288.0"}}
+    text = allocation.markdown()
+    assert "| runs | events | directions moved | flip-flops | dead ends | first-update ratio |" in text, text
+    assert "| s flexlora | 2 | 7.0 | 20.0 | 3.0 | 1.5 | 2.50 | 288.0 |" in text, text
+    assert "- dead ends: modules an event pruned to rank 1" in text and "dead_end_modules" in text, text
     only_lora = tmp_path / "only_lora"
     write_run(only_lora, "tweets", "lora", 0, best=0.6)
     assert not any(t.title.startswith("allocation") for t in collect(only_lora))
+
+
+def test_a_run_recorded_before_dead_ends_were_counted_shows_a_dash_not_zero(tmp_path):
+    _allocation(write_run(tmp_path, "tweets", "flexlora", 0, best=0.7), events=3, moved=6, flip_flops=1,
+                new_direction_update_ratio=3.0, final_total_rank=24)
+    allocation = next(t for t in collect(tmp_path) if t.title.startswith("allocation"))
+    assert allocation.derived_values["s flexlora"]["dead ends"] == "–"
+    assert allocation.derived_values["s flexlora"]["flip-flops"] == "1.0"
 
 
 def test_the_former_module_names_still_import_the_same_objects():

@@ -1,6 +1,6 @@
 """What the runs cost and what their allocation events did: the cost table (fit wall time, peak memory,
 trainable / active / allocated parameters) and the allocation table (events, directions moved, flip-flops,
-first updates of new directions), one row per sweep and method, the mean over its runs."""
+dead ends, first updates of new directions), one row per sweep and method, the mean over its runs."""
 
 from __future__ import annotations
 
@@ -49,10 +49,12 @@ def cost_table(runs: list[RunResult]) -> Table:
 
 def allocation_table(runs: list[RunResult]) -> Table | None:
     """Per sweep and method, what the allocation events did (``metrics.json`` ``fit.allocation``): events,
-    directions moved, flip-flops (directions pruned at the event after the one that added them) and the first
-    update of a new direction relative to its module's settled ones; ``None`` when no run has events."""
-    columns = ["runs", "events", "directions moved", "flip-flops", "first-update ratio", "final total rank"]
-    keys = {"events": "events", "directions moved": "moved", "flip-flops": "flip_flops",
+    directions moved, flip-flops (directions pruned at the event after the one that added them), dead ends (modules
+    pruned to rank 1 that no later event expanded: ``fit.allocation.dead_ends``) and the first update of a new
+    direction relative to its module's settled ones; ``None`` when no run has events."""
+    columns = ["runs", "events", "directions moved", "flip-flops", "dead ends", "first-update ratio",
+               "final total rank"]
+    keys = {"events": "events", "directions moved": "moved", "flip-flops": "flip_flops", "dead ends": "dead_ends",
             "first-update ratio": "new_direction_update_ratio", "final total rank": "final_total_rank"}
     values: dict[str, dict[str, list[float]]] = {}
     for run in runs:
@@ -74,6 +76,9 @@ def allocation_table(runs: list[RunResult]) -> Table | None:
             for column in columns[1:]}}
     table.notes.append("first-update ratio: |Δλ| of a new direction at the optimizer step after the event that "
                        "added it, over the mean |Δλ| of its module's other active directions at that step")
+    table.notes.append("dead ends: modules an event pruned to rank 1 and no later event expanded (a single "
+                       "direction's entropy is 0, the lowest score, so it stays there while any other module "
+                       "scores above 0); which ones: metrics.json fit.allocation.dead_end_modules")
     return table
 
 
