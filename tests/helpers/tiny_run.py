@@ -18,6 +18,24 @@ import yaml
 BASE = Path(__file__).with_name("tiny_run.yaml")
 DROP = object()  # a change that removes its key
 
+# What the run-folder tests (tests/runs/test_runs.py, tests/methods/test_methods.py) change in the tiny run:
+# two epochs, the shipped configs' checkpoints and reports, events every 2 steps, adapter dropout, a test split.
+RUN_CHANGES = {
+    "trainer": {"max_epochs": 2,
+                "callbacks": [
+                    {"class_path": "flexlora_pl.RankHeatmap"},
+                    {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                     "init_args": {"monitor": "val/score", "mode": "max", "filename": "best-{epoch}-{step}",
+                                   "save_last": True}},
+                    {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                     "init_args": {"every_n_train_steps": 4, "filename": "periodic-{step}"}},
+                    {"class_path": "flexlora_pl.InterruptCheckpoint"},
+                    {"class_path": "flexlora_pl.FinalMetricsReport"}]},
+    "reallocation": {"t_warmup": 2, "delta_t": 2},
+    "model": {"init_args": {"method": {"init_args": {"dropout": 0.1}}}},
+    "data": {"init_args": {"data_files": {"test": "{root}/dev.csv"}}},
+}
+
 
 def merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)

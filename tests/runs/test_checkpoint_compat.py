@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-FIXTURES = Path(__file__).parent / "fixtures" / "pre_refactor"
+FIXTURES = Path(__file__).parents[1] / "fixtures" / "pre_refactor"
 
 
 @pytest.mark.parametrize("method", ["flexlora", "adalora"])
@@ -29,7 +29,7 @@ def test_a_checkpoint_from_before_the_move_resumes_and_finishes_as_it_did(tmp_pa
     for name in ("run.yaml", f"{method}.yaml"):
         shutil.copy(FIXTURES / name, tmp_path / name)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(Path(__file__).parent))  # run_helpers.DumpTrained
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "helpers"))  # run_helpers.DumpTrained
     ckpt = FIXTURES / f"{method}_step6.ckpt"
     build_cli(["fit", "--config", "run.yaml", "--config", f"{method}.yaml", "--ckpt_path", str(ckpt)])
 
@@ -77,7 +77,7 @@ def test_configs_that_name_the_old_deep_class_paths_still_parse(config, deep, ca
 
     from flexlora_pl.cli import main
 
-    shipped = Path(__file__).parents[1] / "configs" / config
+    shipped = Path(__file__).parents[2] / "configs" / config
     assert "class_path: flexlora_pl.tasks." not in shipped.read_text()  # the shipped configs use public paths
     args = ["fit", "--config", str(shipped)]
     for flag, path in deep.items():

@@ -1,5 +1,5 @@
 """Train a tiny FlexLoRA model with ``devices`` CPU processes (gloo) and dump, per rank, the adapter state
-after every allocation event and at the end. Run by ``tests/test_ddp.py``:
+after every allocation event and at the end. Run by ``tests/integration/test_ddp.py``:
 
     python ddp_script.py OUT DEVICES BATCH [DROPOUT [RESUME_CKPT]] [--diverge-at STEP]
 

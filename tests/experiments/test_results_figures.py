@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
-SCRIPT = Path(__file__).parents[1] / "docs" / "figures" / "draw.py"
+SCRIPT = Path(__file__).parents[2] / "docs" / "figures" / "draw.py"
 
 
 def _draw():

@@ -15,7 +15,7 @@ from flexlora_pl.cli.sweep import main as sweep_main
 from flexlora_pl.experiments.sweep_file import SweepError, load_sweep, parse_sweep
 from flexlora_pl.experiments.sweep_runner import BROKEN, DONE, NEW, RESUME, TEST, plan_run
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 TASK_CONFIG = """
 seed_everything: 1

@@ -57,7 +57,7 @@ def _command(config: Path, *extra: str) -> list[str]:
 
 
 def _env() -> dict[str, str]:
-    tests_dir = str(Path(__file__).parent)
+    tests_dir = str(Path(__file__).parents[1] / "helpers")
     return {**os.environ, "PYTHONPATH": tests_dir + os.pathsep + os.environ.get("PYTHONPATH", ""),
             "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 

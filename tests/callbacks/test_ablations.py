@@ -23,7 +23,7 @@ from flexlora_pl.core.orthogonality import group_by_shape, orthogonality_penalty
 from flexlora_pl.core.schedule import budget_at
 from flexlora_pl.methods import FlexLoRA
 
-CONFIGS = Path(__file__).parents[1] / "configs"
+CONFIGS = Path(__file__).parents[2] / "configs"
 TASKS = sorted([CONFIGS / "demo.yaml", *CONFIGS.glob("glue_*.yaml")])
 OVERRIDES = sorted((CONFIGS / "ablations").glob("*.yaml"))
 SWITCHES = {

@@ -14,7 +14,7 @@ from flexlora_pl.cli import build_cli
 from flexlora_pl.data.digits_vtab import DIGITS_TASK, DigitsVTABDataModule, build_digits_vtab
 from flexlora_pl.data.vtab import VTAB_1K_SIZES, VTAB_TASKS, VTABDataError, VTABDataModule, VTABTask
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TASK = "kitti"  # a registered task: the shipped config is used, the test count (unknown for kitti) is not checked
 
 

@@ -24,7 +24,7 @@ from tiny_run import DROP, tiny_run_config
 
 from flexlora_pl.cli import main
 
-DOCS = Path(__file__).parents[1] / "docs" / "reliability.md"
+DOCS = Path(__file__).parents[2] / "docs" / "reliability.md"
 
 
 def _changes(out: Path, model: Path) -> dict:

@@ -23,7 +23,7 @@ from flexlora_pl.methods import AdaLoRA, FlexLoRA, LoRA
 from flexlora_pl.runs.cosine_schedule import WarmupCosine
 from flexlora_pl.tasks.image_classification import ImageClassifier
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 VTAB = ROOT / "configs" / "vtab"
 TASK = "kitti"  # 4 classes: the tiny folder is written under this name and its shipped config is used
 OVERRIDES = {name: VTAB / "overrides" / f"{name}.yaml" for name in ("lora", "adalora", "appendix_h")}

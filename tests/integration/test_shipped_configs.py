@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-CONFIGS = Path(__file__).parents[1] / "configs"
+CONFIGS = Path(__file__).parents[2] / "configs"
 
 # folder (relative to configs/) -> ("run", None) | ("override", the run config it composes over) | ("sweep", None)
 FOLDER_KINDS = {
@@ -67,7 +67,7 @@ def _not_in(parsed, wanted, where: str = "") -> list[str]:
 
 def test_every_config_folder_has_a_kind():
     unknown = sorted({_folder(c) for c in SHIPPED} - set(FOLDER_KINDS))
-    assert not unknown, f"configs/ folders without a kind in tests/test_shipped_configs.py: {unknown}"
+    assert not unknown, f"configs/ folders without a kind in tests/integration/test_shipped_configs.py: {unknown}"
     assert len(SHIPPED) > 60
 
 

@@ -16,27 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_run_folder
+from tiny_run import RUN_CHANGES
 
 from flexlora_pl.cli import build_cli, main
 from flexlora_pl.runs.run_folder import RunFolder, newest_trained_checkpoint
 
-# What the run-folder tests change in the tiny run (tests/helpers/tiny_run.yaml): two epochs, the shipped
-# configs' checkpoints and reports, events every 2 steps, adapter dropout, a test split.
-RUN_CHANGES = {
-    "trainer": {"max_epochs": 2,
-                "callbacks": [
-                    {"class_path": "flexlora_pl.RankHeatmap"},
-                    {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                     "init_args": {"monitor": "val/score", "mode": "max", "filename": "best-{epoch}-{step}",
-                                   "save_last": True}},
-                    {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                     "init_args": {"every_n_train_steps": 4, "filename": "periodic-{step}"}},
-                    {"class_path": "flexlora_pl.InterruptCheckpoint"},
-                    {"class_path": "flexlora_pl.FinalMetricsReport"}]},
-    "reallocation": {"t_warmup": 2, "delta_t": 2},
-    "model": {"init_args": {"method": {"init_args": {"dropout": 0.1}}}},
-    "data": {"init_args": {"data_files": {"test": "{root}/dev.csv"}}},
-}
 # 48 training rows in batches of 8: 6 optimizer steps per epoch, 12 in a run.
 
 

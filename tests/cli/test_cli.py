@@ -18,7 +18,7 @@ from tiny_run import DROP, tiny_run_config
 from flexlora_pl.cli import build_cli, main
 from flexlora_pl.core.inject import match_target
 
-CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
 GLUE_CONFIGS = [c for c in CONFIGS if c.name.startswith("glue_")]
 
 

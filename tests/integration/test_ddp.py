@@ -14,12 +14,13 @@ import torch
 
 pytestmark = pytest.mark.slow
 
-SCRIPT = Path(__file__).with_name("ddp_script.py")
+SCRIPT = Path(__file__).parents[1] / "helpers" / "ddp_script.py"
 
 
 def _run(out: Path, devices: int, batch_size: int, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
     out.mkdir(exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "helpers"),
+                                                  os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, str(SCRIPT), str(out), str(devices), str(batch_size), *extra],
                           env=env, capture_output=True, text=True, timeout=600)
     if check:

@@ -23,7 +23,7 @@ from flexlora_pl.methods import AdaLoRA, FlexLoRA, LoRA
 from flexlora_pl.tasks.answer_extraction import extract_answer, response_text
 from flexlora_pl.tasks.causal_lm import LLAMA_TARGETS, FlexLoRACausalLM, generate_continuations
 
-CONFIGS = Path(__file__).parents[1] / "configs"
+CONFIGS = Path(__file__).parents[2] / "configs"
 R8, R32, R32_DDP = (CONFIGS / "commonsense" / f"llama3_8b_{name}.yaml" for name in ("r8", "r32", "r32_ddp"))
 INDENT = " " * 16
 
@@ -568,8 +568,9 @@ def test_a_bad_response_split_is_refused_before_anything_is_built(monkeypatch, c
 # --------------------------------------------------------------------------- DDP
 @pytest.mark.slow
 def test_ddp_ranks_decide_alike_and_score_every_record_once(root, tmp_path):
-    script = Path(__file__).with_name("ddp_causal_lm_script.py")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    script = Path(__file__).parents[1] / "helpers" / "ddp_causal_lm_script.py"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "helpers"),
+                                                  os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, str(script), str(root), str(tmp_path)], env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import yaml
 from conftest import tiny_bert, tiny_run_folder
 from shapes import DEBERTA_V3_BASE
-from test_runs import RUN_CHANGES
+from tiny_run import RUN_CHANGES
 
 from flexlora_pl.cli import build_cli
 from flexlora_pl.cli.export import main as export_main
@@ -31,7 +31,7 @@ from flexlora_pl.methods import METHODS, AdaLoRA, FlexLoRA, LoRA, build_method
 from flexlora_pl.methods.lora import peft_tuner
 from flexlora_pl.tasks.sequence_classification import DEBERTA_TARGETS, FlexLoRASequenceClassifier
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 METHOD_CONFIGS = {"lora": ROOT / "configs" / "methods" / "lora.yaml",
                   "adalora": ROOT / "configs" / "methods" / "adalora.yaml"}
 TASK_CONFIGS = sorted([ROOT / "configs" / "demo.yaml", *(ROOT / "configs").glob("glue_*.yaml")])

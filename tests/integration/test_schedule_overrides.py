@@ -12,7 +12,7 @@ import yaml
 from flexlora_pl.cli import build_cli
 from flexlora_pl.core.schedule import budget_at, event_steps
 
-CONFIGS = Path(__file__).parents[1] / "configs"
+CONFIGS = Path(__file__).parents[2] / "configs"
 DEMO = CONFIGS / "demo.yaml"
 # directions pruned (= added) over the demo's 282 steps, as configs/sweeps/offline_longer.yaml and
 # docs/results.md state them; the demo itself moves 14

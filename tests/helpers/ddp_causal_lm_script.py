@@ -1,6 +1,6 @@
 """Fit the tiny causal LM with FlexLoRA on 2 CPU processes (gloo), then test the 8 commonsense sets in the same
 processes, and dump per rank: the allocation history, the adapters, the test records each rank scored and the
-logged test metrics. Run by ``tests/test_commonsense.py``:
+logged test metrics. Run by ``tests/tasks/test_commonsense.py``:
 
     python ddp_causal_lm_script.py ROOT OUT
 
