@@ -1,4 +1,4 @@
-"""The step-time benchmark runs end to end in smoke mode and prints well-formed tables.
+"""The step-time benchmark runs end to end in smoke mode and prints well-formed tables, one per registered study.
 
 Timings are never asserted: only that every figure is there, finite and positive, and that the
 compiled FlexLoRA graph survived the allocation events without recompiling.
@@ -70,6 +70,7 @@ def test_json_holds_every_figure(smoke_run: tuple[str, dict]) -> None:
     for goal in result["goals"]:
         assert {"time_vs_lora", "time_vs_adalora", "memory_budget_bytes", "time_met", "memory_met"} <= set(goal)
     assert result["memory_measure"]
+    assert result["settings"]["studies"] == ["step", "scaling", "compile"]  # every study that ships, in order
 
 
 def test_goals_say_by_how_much(smoke_run: tuple[str, dict]) -> None:
