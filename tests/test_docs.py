@@ -267,3 +267,28 @@ def test_architecture_names_files_that_exist():
         if folder.endswith("/"):
             for name in re.findall(r"`(\w+\.(?:py|ipynb))`", description):
                 assert (root / folder / name).is_file(), f"{folder}{name} is named in architecture.md but missing"
+
+
+def test_the_benchmark_study_example_runs_in_the_benchmark(tmp_path, capsys, monkeypatch):
+    """The study of "Add a benchmark study" registers and runs through ``benchmarks.step_time.main``. Its block is
+    fenced ``py``, not ``python``: executed with the other examples it would register a study in every test's
+    process, so this test alone runs it (and unregisters it)."""
+    monkeypatch.syspath_prepend(str(DOCS.parent))  # ``benchmarks`` is a folder of the repository
+    from benchmarks.harness import STUDIES
+    from benchmarks.step_time import main
+
+    namespace: dict = {}
+    try:
+        exec(compile(_block("py", "register_study"), str(DOC), "exec"), namespace)
+        assert STUDIES["forward"].run is namespace["forward_study"]
+        out = tmp_path / "forward.json"
+        result = main(["--smoke", "--studies", "forward", "--models", "llama-tiny", "--steps", "1", "--json", str(out)])
+    finally:
+        STUDIES.pop("forward", None)
+    stdout = capsys.readouterr().out
+    assert "## Forward pass" in stdout and "| model | method | forward ms |" in stdout
+    assert "| model | method | step ms |" not in stdout  # --studies ran this study alone
+    rows = json.loads(out.read_text())["forward"]
+    assert rows == result["forward"]
+    assert [r["method"] for r in rows] == ["full", "lora", "adalora", "flexlora"]
+    assert all(r["model"] == "llama-tiny" and r["forward_ms"] > 0 for r in rows)
