@@ -6,11 +6,13 @@ differ only in their task lines, and every row of the inputs table of docs/relia
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import itertools
 import json
 import re
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -395,15 +397,25 @@ def _table_rows(doc: Path, heading: str) -> list[list[str]]:
     return [[cell.strip() for cell in line.strip().strip("|").split(" | ")] for line in lines[2:]]  # no header
 
 
+def _test_module(path: Path) -> ModuleType:
+    """The test module at ``path``: the one pytest imported, or loaded from its file."""
+    if path.stem in sys.modules and Path(sys.modules[path.stem].__file__ or "").resolve() == path.resolve():
+        return sys.modules[path.stem]
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _missing_test(node_id: str) -> str | None:
-    """Why ``node_id`` (``tests/<file>.py::<test>[<id>]``) names no test of this suite, or ``None`` if it does.
+    """Why ``node_id`` (``tests/<folder>/<file>.py::<test>[<id>]``) names no test of this suite, or ``None`` if it does.
 
     Parametrized cases are found through the explicit ``ids=`` of their ``parametrize`` mark."""
     path, _, name = node_id.partition("::")
     function_name, _, case = name.partition("[")
-    if Path(path).parent.name != "tests" or not (ROOT / path).is_file():
+    if not path.startswith("tests/") or not (ROOT / path).is_file():
         return f"{path} is not a file under tests/"
-    function = getattr(importlib.import_module(Path(path).stem), function_name, None)
+    function = getattr(_test_module(ROOT / path), function_name, None)
     if not function_name.startswith("test_") or function is None:
         return f"{path} has no test {function_name}"
     if not case:

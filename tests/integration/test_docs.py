@@ -18,7 +18,7 @@ from conftest import make_tiny_glue_run, tiny_bert
 
 from flexlora_pl import FlexLoRAModule
 
-DOCS = Path(__file__).parents[1] / "docs"
+DOCS = Path(__file__).parents[2] / "docs"
 DOC = DOCS / "extending.md"
 
 
