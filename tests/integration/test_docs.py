@@ -86,7 +86,7 @@ def test_the_importance_override_example_scores_entropy_times_norm(examples, tmp
 def test_every_python_block_is_covered_by_a_test():
     """A new example must come with a test: each block is one of those exercised in this file."""
     markers = ["class DoRA", "class EntropyTimesNorm", "class FirstTokenClassifier", "def uniform_init",
-               "def participation_ratio", "def export_ranks"]
+               "def participation_ratio", "def export_ranks", "def final_ranks"]
     blocks = _python_blocks()
     assert len(blocks) == len(markers)
     assert all(sum(marker in block for block in blocks) == 1 for marker in markers)
@@ -292,3 +292,24 @@ def test_the_benchmark_study_example_runs_in_the_benchmark(tmp_path, capsys, mon
     assert rows == result["forward"]
     assert [r["method"] for r in rows] == ["full", "lora", "adalora", "flexlora"]
     assert all(r["model"] == "llama-tiny" and r["forward_ms"] > 0 for r in rows)
+
+
+def test_the_figure_example_draws_a_run_s_rank_record(examples, tmp_path):
+    import json
+
+    from matplotlib.figure import Figure
+
+    from flexlora_pl.figures import FIGURES
+
+    assert FIGURES["final_ranks"] is examples["final_ranks"]
+    ranks = {"backbone.layer.0.query": 3, "backbone.layer.0.value": 1, "backbone.layer.1.query": 2}
+    record = {"rank_pattern": ranks, "max_rank": dict.fromkeys(ranks, 4),
+              "events": [{"step": 4, "ranks": [3, 1, 2]}]}
+    (tmp_path / "rank_pattern.json").write_text(json.dumps(record))
+    figure = FIGURES["final_ranks"](json.loads((tmp_path / "rank_pattern.json").read_text()))
+    assert isinstance(figure, Figure)
+    bars = figure.axes[0].patches
+    assert [bar.get_height() for bar in bars] == [4, 4, 4, 3, 1, 2]  # capacity outlines, then the final ranks
+    assert [label.get_text() for label in figure.axes[0].get_xticklabels()] == ["0.query", "0.value", "1.query"]
+    figure.savefig(tmp_path / "final_ranks.png")
+    assert (tmp_path / "final_ranks.png").stat().st_size > 0
