@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_sweep import run_tiny_sweep
+from tiny_sweep import run_tiny_sweep
 
 from flexlora_pl.cli.results import main as results_main
 from flexlora_pl.data.commonsense import COMMONSENSE_SETS

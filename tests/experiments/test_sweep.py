@@ -4,101 +4,17 @@ command (subprocesses), skipping finished runs, resuming an interrupted one, goi
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from pathlib import Path
 
 import pytest
+from tiny_sweep import run_tiny_sweep
 
 from flexlora_pl.cli.sweep import main as sweep_main
 from flexlora_pl.experiments.sweep_file import SweepError, load_sweep, parse_sweep
 from flexlora_pl.experiments.sweep_runner import BROKEN, DONE, NEW, RESUME, TEST, plan_run
 
 REPO = Path(__file__).resolve().parents[2]
-
-TASK_CONFIG = """
-seed_everything: 1
-trainer:
-  max_epochs: 1
-  accelerator: cpu
-  devices: 1
-  precision: 32-true
-  log_every_n_steps: 1
-  enable_progress_bar: false
-  enable_model_summary: false
-  logger:
-    class_path: lightning.pytorch.loggers.TensorBoardLogger
-    init_args: {{save_dir: runs, name: tiny}}
-  callbacks:
-    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
-      init_args: {{monitor: val/score, mode: max, filename: "best-{{epoch}}-{{step}}", save_last: true}}
-    - class_path: flexlora_pl.InterruptCheckpoint
-reallocation: {{b0: 1, t_warmup: 1, t_final: 1, delta_t: 2, b_schedule: constant}}
-model:
-  class_path: flexlora_pl.FlexLoRASequenceClassifier
-  init_args:
-    model_name_or_path: {model}
-    method:
-      class_path: flexlora_pl.methods.FlexLoRA
-      init_args: {{target_modules: [query, value], init_rank: 2, max_rank: 4, alpha: 4}}
-    optimizer:
-      class_path: torch.optim.AdamW
-      init_args: {{lr: {lr}}}
-data:
-  class_path: flexlora_pl.data.GLUEDataModule
-  init_args:
-    task_name: mrpc
-    batch_size: 8
-    data_files: {{train: {train}, validation: {dev}, test: {dev}}}
-"""
-# 48 training rows in batches of 8: 6 optimizer steps per epoch.
-
-_CACHE: dict[str, dict] = {}
-
-
-def _invoke(*argv: str) -> tuple[int, str]:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = sweep_main(list(argv))
-    return code, out.getvalue()
-
-
-def run_tiny_sweep(tmp_path_factory, tiny_glue_root) -> dict:
-    """Run the tiny grid once per test session (also used by test_results.py) and note what each call said."""
-    if "sweep" in _CACHE:
-        return _CACHE["sweep"]
-    root = tmp_path_factory.mktemp("sweep")
-    files = {"model": tiny_glue_root / "model", "train": tiny_glue_root / "train.csv",
-             "dev": tiny_glue_root / "dev.csv"}
-    (root / "a.yaml").write_text(TASK_CONFIG.format(lr=0.01, **files))
-    (root / "b.yaml").write_text(TASK_CONFIG.format(lr=0.005, **files))
-    (root / "broken.yaml").write_text(f"data:\n  init_args:\n    data_files: {{train: {root}/none.csv}}\n")
-    lora = REPO / "configs" / "methods" / "lora.yaml"
-    grid = root / "grid.yaml"
-    grid.write_text(f"name: grid\nsave_dir: {root}/runs\nseeds: [0, 1]\n"
-                    f"tasks:\n  a: {root}/a.yaml\n  b: {root}/b.yaml\n"
-                    f"methods:\n  flexlora: []\n  lora: {lora}\n")
-    # the same runs, with a task that fails first and a test stage for task b
-    grid2 = root / "grid2.yaml"
-    grid2.write_text(f"name: grid\nsave_dir: {root}/runs\nseeds: [0, 1]\n"
-                     f"tasks:\n  broken: [{root}/a.yaml, {root}/broken.yaml]\n  a: {root}/a.yaml\n"
-                     f"  b: {{configs: [{root}/b.yaml], test: last}}\n"
-                     f"methods:\n  flexlora: []\n  lora: {lora}\n")
-    state = {"root": root, "runs": root / "runs" / "grid", "grid": grid, "grid2": grid2}
-    state["first"] = _invoke(str(grid))
-    # a.flexlora.seed1 as a run stopped by a signal leaves it: metrics.json says interrupted, checkpoints remain
-    interrupted = state["runs"] / "a" / "flexlora" / "seed1"
-    record = json.loads((interrupted / "metrics.json").read_text())
-    record["fit"]["status"] = "interrupted"
-    (interrupted / "metrics.json").write_text(json.dumps(record))
-    state["print"] = _invoke(str(grid2), "--print")
-    # the broken task fails first, then a.flexlora.seed1 resumes (to 2 epochs) and b.flexlora.seed1 is tested
-    state["second"] = _invoke(str(grid2), "--methods", "flexlora", "--seeds", "1", "--", "--trainer.max_epochs", "2")
-    state["third"] = _invoke(str(grid))
-    _CACHE["sweep"] = state
-    return state
-
 
 @pytest.fixture(scope="module")
 def tiny_sweep(tmp_path_factory, tiny_glue_root):
