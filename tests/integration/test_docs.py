@@ -260,7 +260,8 @@ def test_method_and_faq_quote_the_code_defaults_and_option_names():
 def test_architecture_names_files_that_exist():
     root = DOCS.parent
     text = (DOCS / "architecture.md").read_text()
-    rows = re.findall(r"^\| `(flexlora_pl/[\w/.]+|configs/|notebooks/)` \| (.*) \|$", text, flags=re.M)
+    rows = re.findall(r"^\| `(flexlora_pl/[\w/.]+|configs/|notebooks/|benchmarks/|tests/)` \| (.*) \|$", text,
+                      flags=re.M)
     assert len(rows) >= 10
     for folder, description in rows:
         assert (root / folder).exists(), folder
