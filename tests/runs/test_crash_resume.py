@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -229,22 +230,16 @@ def _accumulating_config(root: Path, out: Path, accumulate: int, stop: tuple[int
     return path
 
 
-@pytest.fixture(scope="module")
-def accumulating_references(tmp_path_factory, tiny_glue_root):
-    """The uninterrupted run for each ``accumulate_grad_batches``, made once and shared by its stop positions."""
-    base, made = tmp_path_factory.mktemp("accumulating"), {}
+def _one_thread_env() -> dict[str, str]:
+    """The accumulation runs use one thread each (the same for references, stops and resumes, so tensors compare
+    bitwise), which lets two of them run at once on a 2-core machine."""
+    return {**_env(), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
-    def reference(accumulate: int) -> tuple[dict, dict]:
-        if accumulate not in made:
-            out = base / f"reference-{accumulate}"
-            _run(_command(_accumulating_config(tiny_glue_root, out, accumulate)))
-            made[accumulate] = _final(out)
-            steps = 2 * -(-BATCHES_PER_EPOCH // accumulate)
-            assert made[accumulate][1]["global_step"].item() == steps
-            assert made[accumulate][0]["events"], "the schedule must reallocate, so ranks are compared too"
-        return made[accumulate]
 
-    return base, reference
+def _run_one_thread(command: list[str]) -> subprocess.CompletedProcess:
+    done = subprocess.run(command, env=_one_thread_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
 
 
 # (accumulate_grad_batches, batch the signal arrives after): every micro-batch of the window of batches 4..7
@@ -252,24 +247,63 @@ def accumulating_references(tmp_path_factory, tiny_glue_root):
 STOPS = [(2, 4), (2, 5), (4, 4), (4, 5), (4, 6), (4, 7), (5, 10)]
 
 
-@pytest.mark.parametrize(("accumulate", "batch"), STOPS, ids=[f"accumulate{a}-batch{b}" for a, b in STOPS])
-def test_a_stop_inside_an_accumulation_window_waits_for_its_optimizer_step(accumulating_references, tiny_glue_root,
-                                                                           accumulate, batch):
-    """A SIGTERM or a first Ctrl-C at any micro-batch stops after the window's optimizer step, and the resumed run
-    is bitwise the uninterrupted one; a stop inside the window would drop the accumulated gradients."""
-    base, reference = accumulating_references
-    ref = reference(accumulate)
+def _stop_and_resume(base: Path, root: Path, accumulate: int, batch: int) -> dict:
+    """One stop position: the stopped run's exit, its interrupt checkpoint's progress, and the resumed run's end."""
     sig = (signal.SIGTERM, signal.SIGINT)[batch % 2]  # both stop paths, each at positions inside a window
     out = base / f"stop-{accumulate}-{batch}"
-    config = _accumulating_config(tiny_glue_root, out, accumulate, (batch, sig.name))
-    stopped = subprocess.run(_command(config), env=_env(), capture_output=True, text=True, timeout=600)
-    assert stopped.returncode == 128 + sig, stopped.stderr[-3000:]
+    config = _accumulating_config(root, out, accumulate, (batch, sig.name))
+    stopped = subprocess.run(_command(config), env=_one_thread_env(), capture_output=True, text=True, timeout=600)
+    case = {"signal": sig, "stopped": stopped, "out": out}
+    if stopped.returncode != 128 + sig:
+        return case
     ckpt = torch.load(_ckpt_dir(out) / "on_exception.ckpt", map_location="cpu", weights_only=False)
-    trained = ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"]
-    _run(_command(config, "--ckpt_path", "last"))
-    assert not (out / "runs" / "tiny" / "version_1").exists()  # resumed in the run's own folder
-    _assert_identical(_final(out), ref)
+    case["trained"] = ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"]
+    case["step"] = ckpt["global_step"]
+    case["resumed"] = subprocess.run(_command(config, "--ckpt_path", "last"), env=_one_thread_env(),
+                                     capture_output=True, text=True, timeout=600)
+    if case["resumed"].returncode == 0:
+        case["final"] = _final(out)
+    return case
+
+
+@pytest.fixture(scope="module")
+def accumulation_runs(tmp_path_factory, tiny_glue_root):
+    """The uninterrupted run of each ``accumulate_grad_batches`` and every stop position's stop-and-resume, made
+    two at a time (one thread each) and shared by the tests."""
+    base = tmp_path_factory.mktemp("accumulating")
+
+    def reference(accumulate: int) -> tuple[dict, dict]:
+        out = base / f"reference-{accumulate}"
+        _run_one_thread(_command(_accumulating_config(tiny_glue_root, out, accumulate)))
+        return _final(out)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        accumulations = sorted({a for a, _ in STOPS})
+        references = dict(zip(accumulations, pool.map(reference, accumulations), strict=True))
+        cases = dict(zip(STOPS, pool.map(lambda stop: _stop_and_resume(base, tiny_glue_root, *stop), STOPS),
+                         strict=True))
+    return references, cases
+
+
+def test_the_accumulation_references_train_and_reallocate(accumulation_runs):
+    references, _ = accumulation_runs
+    for accumulate, (rank_record, state) in references.items():
+        assert state["global_step"].item() == 2 * -(-BATCHES_PER_EPOCH // accumulate), accumulate
+        assert rank_record["events"], "the schedule must reallocate, so ranks are compared too"
+
+
+@pytest.mark.parametrize(("accumulate", "batch"), STOPS, ids=[f"accumulate{a}-batch{b}" for a, b in STOPS])
+def test_a_stop_inside_an_accumulation_window_waits_for_its_optimizer_step(accumulation_runs, accumulate, batch):
+    """A SIGTERM or a first Ctrl-C at any micro-batch stops after the window's optimizer step, and the resumed run
+    is bitwise the uninterrupted one; a stop inside the window would drop the accumulated gradients."""
+    references, cases = accumulation_runs
+    case = cases[(accumulate, batch)]
+    sig, stopped = case["signal"], case["stopped"]
+    assert stopped.returncode == 128 + sig, stopped.stderr[-3000:]
+    assert case["resumed"].returncode == 0, case["resumed"].stderr[-3000:]
+    assert not (case["out"] / "runs" / "tiny" / "version_1").exists()  # resumed in the run's own folder
+    _assert_identical(case["final"], references[accumulate])
     window_end = min((batch // accumulate + 1) * accumulate, BATCHES_PER_EPOCH)
     step = -(-window_end // accumulate)
-    assert (trained, ckpt["global_step"]) == (window_end, step)
+    assert (case["trained"], case["step"]) == (window_end, step)
     assert f"stopped by {sig.name} at optimizer step {step}." in stopped.stderr, stopped.stderr[-3000:]
