@@ -1,0 +1,264 @@
+"""Optuna studies of a tuned comparison: where they live, and how many workers share one without a lost or extra trial.
+
+One study per task × method, named ``<sweep>/<task>/<method>``, in one storage: by default a SQLite file in the
+sweep's folder (nothing to start), or a database many machines share (a PostgreSQL/MySQL URL, or Optuna's
+journal file on a shared file system: ``journal:PATH``).
+
+Any number of workers (processes, on one machine or many) run trials of a study at once through
+:func:`run_trials`. The study's trial budget holds exactly:
+
+- a worker claims a trial only while fewer than ``budget`` trials are finished (complete or pruned) or running;
+  two workers that claim at the same moment are ranked by trial number and the one past the budget gives its
+  trial back (recorded as failed with ``surplus`` set, never run);
+- each running trial carries a heartbeat (a timestamp in its user attributes, refreshed by its worker); a trial
+  whose heartbeat is older than the grace period belongs to a worker that died, and the next worker to claim
+  marks it failed and queues a retry with the same parameters (``retry_of`` names the failed trial), so a killed
+  worker's trial is run again once and never counted twice;
+- a grid search queues every grid point when the study is created, and a worker takes only queued points.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from flexlora_pl.experiments.search_space import SearchError, SearchSpec
+
+__all__ = ["claim_trial", "fail_stale_trials", "open_storage", "prepare_study", "run_trials", "study_name"]
+
+HEARTBEAT_ATTR = "heartbeat"
+RETRY_ATTR = "retry_of"
+SURPLUS_ATTR = "surplus"
+ERROR_ATTR = "error"
+MAX_RETRIES = 3
+_JOURNAL_PREFIX = "journal:"
+
+
+def study_name(sweep: str, task: str, method: str) -> str:
+    """The study of one task × method: ``<sweep>/<task>/<method>``."""
+    return f"{sweep}/{task}/{method}"
+
+
+def default_storage_url(sweep_folder: str | os.PathLike) -> str:
+    """The SQLite file in the sweep's folder that local searches use when no ``--storage`` is given."""
+    return f"sqlite:///{Path(sweep_folder).resolve() / 'optuna.db'}"
+
+
+def open_storage(url: str) -> Any:
+    """Open (and create, where it is a file) the study storage named by ``url``.
+
+    Args:
+        url: ``sqlite:///PATH``, a PostgreSQL or MySQL URL (``postgresql://user@host/db``), or ``journal:PATH`` (also
+            any path ending in ``.journal``) for Optuna's journal file, which works on shared file systems where
+            SQLite's locks do not.
+
+    Raises:
+        SearchError: the storage cannot be opened; the message names the URL, the reason and the fix.
+    """
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    journal = url[len(_JOURNAL_PREFIX):] if url.startswith(_JOURNAL_PREFIX) else (url if url.endswith(".journal")
+                                                                                  else None)
+    try:
+        if journal is not None:
+            from optuna.storages.journal import JournalFileBackend
+
+            Path(journal).parent.mkdir(parents=True, exist_ok=True)
+            return optuna.storages.JournalStorage(JournalFileBackend(journal))
+        if "://" not in url:
+            raise SearchError(f"--storage {url!r} is neither a database URL (sqlite:///PATH, postgresql://..., "
+                              "mysql://...) nor a journal file (journal:PATH); give one of those")
+        if url.startswith("sqlite:///"):
+            Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.RDBStorage(url)
+    except SearchError:
+        raise
+    except Exception as err:  # a driver that is not installed, a server that does not answer, a bad path
+        raise SearchError(f"--storage {url!r} cannot be opened ({type(err).__name__}: {err}); check the URL, that the "
+                          "server runs and its driver is installed (e.g. psycopg2 for PostgreSQL), or leave --storage "
+                          "out for a SQLite file in the sweep's folder") from err
+
+
+def prepare_study(storage: Any, name: str, spec: SearchSpec, method: str) -> Any:
+    """Create (or load) a study; a new grid study gets every grid point queued, once."""
+    import optuna
+
+    sampler = _sampler(spec)
+    study = optuna.create_study(storage=storage, study_name=name, direction=spec.direction, sampler=sampler,
+                                load_if_exists=True)
+    if spec.sampler == "grid" and not study.user_attrs.get("grid_queued"):
+        for point in spec.grid_points(method):
+            study.enqueue_trial(point)
+        study.set_user_attr("grid_queued", True)
+    return study
+
+
+def load_study(storage: Any, name: str, spec: SearchSpec) -> Any:
+    """Load an existing study with the search's sampler (each worker builds its own)."""
+    import optuna
+
+    return optuna.load_study(study_name=name, storage=storage, sampler=_sampler(spec))
+
+
+def _sampler(spec: SearchSpec) -> Any:
+    import optuna
+
+    if spec.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=spec.seed, constant_liar=True)
+    if spec.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=spec.seed)
+    return optuna.samplers.RandomSampler(seed=spec.seed)  # grid: every point is queued; this never samples
+
+
+def fail_stale_trials(study: Any, grace_s: float, now: float | None = None) -> list[int]:
+    """Mark running trials whose heartbeat is older than ``grace_s`` failed and queue their retries.
+
+    Returns:
+        The numbers of the trials this call failed (another worker may fail the same trial first: it is then not
+        listed here, and queued once).
+    """
+    from optuna.trial import TrialState
+
+    now = time.time() if now is None else now
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        beat = trial.user_attrs.get(HEARTBEAT_ATTR)
+        if beat is None:
+            beat = trial.datetime_start.timestamp() if trial.datetime_start is not None else now
+        if now - float(beat) <= grace_s:
+            continue
+        try:
+            study._storage.set_trial_user_attr(trial._trial_id, ERROR_ATTR,
+                                               f"no heartbeat for {now - float(beat):.0f} s: its worker stopped")
+            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        except Exception:  # finished, or failed by another worker, in the meantime
+            continue
+        failed.append(trial.number)
+        if _retries(study, trial) < MAX_RETRIES:
+            study.enqueue_trial(dict(trial.params), user_attrs={RETRY_ATTR: trial.number})
+    return failed
+
+
+def _retries(study: Any, trial: Any) -> int:
+    """How many times the chain of retries ending at ``trial`` has already been retried."""
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+    count, current = 0, trial
+    while RETRY_ATTR in current.user_attrs and current.user_attrs[RETRY_ATTR] in by_number:
+        count, current = count + 1, by_number[current.user_attrs[RETRY_ATTR]]
+    return count
+
+
+def counted(study: Any) -> list[Any]:
+    """The trials the budget counts: finished (complete or pruned) or running."""
+    from optuna.trial import TrialState
+
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
+
+
+def claim_trial(study: Any, budget: int, spec: SearchSpec, method: str, grace_s: float) -> Any | None:
+    """Start the next trial of ``study`` for this worker, or ``None`` when the budget is taken.
+
+    Queued trials (grid points, retries) come first; a TPE or random search samples a new one otherwise.
+    """
+    from optuna.trial import TrialState
+
+    fail_stale_trials(study, grace_s)
+    if len(counted(study)) >= budget:
+        return None
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    if spec.sampler == "grid" and not waiting:
+        return None
+    trial = study.ask({p.name: p.distribution() for p in spec.params[method]})
+    trial.set_user_attr(HEARTBEAT_ATTR, time.time())
+    ranked = sorted(t.number for t in counted(study))
+    if trial.number not in ranked[:budget]:
+        queued = "fixed_params" in study._storage.get_trial(trial._trial_id).system_attrs
+        trial.set_user_attr(SURPLUS_ATTR, True)
+        study.tell(trial, state=TrialState.FAIL)
+        if queued:  # a grid point or a retry taken from the queue goes back to it
+            retry = trial.user_attrs.get(RETRY_ATTR)
+            study.enqueue_trial(dict(trial.params), user_attrs=None if retry is None else {RETRY_ATTR: retry})
+        return None
+    return trial
+
+
+@contextmanager
+def heartbeat(trial: Any, interval_s: float) -> Iterator[None]:
+    """Refresh ``trial``'s heartbeat every ``interval_s`` seconds while the block runs."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(interval_s):
+            try:
+                trial.set_user_attr(HEARTBEAT_ATTR, time.time())
+            except Exception:  # the trial was finished meanwhile (failed as stale by another worker)
+                return
+
+    thread = threading.Thread(target=beat, name="search-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def run_trials(study: Any, budget: int, spec: SearchSpec, method: str, objective: Callable[[Any], float],
+               heartbeat_s: float = 30.0, grace_s: float = 120.0) -> int:
+    """Run trials of ``study`` until its budget is taken and no trial runs; returns how many this worker ran.
+
+    A worker whose claim finds the budget taken while trials still run waits for them: if one's worker has died,
+    its retry is queued once its heartbeat is older than ``grace_s``, and a waiting worker runs it.
+
+    Args:
+        study: the study (from :func:`load_study`).
+        budget: the number of trials the study holds.
+        spec: the search.
+        method: the method whose parameters the trials take.
+        objective: runs one trial and returns its score; raises ``optuna.TrialPruned`` for a pruned trial. Any
+            other error fails the trial (recorded in its ``error`` attribute) and is not retried.
+        heartbeat_s: how often a running trial's heartbeat is refreshed.
+        grace_s: a running trial without a heartbeat for this long belongs to a dead worker.
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    ran = 0
+    while True:
+        trial = claim_trial(study, budget, spec, method, grace_s)
+        if trial is None:
+            if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                return ran
+            # other workers' trials still run: wait for them, since one whose worker died is retried here
+            time.sleep(min(heartbeat_s, grace_s / 4))
+            continue
+        ran += 1
+        with heartbeat(trial, heartbeat_s):
+            try:
+                value = objective(trial)
+            except optuna.TrialPruned:
+                study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
+                continue
+            except Exception as err:
+                trial.set_user_attr(ERROR_ATTR, f"{type(err).__name__}: {err}"[:2000])
+                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+                if _errors(study) >= budget:
+                    raise SearchError(f"study {study.study_name}: {_errors(study)} trials failed with errors (the "
+                                      f"last: {type(err).__name__}: {err}); fix the cause and run the sweep again") \
+                        from err
+                continue
+        study.tell(trial, value, skip_if_finished=True)
+
+
+def _errors(study: Any) -> int:
+    from optuna.trial import TrialState
+
+    return sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+               if not t.user_attrs.get(SURPLUS_ATTR) and HEARTBEAT_ATTR in t.user_attrs
+               and not str(t.user_attrs.get(ERROR_ATTR, "")).startswith("no heartbeat"))
