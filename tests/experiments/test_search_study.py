@@ -10,14 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import optuna
 import pytest
+from optuna.trial import TrialState
 from search_worker_script import search
 
 from flexlora_pl.experiments import search_study
 from flexlora_pl.experiments.search_space import SearchError
-
-optuna = pytest.importorskip("optuna")
-from optuna.trial import TrialState  # noqa: E402
 
 SCRIPT = Path(__file__).parents[1] / "helpers" / "search_worker_script.py"
 
