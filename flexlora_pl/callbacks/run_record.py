@@ -17,8 +17,9 @@ Layout (keys that do not apply are absent)::
              "best": {"monitor", "mode", "value", "step", "checkpoint", "metrics": {...}},
              "history": [{"step", <metric>: value, ...}, ...],
              "allocation": {"events", "moved", "flip_flops", "flip_flop_window", "dead_ends", "dead_end_modules",
-                            "new_direction_update_ratio", "final_total_rank"}},
-     "validate": {"status", "ckpt_path", "metrics", "wall_time_s", "peak_memory_mb"},
+                            "new_direction_update_ratio", "final_total_rank"},
+             "holdout": {"holdout_size", "rows", "train_rows", "seed", "stratified"}},
+     "validate": {"status", "ckpt_path", "metrics", "wall_time_s", "peak_memory_mb", "holdout"},
      "test": {...same as validate...}}
 """
 
@@ -194,7 +195,8 @@ class RunRecord(Callback):
             "trainable": sum(p.numel() for p in pl_module.parameters() if p.requires_grad),
             **(counts() if callable(counts) else {}),
         }
-        record[stage] = section
+        holdout = getattr(trainer.datamodule, "holdout", None)  # validated on rows carved out of training
+        record[stage] = {**section, "holdout": holdout} if holdout is not None else section
         write_json_atomic(path, record, indent=1)  # never a half-written file
 
 

@@ -3,6 +3,9 @@
 :data:`GLUE_TASKS` records, per task, the columns (as laid out in the hub dataset ``nyu-mll/glue``), the
 number of labels, the default ``max_seq_length`` (the paper's Table 8), the validation split names and the
 metrics. MNLI has two validation splits (matched and mismatched); both become validation dataloaders.
+
+For a hyper-parameter search, ``holdout_size`` validates on rows carved out of the training split instead
+(one dataloader, MNLI too): only the training file (or the hub's train split) is read, and test is refused.
 """
 
 from __future__ import annotations
@@ -112,6 +115,13 @@ class GLUEDataModule(TextClassificationDataModule):
         max_eval_samples: keep only the first this many rows of each validation and test split.
         encoding: text encoding of the CSV, TSV and JSON files in ``data_files``, e.g. ``"latin-1"`` (Parquet
             and the hub ignore it).
+        holdout_size: for a hyper-parameter search: validate on a split carved out of the training rows (after
+            ``max_train_samples``) instead of the task's validation split(s), and train on the rest. A count of
+            rows (an integer >= 1) or a fraction in (0, 1); the carve is seeded by ``seed`` and stratified by
+            class (random for stsb). Only the ``train`` entry of ``data_files`` is read (the validation and
+            test files are never opened; from the hub, ``datasets`` downloads and caches the whole task as one,
+            and only its train split is used), there is one validation dataloader (``val/...`` metrics, mnli too), and
+            test and predict are refused. ``None``: validate on the task's validation split(s).
     """
 
     def __init__(
@@ -127,6 +137,7 @@ class GLUEDataModule(TextClassificationDataModule):
         max_train_samples: int | None = None,
         max_eval_samples: int | None = None,
         encoding: str = "utf-8",
+        holdout_size: int | float | None = None,
     ) -> None:
         task = _lookup_task(task_name)
         super().__init__(
@@ -142,6 +153,7 @@ class GLUEDataModule(TextClassificationDataModule):
             num_workers=num_workers,
             seed=seed,
             encoding=encoding,
+            holdout_size=holdout_size,
         )
         for name, value in (("max_train_samples", max_train_samples), ("max_eval_samples", max_eval_samples)):
             if value is not None and value < 1:

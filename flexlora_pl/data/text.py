@@ -16,6 +16,11 @@ withhold its labels (all ``-1``, the GLUE convention, or no label column); its b
 
 Text files are read in the module's ``encoding`` (UTF-8 unless told otherwise); a file in another encoding
 stops with a ``ValueError`` that names the file, the byte and line that could not be decoded and the fix.
+
+With ``holdout_size`` set (for a hyper-parameter search), only the training split is loaded: a seeded split of
+that size, stratified by class, is carved out of it (:mod:`flexlora_pl.data.holdout`) and served as the one
+validation split, ``"holdout"``; the rest trains. The validation and test splits are never loaded, and the test
+and predict stages are refused (see ``docs/holdout.md``).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from typing_extensions import override
 
 from flexlora_pl.data.files import DataFileNotFoundError, check_encoding, load_data_files
+from flexlora_pl.data.holdout import HOLDOUT_SPLIT, carve_holdout, check_holdout_size
 from flexlora_pl.data.resumable import ResumableTrainingData
 from flexlora_pl.data.text_rows import PaddingCollator, RawSplit, check_columns, check_text, split_label, tokenize_batch
 from flexlora_pl.runs.seeding import resolve_seed
@@ -91,6 +97,12 @@ class TextClassificationDataModule(ResumableTrainingData):
         seed: seeds the training shuffle, so the data order depends only on it; ``None``: follow
             ``seed_everything`` (the run's global seed).
         encoding: text encoding of CSV, TSV and JSON data files, e.g. ``"latin-1"`` (Parquet ignores it).
+        holdout_size: validate on rows carved out of the training split instead of the task's validation
+            splits: a count of rows (an integer >= 1) or a fraction of them in (0, 1), rounded to the nearest
+            row. The carve is seeded by ``seed`` and stratified by class (a plain random draw for regression);
+            the rest trains. Only the training split is loaded, :attr:`val_split_names` becomes ``["holdout"]``
+            (one validation loader, so metrics are named ``val/...``), and test and predict are refused: a run
+            with a holdout has no reported split. What was carved is in :attr:`holdout`. ``None``: no holdout.
     """
 
     def __init__(
@@ -109,6 +121,7 @@ class TextClassificationDataModule(ResumableTrainingData):
         num_workers: int = 0,
         seed: int | None = None,
         encoding: str = "utf-8",
+        holdout_size: int | float | None = None,
     ) -> None:
         super().__init__()
         if len(text_columns) not in (1, 2):
@@ -126,6 +139,7 @@ class TextClassificationDataModule(ResumableTrainingData):
         if not val_split_names:
             raise ValueError("val_split_names must name at least one validation split")
         self.encoding = check_encoding(encoding)
+        self.holdout_size = check_holdout_size(holdout_size)
         self.seed = resolve_seed(seed)
         self.tokenizer_name_or_path = (tokenizer_name_or_path if tokenizer_name_or_path is not None
                                        else default_tokenizer_path())
@@ -134,7 +148,10 @@ class TextClassificationDataModule(ResumableTrainingData):
         self.label_column = label_column
         self.label_names = list(label_names) if label_names is not None else None
         self.label_range = label_range
-        self.val_split_names = list(val_split_names)
+        self.val_split_names = [HOLDOUT_SPLIT] if self.holdout_size is not None else list(val_split_names)
+        #: what the carve took, once the training rows are loaded: ``holdout_size`` as given, ``rows`` carved,
+        #: ``train_rows`` left to train on, the ``seed`` and whether it was ``stratified``; ``None`` without one
+        self.holdout: dict[str, int | float | bool] | None = None
         self.max_seq_length = max_seq_length
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
@@ -227,7 +244,15 @@ class TextClassificationDataModule(ResumableTrainingData):
 
         Args:
             stage: ``"fit"``, ``"validate"``, ``"test"``, ``"predict"`` or ``None``.
+
+        Raises:
+            ValueError: ``test`` or ``predict`` with ``holdout_size`` set, or of data without a test split.
         """
+        if stage in ("test", "predict") and self.holdout_size is not None:
+            raise ValueError(f"holdout_size={self.holdout_size!r} is set, so this run validates on rows carved out of "
+                             f"the training split and has no reported split: stage '{stage}' is refused, so that "
+                             f"nothing a search selects on is scored on the test split. Run without "
+                             f"data.init_args.holdout_size to {stage}.")
         if stage == "fit":
             return ["train", *self.val_split_names]
         if stage == "validate":
@@ -258,11 +283,31 @@ class TextClassificationDataModule(ResumableTrainingData):
             self._checked.update(self._load_and_check(wanted))
 
     def _load_and_check(self, splits: Sequence[str]) -> dict[str, RawSplit]:
+        if self.holdout_size is not None:
+            train = self.load_raw_splits(["train"])["train"]  # the reported splits are never asked for
+            self._check_split("train", train)  # before the carve, so that row numbers in messages match the file
+            carved = self._carve_holdout(train)
+            return {split: carved[split] for split in splits}
         raw = self.load_raw_splits(splits)
         # Check every split before tokenising any, so a bad validation file fails fast, not after train.
         for split in splits:
             self._check_split(split, raw[split])
         return raw
+
+    def _carve_holdout(self, train: RawSplit) -> dict[str, RawSplit]:
+        """Split the checked training rows into ``train`` (the rest) and the seeded, stratified ``holdout``."""
+        assert self.holdout_size is not None
+        labels = train.data.with_format("arrow")[self.label_column].to_numpy(zero_copy_only=False)
+        train_rows, holdout_rows = carve_holdout(
+            labels, self.holdout_size, self.seed, stratify=not self.is_regression,
+            source=split_label(train.source, "train"), label_names=self.label_names)
+        self.holdout = {"holdout_size": self.holdout_size, "rows": len(holdout_rows), "train_rows": len(train_rows),
+                        "seed": self.seed, "stratified": not self.is_regression}
+        return {
+            "train": RawSplit(train.data.select(train_rows), f"{train.source} (rest after the holdout)"),
+            HOLDOUT_SPLIT: RawSplit(train.data.select(holdout_rows),
+                                    f"{train.source} (holdout of {len(holdout_rows)} rows, seed {self.seed})"),
+        }
 
     @override
     def setup(self, stage: str | None = None) -> None:

