@@ -10,7 +10,7 @@ a sweep can tell finished runs from interrupted ones.
 
 Layout (keys that do not apply are absent)::
 
-    {"run": {"dir", "name", "version", "seed", "method", "config_hash", "git_commit", "versions"},
+    {"run": {"dir", "name", "version", "seed", "method", "method_facts", "config_hash", "git_commit", "versions"},
      "parameters": {"trainable", "active", "allocated", "modules_to_save", "frozen"},
      "fit": {"status", "global_step", "epoch", "wall_time_s", "peak_memory_mb",
              "final": {"step", <metric>: value, ...},
@@ -171,12 +171,15 @@ class RunRecord(Callback):
 
     def _run_info(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
         logger = trainer.logger
+        method = getattr(pl_module, "method", None)
+        facts = method.facts() if callable(getattr(method, "facts", None)) else {}
         return {
             "dir": run_dir(trainer),
             "name": getattr(logger, "name", None),
             "version": getattr(logger, "version", None),
             "seed": _seed(),
             "method": getattr(pl_module, "method_name", "flexlora"),
+            **({"method_facts": facts} if facts else {}),
             "module": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
             "config_hash": self.config_hash,
             "git_commit": _git_commit(),

@@ -4,7 +4,8 @@
 name      class
 ========  ==========================================================================================
 flexlora  :class:`FlexLoRA`: masked SVD-form adapters, ranks moved by spectral-entropy importance
-lora      :class:`LoRA`: peft's LoRA, rank ``r`` everywhere, fixed (``configs/methods/lora.yaml``)
+lora      :class:`LoRA`: peft's LoRA, rank ``r`` everywhere, fixed (``configs/methods/lora.yaml``), or the fixed
+          ranks of a run's ``rank_pattern.json`` (``configs/methods/lora_fixed_pattern.yaml``)
 adalora   :class:`AdaLoRA`: peft's AdaLoRA, ``init_rank`` pruned to an average ``target_rank`` by
           sensitivity on the ``reallocation:`` schedule (``configs/methods/adalora.yaml``)
 ========  ==========================================================================================

@@ -127,6 +127,11 @@ class AdaptationMethod(ABC):
         allocated = sum(capacity[name] * per for name, per in shapes.items())
         return {"active": active, "allocated": allocated}
 
+    def facts(self) -> dict[str, Any]:
+        """What ``metrics.json`` records of this method's set-up besides its name and counts (``run.method_facts``;
+        default: nothing). Plain JSON values: LoRA's fixed rank pattern records its source file and its ranks."""
+        return {}
+
     def matrix_shapes(self, model: nn.Module) -> dict[str, int]:
         """Parameters per direction (``d_in + d_out``, plus one for a singular value) of every adapted matrix."""
         raise NotImplementedError(f"{type(self).__name__} does not report its matrix shapes")

@@ -37,6 +37,7 @@ from flexlora_pl.core.inject import flexlora_layers, inject_flexlora
 from flexlora_pl.core.layer import FlexLoRALinear
 from flexlora_pl.core.orthogonality import ORTH_REG_FORMS, FactorBatch, group_by_shape, orthogonality_penalty
 from flexlora_pl.methods.base import AdaptationMethod, AllocationDriver, StepContext, module_tensors, register_method
+from flexlora_pl.methods.lora import pattern_key_clash
 
 __all__ = ["FlexLoRA", "FlexLoRAAllocation", "dropout_probability"]
 
@@ -289,22 +290,15 @@ def _lora_config(model: nn.Module, exported: dict[str, FlexLoRALinear], saved: l
 
 
 def _check_pattern_keys(names: Sequence[str], ranks: dict[str, int], alphas: dict[str, float]) -> None:
-    """Refuse paths for which peft's ``rank_pattern`` lookup could pick another module's entry.
-
-    peft matches a key ``k`` against a module name with the regex ``(.*\\.)?(k)$`` and takes the first
-    key that matches (the key is a regex: its dots match any character); older releases used
-    ``.*\\.k$`` with an exact-name fallback. peft writes the patterns sorted by key, so no order can be
-    relied on: when another key also matches a module's path (one path is a dotted suffix of the
-    other), the module may get that key's rank, which is harmless only if rank and α are the same.
-    """
-    for name in names:
-        for key in names:
-            clash = key != name and re.match(rf"(.*\.)?({key})$", name)
-            if clash and (ranks[key], alphas[key]) != (ranks[name], alphas[name]):
-                raise ValueError(
-                    f"peft could apply the rank of {key!r} (r={ranks[key]}) to {name!r} (r={ranks[name]}): one "
-                    "path is a suffix of the other. Export this model with export_merged instead"
-                )
+    """Refuse paths for which peft's ``rank_pattern`` lookup could pick another module's entry
+    (:func:`~flexlora_pl.methods.lora.pattern_key_clash`)."""
+    clash = pattern_key_clash({n: ranks[n] for n in names}, {n: alphas[n] for n in names})
+    if clash:
+        key, name = clash
+        raise ValueError(
+            f"peft could apply the rank of {key!r} (r={ranks[key]}) to {name!r} (r={ranks[name]}): one "
+            "path is a suffix of the other. Export this model with export_merged instead"
+        )
 
 
 def _target_modules(model: nn.Module, names: Sequence[str]) -> list[str] | str:

@@ -22,9 +22,12 @@ what :func:`flexlora_pl.export.export_peft_adapter` writes) holds it as ``module
 from __future__ import annotations
 
 import copy
+import math
+import os
 import re
 import sys
-from collections.abc import Iterator, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -33,8 +36,9 @@ from torch import nn
 from flexlora_pl.core.inject import match_target
 from flexlora_pl.core.layer import FlexLoRALinear
 from flexlora_pl.methods.base import AdaptationMethod, register_method
+from flexlora_pl.methods.rank_pattern import OPTION, load_rank_pattern
 
-__all__ = ["LoRA", "PeftAdapterMethod", "drop_peft_tuner", "peft_tuner", "peft_tuner_layers"]
+__all__ = ["LoRA", "PeftAdapterMethod", "drop_peft_tuner", "pattern_key_clash", "peft_tuner", "peft_tuner_layers"]
 
 #: peft's name for the one adapter a method injects
 ADAPTER_NAME = "default"
@@ -112,6 +116,15 @@ class PeftAdapterMethod(AdaptationMethod):
         """The rank every adapted layer is built with (checked against the layers' widths)."""
         raise NotImplementedError
 
+    def module_ranks(self, targets: Sequence[str]) -> dict[str, int]:
+        """The rank each of the ``targets`` (exact names) is built with; 0 leaves a layer unadapted.
+        Default: :meth:`capacity` everywhere."""
+        return dict.fromkeys(targets, self.capacity())
+
+    def apply_module_ranks(self, config: Any, ranks: dict[str, int]) -> None:
+        """Put the per-layer ``ranks`` (every adapted layer's, by exact name) into the peft ``config`` in place.
+        Default: nothing (the config's one rank is every layer's)."""
+
     def after_injection(self, model: nn.Module, tuner: Any) -> None:
         """Called once after injection (AdaLoRA adds its rank masks here)."""
 
@@ -135,16 +148,19 @@ class PeftAdapterMethod(AdaptationMethod):
         if any(isinstance(m, FlexLoRALinear) for m in backbone.modules()) or next(peft_tuner_layers(backbone), None):
             raise ValueError(f"{type(self).__name__}: the backbone already holds adapters; adapt a fresh model")
         chosen, saved = resolve_targets(backbone, self.target_modules, modules_to_save)
+        ranks = {name: rank for name, rank in self.module_ranks(chosen).items() if rank > 0}  # peft has no rank 0
+        chosen = list(ranks)
         named = dict(backbone.named_modules())
-        narrow = [n for n in chosen if self.capacity() > min(named[n].in_features, named[n].out_features)]
+        narrow = [n for n in chosen if ranks[n] > min(named[n].in_features, named[n].out_features)]
         if narrow:
             narrowest = min(min(named[n].in_features, named[n].out_features) for n in chosen)
             raise ValueError(
-                f"{type(self).__name__}: rank {self.capacity()} exceeds min(in_features, out_features) of "
+                f"{type(self).__name__}: rank {ranks[narrow[0]]} exceeds min(in_features, out_features) of "
                 f"{narrow[0]!r} ({len(narrow)} layers in all); a rank above a layer's width adds nothing. "
                 f"Use a rank of at most {narrowest}, or leave those layers out of target_modules"
             )
         config = self.peft_config(peft_target_modules(backbone, chosen))
+        self.apply_module_ranks(config, ranks)
         if seed is None:
             tuner = self.tuner_class()(backbone, config, ADAPTER_NAME)
         else:
@@ -257,14 +273,35 @@ class PeftAdapterMethod(AdaptationMethod):
 
 @register_method
 class LoRA(PeftAdapterMethod):
-    """LoRA through peft's ``LoraConfig``: rank ``r`` in every adapted layer, fixed for the whole run.
+    """LoRA through peft's ``LoraConfig``: rank ``r`` in every adapted layer, or the ranks of a rank pattern; fixed.
+
+    With ``rank_pattern`` every adapted layer gets, from the start, the rank a FlexLoRA run ended with in it
+    (read from its ``rank_pattern.json``): the arm "LoRA with FlexLoRA's final allocation", which isolates the
+    allocation from the moving of ranks (``configs/methods/lora_fixed_pattern.yaml``, docs/baselines.md).
+
+    - **Ranks.** A module of the pattern gets exactly its rank. Every target module must be in the pattern and
+      every entry must be a target: a target the pattern lacks is refused rather than given rank ``r``, so the
+      run's total rank is always the pattern's (a run with other ``target_modules`` than the pattern's is a
+      mistake, not a smaller pattern).
+    - **Scale.** Every layer is scaled by α / r, whatever its rank (peft's ``alpha_pattern`` with α_m = α · r_m / r,
+      so that α_m / r_m = α / r). FlexLoRA scales every layer by α / r_init however its rank moved, and uniform
+      LoRA by α / r: with ``r`` set to FlexLoRA's ``init_rank``, the arm differs from both in the allocation
+      alone. peft's default α / r_m would also give low-rank layers a larger update per step and high-rank ones
+      a smaller one. It is the peft form of FlexLoRA's own final adapter (its export uses the same α_m).
+    - **Rank 0.** A module the pattern gives rank 0 stays unadapted (peft has no rank-0 adapter; its update is
+      zero anyway): it is absent from the run's own ranks and parameter counts, and the total is unchanged.
 
     Args:
         target_modules: linear layers to adapt: dotted-name suffixes (``query``) or ``re:<regex>``, matched
-            as for FlexLoRA (``None``: the task's defaults).
-        r: the rank of every adapted layer (paper: 8 on GLUE and commonsense, 14 on VTAB).
+            as for FlexLoRA (``None``: the task's defaults). With ``rank_pattern``: those of the pattern's run.
+        r: the rank of every adapted layer (paper: 8 on GLUE and commonsense, 14 on VTAB). With
+            ``rank_pattern``: only the scale α / r; set it to the ``init_rank`` of the pattern's FlexLoRA run.
         alpha: LoRA α; the update is scaled by α / r.
         dropout: dropout on the adapter inputs.
+        rank_pattern: a fixed rank per module: the path of a ``rank_pattern.json`` (written by ``RankHeatmap``
+            at the end of a fit), of a run folder holding one, or a mapping module name -> rank; names as in the
+            file (``backbone.<path>``) or relative to the backbone. ``None``: rank ``r`` everywhere. The value
+            ``required`` (what ``configs/methods/lora_fixed_pattern.yaml`` sets) is refused, asking for a path.
     """
 
     name = "lora"
@@ -273,11 +310,15 @@ class LoRA(PeftAdapterMethod):
     peft_fields: ClassVar[dict[str, str]] = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout"}
 
     def __init__(self, target_modules: Sequence[str] | None = None, r: int = 8, alpha: float = 16.0,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, rank_pattern: str | dict[str, int] | None = None) -> None:
         super().__init__(target_modules, alpha, dropout, orth_reg_weight=0.0)
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(f"LoRA: r must be an integer >= 1, got {r!r}")
         self.r = r
+        # the argument as given (what the config and checkpoints record; the name `rank_pattern` is a method's)
+        self.pattern_source = dict(rank_pattern) if isinstance(rank_pattern, Mapping) else (
+            os.fspath(rank_pattern) if rank_pattern is not None else None)
+        self.fixed_pattern = load_rank_pattern(rank_pattern) if rank_pattern is not None else None
 
     def tuner_class(self) -> type:
         from peft.tuners.lora import LoraModel
@@ -295,6 +336,50 @@ class LoRA(PeftAdapterMethod):
 
         return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=target_modules,
                           bias="none")
+
+    def module_ranks(self, targets: Sequence[str]) -> dict[str, int]:
+        if self.fixed_pattern is None:
+            return super().module_ranks(targets)
+        ranks = self.fixed_pattern.assign(targets)
+        if sum(ranks.values()) != self.r * len(ranks):  # FlexLoRA's budget keeps r_init per matrix on average
+            warnings.warn(
+                f"LoRA: the rank pattern of {self.fixed_pattern.source} has a mean rank of "
+                f"{sum(ranks.values()) / len(ranks):.2f}, not r = {self.r}; every layer is scaled by alpha / r = "
+                f"{self.alpha / self.r:g}. If the FlexLoRA run that wrote it had another init_rank, set r to it "
+                "(--model.init_args.method.init_args.r), so that both arms scale alike",
+                stacklevel=2,
+            )
+        return ranks
+
+    def apply_module_ranks(self, config: Any, ranks: dict[str, int]) -> None:
+        if self.fixed_pattern is None:
+            return
+        alphas = {name: self.alpha * rank / self.r for name, rank in ranks.items()}  # α_m / r_m = α / r
+        clash = pattern_key_clash(ranks, alphas)
+        if clash:
+            raise ValueError(f"{OPTION}: peft would give {clash[1]!r} the rank of {clash[0]!r} as well (one path is a "
+                             "dotted suffix of the other); give both the same rank, or adapt only one of them")
+        config.rank_pattern, config.alpha_pattern = dict(ranks), alphas
+
+    def after_injection(self, model: nn.Module, tuner: Any) -> None:
+        if self.fixed_pattern is None:
+            return
+        wanted = tuner.peft_config[ADAPTER_NAME].rank_pattern
+        built = {name: (int(layer.r[ADAPTER_NAME]), float(layer.scaling[ADAPTER_NAME]))
+                 for name, layer in self.layers(model)}
+        wrong = [name for name in wanted if built.get(name, (None, None))[0] != wanted[name]
+                 or not math.isclose(built[name][1], self.alpha / self.r)]
+        if wrong or len(built) != len(wanted):
+            raise RuntimeError(f"peft built {wrong[:3] or sorted(set(built) - set(wanted))[:3]} with other ranks or "
+                               f"scales than the pattern of {self.fixed_pattern.source} gives them")
+
+    def facts(self) -> dict[str, Any]:
+        return self.fixed_pattern.facts() if self.fixed_pattern is not None else {}
+
+    def as_config(self) -> dict[str, Any]:
+        config = super().as_config()
+        config["init_args"]["rank_pattern"] = self.pattern_source
+        return config
 
     def layer_parameters(self, layer: nn.Module) -> list[nn.Parameter]:
         return [layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight]
@@ -378,6 +463,24 @@ def peft_target_modules(model: nn.Module, chosen: Sequence[str]) -> list[str] | 
     if any(other.endswith("." + name) for other in others for name in chosen):
         return "(?:" + "|".join(re.escape(n) for n in chosen) + ")"
     return list(chosen)
+
+
+def pattern_key_clash(ranks: dict[str, int], alphas: dict[str, float]) -> tuple[str, str] | None:
+    """``(key, name)`` when peft could build module ``name`` with the rank and α of another entry ``key``.
+
+    peft matches a ``rank_pattern`` / ``alpha_pattern`` key ``k`` against a module name with the regex
+    ``(.*\\.)?(k)$`` and takes the first key that matches (the key is a regex: its dots match any character);
+    older releases used ``.*\\.k$`` with an exact-name fallback. peft writes the patterns sorted by key, so no
+    order can be relied on: when another key also matches a module's path (one path is a dotted suffix of
+    the other), the module may get that key's entry, which is harmless only if rank and α are the same.
+    ``None`` when no module can be built otherwise than its own entry says.
+    """
+    for name in ranks:
+        for key in ranks:
+            clash = key != name and re.match(rf"(.*\.)?({key})$", name)
+            if clash and (ranks[key], alphas[key]) != (ranks[name], alphas[name]):
+                return key, name
+    return None
 
 
 def _examples(names: Sequence[str], near: str | None = None, k: int = 6) -> list[str]:
