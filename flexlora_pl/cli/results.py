@@ -3,11 +3,15 @@
     flexlora-results runs/table1_glue                      # results and cost tables, Markdown
     flexlora-results runs/table1_glue --csv table1.csv     # and a CSV file
     flexlora-results runs/table1_glue --paper table1       # the paper's cells under each measured row
+    flexlora-results runs/table1_glue --reference lora     # and each method's seed-paired differences from LoRA
 
 See :mod:`flexlora_pl.experiments.results` (and docs/experiments.md) for the selection rule per benchmark.
 A run that gives no score is counted in its cell by the reason (failed, unfinished, no test yet, other
-monitor, no metric, missing), never shown as a number its rule does not report.
-Exit status: 0, or 2 for a bad folder or runs of one task that report different metrics.
+monitor, no metric, missing), never shown as a number its rule does not report. Each cell carries the 95 %
+t-interval of its mean; with ``--reference`` each sweep's table is followed by one of the other methods'
+seed-paired differences from the reference (see docs/statistics.md).
+Exit status: 0, or 2 for a bad folder, runs of one task that report different metrics, or a --reference method
+no run has.
 """
 
 from __future__ import annotations
@@ -28,8 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flexlora-results",
         description="Collect the run folders a sweep wrote (<sweep>/<task>/<method>/seed<k>/metrics.json) into "
-                    "results tables (rows = methods, columns = tasks + averages, cells = mean ± std (n seeds)) and a "
-                    "cost table.",
+                    "results tables (rows = methods, columns = tasks + averages, cells = mean ± std [95 % interval of "
+                    "the mean] (n seeds)) and a cost table.",
     )
     parser.add_argument("runs_dir", help="the folder the runs are in, e.g. runs or runs/table1_glue")
     parser.add_argument("--csv", default=None, help="also write every table to this CSV file")
@@ -38,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "table with its recomputed averages")
     parser.add_argument("--sweep", default=None,
                         help="the sweep file the runs came from: runs of it with no folder are shown as missing")
+    parser.add_argument("--reference", default=None, metavar="METHOD",
+                        help="also print, per sweep, every other method's seed-paired difference from this method "
+                             "(mean, 95 %% interval, paired t-test p; 'no measurable difference' where the interval "
+                             "holds 0)")
     parser.add_argument("--digits", type=int, default=1, help="decimals shown (default 1, as the paper)")
     parser.add_argument("--raw", action="store_true", help="show scores as logged (0-1), not as percentages")
     return parser
@@ -50,7 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     scale = 1.0 if options.raw else 100.0
     try:
         sweep = load_sweep(options.sweep, check_files=False) if options.sweep else None
-        tables = collect(options.runs_dir, options.paper, scale, options.digits, sweep)
+        reference: str | None = options.reference
+        tables = collect(options.runs_dir, options.paper, scale, options.digits, sweep, reference)
     except (FileNotFoundError, MixedMetricsError, ValueError) as err:
         parser.error(str(err))
     for table in tables:

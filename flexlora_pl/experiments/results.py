@@ -1,4 +1,5 @@
-"""Collecting finished runs into tables: one cell per task × method, mean ± std over seeds.
+"""Collecting finished runs into tables: one cell per task × method, mean ± std and its interval over seeds, and
+with a reference method each method's seed-paired differences from it.
 
 :func:`collect` is what ``flexlora-results`` runs; the work is split by job:
 
@@ -6,7 +7,9 @@
   (what ``flexlora-sweep`` writes) into :class:`RunResult` records;
 * :mod:`~flexlora_pl.experiments.selection`: the selection rule that scores each task (:data:`SELECTION_RULES`:
   ``commonsense``, ``vtab``, ``best validation``) and the status of a run that gives no value;
-* :mod:`~flexlora_pl.experiments.tables`: cells, derived columns, notes, the paper's cells, Markdown and CSV;
+* :mod:`~flexlora_pl.experiments.tables`: cells, derived columns, notes, the paper's cells, the difference
+  tables, Markdown and CSV;
+* :mod:`~flexlora_pl.experiments.statistics`: the summaries (mean, std, t interval) and paired differences;
 * :mod:`~flexlora_pl.experiments.costs`: the cost and allocation tables.
 
 A run that did not finish, failed, or lacks the metric its task's rule reads is counted in its cell, never
@@ -44,17 +47,26 @@ from flexlora_pl.experiments.selection import (
     vtab_name,
 )
 from flexlora_pl.experiments.sweep_file import Sweep
-from flexlora_pl.experiments.tables import Cell, Table, add_paper, paper_markdown, results_tables, write_csv
+from flexlora_pl.experiments.tables import (
+    Cell,
+    DifferenceCell,
+    Table,
+    add_paper,
+    paper_markdown,
+    results_tables,
+    write_csv,
+)
 
 __all__ = ["COMMONSENSE_CLASSES", "FAILED", "MISSING", "NO_METRIC", "NO_TEST", "OK", "OTHER_MONITOR", "SCORE_MODE",
-           "SCORE_MONITOR", "SELECTION_RULES", "STATUSES", "UNFINISHED", "Cell", "MixedMetricsError", "RunResult",
-           "SelectionRule", "Table", "add_expected", "add_paper", "allocation_table", "collect", "cost_table",
-           "load_runs", "paper_markdown", "results_tables", "score_runs", "vtab_name", "write_csv"]
+           "SCORE_MONITOR", "SELECTION_RULES", "STATUSES", "UNFINISHED", "Cell", "DifferenceCell", "MixedMetricsError",
+           "RunResult", "SelectionRule", "Table", "add_expected", "add_paper", "allocation_table", "collect",
+           "cost_table", "load_runs", "paper_markdown", "results_tables", "score_runs", "vtab_name", "write_csv"]
 
 
 def collect(root: str | Path, paper: str | None = None, scale: float = 100.0, digits: int = 1,
-            sweep: Sweep | None = None) -> list[Table]:
-    """Load the runs under ``root`` and build the results tables and the cost table.
+            sweep: Sweep | None = None, reference: str | None = None, confidence: float = 0.95) -> list[Table]:
+    """Load the runs under ``root`` and build the results tables (each sweep's followed by its differences
+    against ``reference``, if given) and the cost table.
 
     Args:
         root: the folder the sweep wrote to (``runs`` or ``runs/<sweep>``).
@@ -64,6 +76,9 @@ def collect(root: str | Path, paper: str | None = None, scale: float = 100.0, di
         paper: ``table1``, ``table2`` or ``table3``: put the paper's cells beside the measured rows.
         scale: multiply scores by this (100: percentages as the paper prints them).
         digits: decimals shown.
+        reference: the method every other method is compared with, seed by seed (``None``: no difference
+            tables); a method no run has is refused, naming the methods there are.
+        confidence: the level of every interval (0.95: 95 %).
     """
     runs = load_runs(root)
     if not runs:
@@ -71,11 +86,12 @@ def collect(root: str | Path, paper: str | None = None, scale: float = 100.0, di
     measured = runs
     if sweep is not None:
         runs = add_expected(runs, sweep, root)
-    tables = results_tables(runs, scale, digits)
+    tables = results_tables(runs, scale, digits, reference, confidence)
     if paper is not None:
         if paper not in PAPER_TABLES:
             raise ValueError(f"--paper {paper!r}: the shipped paper tables are {', '.join(PAPER_TABLES)}")
         for table in tables:
-            add_paper(table, PAPER_TABLES[paper], digits)
+            if table.reference is None:  # the paper prints scores, not differences
+                add_paper(table, PAPER_TABLES[paper], digits)
     allocation = allocation_table(measured)
     return [*tables, cost_table(measured), *([allocation] if allocation is not None else [])]

@@ -1,18 +1,23 @@
-"""Building and rendering the results tables: one :class:`Cell` per task × method (mean ± std over seeds, and
-the runs that give no value counted by reason), derived columns (averages, VTAB group means), the notes under a
-table, the paper's cells beside the measured rows, Markdown and CSV.
+"""Building and rendering the results tables: one :class:`Cell` per task × method (mean ± std and the interval
+of the mean over seeds, and the runs that give no value counted by reason), derived columns (averages, VTAB group
+means), the notes under a table, the paper's cells beside the measured rows, the seed-paired differences against a
+reference method (:class:`DifferenceCell`), Markdown and CSV.
 
 Rows and columns follow the paper where it fixes them (GLUE and VTAB column order; the baselines, then FlexLoRA,
 then variants). A run that did not finish, failed, or lacks the metric its task's rule reads is counted in its
 cell, never dropped.
+
+An average (``Avg.``, a VTAB group, the mean of groups) is taken per seed, over the seeds that have a score in
+every task it covers, and then summarized like a cell; the other seeds are counted as ``incomplete``. Without
+such a seed it shows the mean of the task means there are, as ``(x over k/m)``, with no spread or interval. The
+statistics are :mod:`.statistics`'s; docs/statistics.md explains them.
 """
 
 from __future__ import annotations
 
 import csv
-import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,31 +27,58 @@ from flexlora_pl.data.vtab import VTAB_GROUPS, VTAB_TASKS
 from flexlora_pl.experiments.collection import NO_METRIC, NO_TEST, OK, OTHER_MONITOR, STATUSES, RunResult
 from flexlora_pl.experiments.paper import GLUE_COLUMNS, PaperTable, check_table
 from flexlora_pl.experiments.selection import SCORE_MODE, SCORE_MONITOR, rule_named, score_runs, vtab_name
+from flexlora_pl.experiments.statistics import (
+    NO_MEASURABLE_DIFFERENCE,
+    PairedDifference,
+    Summary,
+    paired_difference,
+    summarize,
+)
 
-__all__ = ["Cell", "Table", "add_paper", "paper_markdown", "results_tables", "write_csv"]
+__all__ = ["Cell", "DifferenceCell", "Table", "add_paper", "paper_markdown", "results_tables", "write_csv"]
+
+INCOMPLETE = "incomplete"
+"""The reason an average leaves a seed out: it lacks a score in a task the average covers."""
 
 
 @dataclass
 class Cell:
-    """The runs of one table cell: their values and how many did not count, by reason."""
+    """The runs of one table cell: their values (and seeds) and how many did not count, by reason.
+
+    Args:
+        values: the scores that count, one per run.
+        expected: how many runs the cell expects.
+        counts: reason → how many runs gave no value for it.
+        seeds: the seed of each value (``None`` for a run without one), in the order of ``values``.
+        confidence: the level of the interval the cell shows.
+    """
 
     values: list[float] = field(default_factory=list)
     expected: int = 0
     counts: dict[str, int] = field(default_factory=dict)
+    seeds: list[int | None] = field(default_factory=list)
+    confidence: float = 0.95
+
+    @property
+    def summary(self) -> Summary:
+        return summarize(self.values, self.confidence)
 
     @property
     def mean(self) -> float | None:
-        return sum(self.values) / len(self.values) if self.values else None
+        return self.summary.mean
 
     @property
     def std(self) -> float | None:
         """The sample standard deviation over seeds (``None`` below two values)."""
-        if len(self.values) < 2:
-            return None
-        mean = self.mean
-        return math.sqrt(sum((v - mean) ** 2 for v in self.values) / (len(self.values) - 1))
+        return self.summary.std
+
+    @property
+    def by_seed(self) -> dict[int, float]:
+        """Seed → value, for the values whose run has a seed (what pairs with another method's cell)."""
+        return {seed: value for seed, value in zip(self.seeds, self.values, strict=True) if seed is not None}
 
     def text(self, scale: float, digits: int) -> str:
+        """``mean ± std [low, high] (n)``, ``–`` for what is undefined, and the runs that did not count."""
         n, total = len(self.values), self.expected
         notes = [f"{count} {reason}" for reason, count in self.counts.items() if count]
         missing = total - n - sum(self.counts.values())
@@ -54,10 +86,54 @@ class Cell:
             notes.append(f"{missing} missing")
         count = f"{n}" if n == total and not notes else f"{n}/{total}"
         tail = f"({', '.join([count, *notes])})"
-        if self.mean is None:
+        summary = self.summary
+        if summary.mean is None:
             return f"– {tail}"
-        spread = f" ± {self.std * scale:.{digits}f}" if self.std is not None else ""
-        return f"{self.mean * scale:.{digits}f}{spread} {tail}"
+        std, low, high = (_number(v, scale, digits) for v in (summary.std, summary.low, summary.high))
+        return f"{_number(summary.mean, scale, digits)} ± {std} [{low}, {high}] {tail}"
+
+    def csv_fields(self, scale: float) -> dict[str, Any]:
+        summary = self.summary
+        return {"mean": _round(summary.mean, scale), "std": _round(summary.std, scale),
+                "low": _round(summary.low, scale), "high": _round(summary.high, scale),
+                "n": f"{len(self.values)}/{self.expected}"}
+
+
+@dataclass
+class DifferenceCell:
+    """One method against the reference in one column: the mean of their seed-paired differences.
+
+    Args:
+        difference: the paired difference (method − reference) over the seeds both have.
+        unseeded: runs with a value but no seed, on either side: they cannot be paired and are left out too.
+    """
+
+    difference: PairedDifference
+    unseeded: int = 0
+
+    @property
+    def dropped(self) -> int:
+        """How many values were left out of the pairing."""
+        return self.difference.unpaired + self.unseeded
+
+    def text(self, scale: float, digits: int) -> str:
+        """``+d [low, high], p = … (n)`` and ``no measurable difference`` where the interval holds 0."""
+        d = self.difference
+        dropped = f"; {self.dropped} unpaired dropped" if self.dropped else ""
+        if d.mean is None:
+            return f"– (no common seed{dropped})"
+        mean = f"{d.mean * scale:+.{digits}f}"
+        if d.low is None or d.high is None:
+            return f"{mean} ({d.n} common seed: no interval, no test{dropped})"
+        low, high = f"{d.low * scale:+.{digits}f}", f"{d.high * scale:+.{digits}f}"
+        text = f"{mean} [{low}, {high}], {_p_text(d.p)} ({d.n}{dropped})"
+        return text if d.measurable else f"{text}, {NO_MEASURABLE_DIFFERENCE}"
+
+    def csv_fields(self, scale: float) -> dict[str, Any]:
+        d = self.difference
+        return {"mean": _round(d.mean, scale), "std": _round(d.std, scale), "low": _round(d.low, scale),
+                "high": _round(d.high, scale), "t": "" if d.t is None else d.t, "p": "" if d.p is None else d.p,
+                "n": d.n, "unpaired": self.dropped, "measurable": "" if d.measurable is None else d.measurable}
 
 
 @dataclass
@@ -67,17 +143,21 @@ class Table:
     Args:
         title: the caption.
         columns: the measured columns (tasks, or commonsense sets).
-        rows: row label → column → cell.
-        derived: names of the derived columns, in order; ``row → name → value`` in :attr:`derived_values`.
+        rows: row label → column → cell (a :class:`DifferenceCell` in a difference table).
+        derived: names of the derived columns, in order; ``row → name → text`` in :attr:`derived_values`,
+            and ``row → name → cell`` in :attr:`derived_cells` where the text is a cell's (for the CSV).
+        reference: the reference method of a difference table; ``None`` for any other table.
     """
 
     title: str
     columns: list[str]
-    rows: dict[str, dict[str, Cell]]
+    rows: dict[str, dict[str, Cell | DifferenceCell]]
     derived: list[str] = field(default_factory=list)
     derived_values: dict[str, dict[str, str]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     extra_rows: dict[str, dict[str, str]] = field(default_factory=dict)
+    derived_cells: dict[str, dict[str, Cell | DifferenceCell]] = field(default_factory=dict)
+    reference: str | None = None
 
     def markdown(self, scale: float = 100.0, digits: int = 1) -> str:
         header = ["", *self.columns, *self.derived]
@@ -93,17 +173,19 @@ class Table:
         return "\n".join(lines + ([""] + [f"- {note}" for note in self.notes] if self.notes else []))
 
     def csv_rows(self, scale: float = 100.0) -> list[dict[str, Any]]:
-        """One dict per row: ``<column> mean``, ``<column> std``, ``<column> n`` and the derived columns."""
+        """One dict per row: ``<column> mean``, ``std``, ``low``, ``high`` (the interval), ``n`` (a difference
+        table adds ``t``, ``p``, ``unpaired``, ``measurable``), each derived column's text and, where it is a
+        cell's, the same fields."""
         out = []
         for row, cells in self.rows.items():
             line: dict[str, Any] = {"table": self.title, "row": row}
             for column in self.columns:
-                cell = cells.get(column, Cell())
-                line[f"{column} mean"] = _round(cell.mean, scale)
-                line[f"{column} std"] = _round(cell.std, scale)
-                line[f"{column} n"] = f"{len(cell.values)}/{cell.expected}"
+                fields = cells.get(column, Cell()).csv_fields(scale)
+                line.update({f"{column} {key}": value for key, value in fields.items()})
             for name in self.derived:
                 line[name] = self.derived_values.get(row, {}).get(name, "")
+                if (cell := self.derived_cells.get(row, {}).get(name)) is not None:
+                    line.update({f"{name} {key}": value for key, value in cell.csv_fields(scale).items()})
             out.append(line)
         return out
 
@@ -112,16 +194,38 @@ def _round(value: float | None, scale: float) -> float | str:
     return "" if value is None else round(value * scale, 6)
 
 
-def _mean(values: Iterable[float | None]) -> float | None:
-    values = list(values)
-    if not values or any(v is None for v in values):
-        return None
-    return sum(values) / len(values)
+def _number(value: float | None, scale: float, digits: int) -> str:
+    return "–" if value is None else f"{value * scale:.{digits}f}"
 
 
-def results_tables(runs: list[RunResult], scale: float = 100.0, digits: int = 1) -> list[Table]:
-    """Build the tables of every sweep under the results folder (scored by :mod:`.selection`'s rules)."""
+def _p_text(p: float | None) -> str:
+    if p is None:
+        return "p = –"  # every paired difference is 0: no test
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3g}"
+
+
+def _level(confidence: float) -> str:
+    return f"{confidence * 100:g} %"
+
+
+def results_tables(runs: list[RunResult], scale: float = 100.0, digits: int = 1, reference: str | None = None,
+                   confidence: float = 0.95) -> list[Table]:
+    """Build the tables of every sweep under the results folder (scored by :mod:`.selection`'s rules).
+
+    Args:
+        runs: the runs, as :func:`.collection.load_runs` reads them.
+        scale: multiply scores by this (100: percentages).
+        digits: decimals shown in the derived columns.
+        reference: a method: each sweep's tables are followed by its methods' seed-paired differences against
+            it (``None``: no difference tables). A method no run has is refused, naming the methods there are.
+        confidence: the level of every interval.
+    """
     rules = score_runs(runs)
+    methods = sorted({r.method for r in runs}, key=_method_key)
+    if reference is not None and reference not in methods:
+        raise ValueError(f"--reference {reference!r}: no run of that method here; the methods are "
+                         f"{', '.join(methods)}")
+    level = _level(confidence)
     tables = []
     for sweep in dict.fromkeys(r.sweep for r in runs):
         members = [r for r in runs if r.sweep == sweep]
@@ -131,22 +235,67 @@ def results_tables(runs: list[RunResult], scale: float = 100.0, digits: int = 1)
         single = [t for t in tasks if not rules[(sweep, t)].per_set]
         per_set = [t for t in tasks if rules[(sweep, t)].per_set]
         if single:
-            rows = {m: {t: _cell([r for r in members if r.task == t and r.method == m], "value", len(seeds))
-                        for t in single} for m in methods}
+            rows = {m: {t: _cell([r for r in members if r.task == t and r.method == m], "value", len(seeds),
+                                 confidence) for t in single} for m in methods}
             used = sorted({rules[(sweep, t)].name for t in single})
-            table = Table(f"{sweep}: mean ± std over seeds (n); rule: "
+            table = Table(f"{sweep}: mean ± std [{level} interval] over seeds (n); rule: "
                           + ", ".join(f"{name} ({rule_named(name).description})" for name in used), single, rows)
-            _add_averages(table, scale, digits, vtab=all(vtab_name(t) for t in single))
+            averages = _averages(single, vtab=all(vtab_name(t) for t in single))
+            _add_averages(table, averages, scale, digits, confidence)
             table.notes += _status_notes([r for r in members if r.task in single])
-            tables.append(table)
+            pairs = {m: reference for m in methods if m != reference}
+            tables += [table, *_differences(table, sweep, methods, pairs, reference, averages, scale, digits,
+                                            confidence)]
         if per_set:
             columns = [*COMMONSENSE_SETS, "mean"]
-            rows = {f"{t} {m}": {c: _cell([r for r in members if r.task == t and r.method == m], c, len(seeds))
-                                 for c in columns} for t in per_set for m in methods}
-            tables.append(Table(f"{sweep}: mean ± std over seeds (n); rule: commonsense ("
-                                f"{rule_named('commonsense').description})", columns, rows,
-                                notes=_status_notes([r for r in members if r.task in per_set])))
+            rows = {f"{t} {m}": {c: _cell([r for r in members if r.task == t and r.method == m], c, len(seeds),
+                                          confidence) for c in columns} for t in per_set for m in methods}
+            table = Table(f"{sweep}: mean ± std [{level} interval] over seeds (n); rule: commonsense ("
+                          f"{rule_named('commonsense').description})", columns, rows,
+                          notes=_status_notes([r for r in members if r.task in per_set]))
+            pairs = {f"{t} {m}": f"{t} {reference}" for t in per_set for m in methods if m != reference}
+            tables += [table, *_differences(table, sweep, methods, pairs, reference, {}, scale, digits, confidence)]
     return tables
+
+
+def _differences(table: Table, sweep: str, methods: list[str], pairs: Mapping[str, str], reference: str | None,
+                 averages: Mapping[str, list[list[str]]], scale: float, digits: int,
+                 confidence: float) -> list[Table]:
+    """The table of each row's seed-paired differences against its reference row (``pairs``: row → that row).
+
+    None without a reference; none, and a note under ``table`` saying so, when the sweep has no run of it.
+    """
+    if reference is None:
+        return []
+    if reference not in methods:
+        table.notes.append(f"no differences against {reference}: the sweep {sweep} has no {reference} runs (its "
+                           f"methods: {', '.join(methods)})")
+        return []
+    level = _level(confidence)
+    differences = Table(f"{sweep}: differences against {reference}: mean of the seed-paired differences (method − "
+                        f"{reference}) [{level} interval], paired t-test p (n common seeds)", table.columns, {},
+                        derived=list(averages), reference=reference)
+    for row, other in pairs.items():
+        cells, base = table.rows[row], table.rows[other]
+        differences.rows[row] = {c: _difference(cells[c], base[c]) for c in table.columns}
+        derived = differences.derived_cells.setdefault(row, {})
+        for name, groups in averages.items():
+            derived[name] = DifferenceCell(paired_difference(_seed_averages(cells, groups),
+                                                             _seed_averages(base, groups), confidence))
+        differences.derived_values[row] = {name: cell.text(scale, digits) for name, cell in derived.items()}
+    differences.notes += [
+        f"{NO_MEASURABLE_DIFFERENCE}: the {level} interval of the mean difference holds 0 (p ≥ {1 - confidence:.3g});"
+        " a difference whose interval excludes 0 is measurable. Differences are in the table's units, each seed's "
+        f"score minus the {reference} score of the same seed; seeds only one of the two has are counted as "
+        "unpaired and left out. See docs/statistics.md.",
+        *([f"{', '.join(averages)}: each seed's average over the tasks of the column, for the seeds with a score "
+           "in every one of them, then paired like a task."] if averages else [])]
+    return [differences]
+
+
+def _difference(cell: Cell, base: Cell) -> DifferenceCell:
+    unseeded = len(cell.values) - len(cell.by_seed) + len(base.values) - len(base.by_seed)
+    return DifferenceCell(paired_difference(cell.by_seed, base.by_seed, cell.confidence), unseeded)
 
 
 def _status_notes(runs: list[RunResult]) -> list[str]:
@@ -191,47 +340,75 @@ def _method_key(method: str) -> tuple[int, list[Any]]:
     return (_METHOD_ORDER.index(method) if method in _METHOD_ORDER else len(_METHOD_ORDER), _natural(method))
 
 
-def _cell(runs: list[RunResult], column: str, expected: int) -> Cell:
-    cell = Cell(expected=max(expected, len(runs)), counts=dict.fromkeys(STATUSES, 0))
+def _cell(runs: list[RunResult], column: str, expected: int, confidence: float) -> Cell:
+    cell = Cell(expected=max(expected, len(runs)), counts=dict.fromkeys(STATUSES, 0), confidence=confidence)
     for run in sorted(runs, key=lambda r: (r.seed is None, r.seed)):
         if run.status == OK and column in run.values:
             cell.values.append(run.values[column])
+            cell.seeds.append(run.seed)
         else:
             cell.counts[run.status if run.status != OK else NO_METRIC] += 1
     return cell
 
 
-def _add_averages(table: Table, scale: float, digits: int, vtab: bool) -> None:
-    """The average over tasks of each row's cell means; for VTAB also group means and their mean."""
-    groups = {}
+def _averages(columns: list[str], vtab: bool) -> dict[str, list[list[str]]]:
+    """Each derived column → the groups of tasks it averages: the mean over the groups of each group's task mean.
+
+    ``Avg.`` is every task as its own group (the mean over tasks); for VTAB also one column per group
+    (Natural, Specialized, Structured) and ``Mean of groups``.
+    """
+    averages = {}
     if vtab:
         for group in VTAB_GROUPS:
-            members = [t for t in table.columns if VTAB_TASKS[vtab_name(t)].group == group]
+            members = [t for t in columns if VTAB_TASKS[vtab_name(t)].group == group]
             if members:
-                groups[group.capitalize()] = members
-        table.derived += [*groups, "Mean of groups"]
-    table.derived.append("Avg.")
+                averages[group.capitalize()] = [members]
+        averages["Mean of groups"] = [members for [members] in averages.values()]
+    averages["Avg."] = [[t] for t in columns]
+    return averages
+
+
+def _mean_of_means(groups: list[list[str]], value: Callable[[str], float | None]) -> tuple[float | None, int]:
+    """The mean over ``groups`` of the mean of ``value(task)`` over each group's tasks, skipping the tasks
+    without a value; and how many tasks have one."""
+    means = []
+    for members in groups:
+        found = [v for v in map(value, members) if v is not None]
+        if found:
+            means.append(sum(found) / len(found))
+    present = sum(value(t) is not None for members in groups for t in members)
+    return (sum(means) / len(means) if means else None), present
+
+
+def _seed_averages(cells: Mapping[str, Cell], groups: list[list[str]]) -> dict[Hashable, float]:
+    """Seed → its average over ``groups``, for each seed with a value in every task of them."""
+    tasks = [t for members in groups for t in members]
+    seeds = [seed for seed in cells[tasks[0]].by_seed if all(seed in cells[t].by_seed for t in tasks)]
+    return {seed: _mean_of_means(groups, lambda t, seed=seed: cells[t].by_seed[seed])[0] for seed in sorted(seeds)}
+
+
+def _add_averages(table: Table, averages: Mapping[str, list[list[str]]], scale: float, digits: int,
+                  confidence: float) -> None:
+    """Each row's derived columns: the per-seed averages over the seeds that have every task, summarized; or,
+    without such a seed, the mean of the task means there are, as ``(x over k/m)``."""
+    table.derived += list(averages)
     for row, cells in table.rows.items():
         values = table.derived_values.setdefault(row, {})
-        group_means = []
-        for name, members in groups.items():
-            mean = _mean(cells[t].mean for t in members)
-            group_means.append(mean)
-            values[name] = _format(mean, scale, digits, members, cells)
-        if groups:
-            of_groups = _mean(group_means)
-            values["Mean of groups"] = "–" if of_groups is None else f"{of_groups * scale:.{digits}f}"
-        values["Avg."] = _format(_mean(cells[t].mean for t in table.columns), scale, digits, table.columns, cells)
-
-
-def _format(mean: float | None, scale: float, digits: int, members: Sequence[str], cells: dict[str, Cell]) -> str:
-    if mean is not None:
-        return f"{mean * scale:.{digits}f}"
-    present = [t for t in members if cells[t].mean is not None]
-    if not present:
-        return "–"
-    partial = sum(cells[t].mean for t in present) / len(present)
-    return f"({partial * scale:.{digits}f} over {len(present)}/{len(members)})"
+        for name, groups in averages.items():
+            per_seed = _seed_averages(cells, groups)
+            tasks = [t for members in groups for t in members]
+            if per_seed:
+                expected = max(cells[t].expected for t in tasks)
+                cell = Cell(list(per_seed.values()), expected, {INCOMPLETE: expected - len(per_seed)},
+                            list(per_seed), confidence)
+                table.derived_cells.setdefault(row, {})[name] = cell
+                values[name] = cell.text(scale, digits)
+                continue
+            partial, present = _mean_of_means(groups, lambda t, cells=cells: cells[t].mean)
+            values[name] = "–" if partial is None else f"({partial * scale:.{digits}f} over {present}/{len(tasks)})"
+    if any(cell.counts[INCOMPLETE] for cells in table.derived_cells.values() for cell in cells.values()):
+        table.notes.append(f"{INCOMPLETE}: seeds without a score in every task an average covers; the average is "
+                           "summarized over the other seeds.")
 
 
 def add_paper(table: Table, paper: PaperTable, digits: int = 1) -> None:

@@ -55,8 +55,10 @@ def test_cells_are_mean_and_sample_std_over_seeds(tmp_path):
     write_run(tmp_path, "glue_cola", "lora", 1, best=0.6)
     write_run(tmp_path, "glue_cola", "lora", 2, best=0.7)
     table = results_tables(load_runs(tmp_path))[0]
-    assert cells(table)["lora"] == {"glue_rte": "72.0 ± 2.0 (3)", "glue_cola": "60.0 ± 10.0 (3)"}
-    assert table.derived_values["lora"]["Avg."] == "66.0"
+    # [mean ∓ t_{0.975,2} · std / √3], t_{0.975,2} = 4.302653; Avg. per seed: 60, 66, 72
+    assert cells(table)["lora"] == {"glue_rte": "72.0 ± 2.0 [67.0, 77.0] (3)",
+                                    "glue_cola": "60.0 ± 10.0 [35.2, 84.8] (3)"}
+    assert table.derived_values["lora"]["Avg."] == "66.0 ± 6.0 [51.1, 80.9] (3)"
 
 
 def test_failed_unfinished_missing_and_metric_less_runs_are_shown_not_dropped(tmp_path):
@@ -69,12 +71,12 @@ def test_failed_unfinished_missing_and_metric_less_runs_are_shown_not_dropped(tm
     write_run(tmp_path, "glue_rte", "lora", 2, best=0.90, sweep="other")     # another sweep: its own table
     tables = results_tables(load_runs(tmp_path))
     table = next(t for t in tables if t.title.startswith("s:"))
-    assert cells(table) == {"lora": {"glue_rte": "70.0 (1/3, 1 failed, 1 missing)"},
-                            "flexlora": {"glue_rte": "80.0 (1/3, 1 unfinished, 1 no metric)"},
+    assert cells(table) == {"lora": {"glue_rte": "70.0 ± – [–, –] (1/3, 1 failed, 1 missing)"},
+                            "flexlora": {"glue_rte": "80.0 ± – [–, –] (1/3, 1 unfinished, 1 no metric)"},
                             "adalora": {"glue_rte": "– (0/3, 1 unfinished, 2 missing)"}}
     assert table.derived_values["adalora"]["Avg."] == "–"
     other = next(t for t in tables if t.title.startswith("other:"))
-    assert cells(other) == {"lora": {"glue_rte": "90.0 (1)"}}
+    assert cells(other) == {"lora": {"glue_rte": "90.0 ± – [–, –] (1)"}}
 
 
 def test_runs_of_one_task_with_different_metrics_are_an_error_naming_them(tmp_path):
@@ -96,12 +98,13 @@ def test_vtab_takes_the_test_accuracy_and_adds_group_means(tmp_path):
     write_run(tmp_path, "dtd", "lora", 0, best=0.99)  # fit finished, never tested: counted, not dropped
     table = results_tables(load_runs(tmp_path))[0]
     assert "vtab" in table.title
-    assert cells(table)["flexlora"]["cifar"] == "50.5 ± 0.7 (2)"
+    assert cells(table)["flexlora"]["cifar"] == "50.5 ± 0.7 [44.1, 56.9] (2)"  # t_{0.975,1} = 12.706205
     assert cells(table)["lora"]["dtd"] == "– (0/2, 1 no test yet, 1 missing)"
     derived = table.derived_values["flexlora"]
     assert table.derived == ["Natural", "Specialized", "Structured", "Mean of groups", "Avg."]
-    assert (derived["Natural"], derived["Specialized"], derived["Structured"]) == ("60.5", "90.5", "30.5")
-    assert derived["Mean of groups"] == "60.5" and derived["Avg."] == "60.5"
+    assert (derived["Natural"], derived["Specialized"], derived["Structured"]) == (
+        "60.5 ± 0.7 [54.1, 66.9] (2)", "90.5 ± 0.7 [84.1, 96.9] (2)", "30.5 ± 0.7 [24.1, 36.9] (2)")
+    assert derived["Mean of groups"] == derived["Avg."] == "60.5 ± 0.7 [54.1, 66.9] (2)"  # seeds: 60.0, 61.0
     assert table.derived_values["lora"]["Natural"] == "–"
 
 
@@ -113,8 +116,8 @@ def test_commonsense_gets_one_column_per_set_and_rows_per_budget_and_method(tmp_
     table = results_tables(load_runs(tmp_path))[0]
     assert table.columns == [*COMMONSENSE_SETS, "mean"]
     assert list(table.rows) == ["llama3_8b_r8 flexlora", "llama3_8b_r32 flexlora"]
-    assert cells(table)["llama3_8b_r8 flexlora"]["ARC-Challenge"] == "56.0 (1)"
-    assert cells(table)["llama3_8b_r8 flexlora"]["mean"] == "53.5 (1)"
+    assert cells(table)["llama3_8b_r8 flexlora"]["ARC-Challenge"] == "56.0 ± – [–, –] (1)"
+    assert cells(table)["llama3_8b_r8 flexlora"]["mean"] == "53.5 ± – [–, –] (1)"
 
 
 COMMONSENSE_FIT = {"best_metrics": ("val/loss",), "monitor": "val/loss", "mode": "min"}
@@ -144,7 +147,7 @@ def test_commonsense_runs_without_a_finished_test_show_no_test_yet_not_their_val
     assert f"| llama3_8b_r8 flexlora | {waiting} |" in printed, printed
     assert "- no test yet: 2 run(s)" in printed, printed
     if known_by == "a tested sibling":
-        assert "| llama3_8b_r8 adalora | 60.0 (1) |" in printed, printed
+        assert "| llama3_8b_r8 adalora | 60.0 ± – [–, –] (1) |" in printed, printed
 
 
 def test_the_best_validation_rule_refuses_a_best_checkpoint_not_ranked_by_val_score(tmp_path, capsys):
@@ -156,7 +159,7 @@ def test_the_best_validation_rule_refuses_a_best_checkpoint_not_ranked_by_val_sc
     printed = capsys.readouterr().out
     assert "| lora | – (0/2, 2 other monitor) | – |" in printed, printed
     assert "| flexlora | – (0/2, 2 other monitor) | – |" in printed, printed
-    assert "| static | 70.5 ± 0.7 (2) | 70.5 |" in printed, printed
+    assert "| static | 70.5 ± 0.7 [64.1, 76.9] (2) | 70.5 ± 0.7 [64.1, 76.9] (2) |" in printed, printed
     assert "- other monitor: 4 run(s)" in printed and "val/loss (min): s/tweets/lora/seed0" in printed, printed
     assert "val/score (min): s/tweets/flexlora/seed0" in printed, printed
 
@@ -179,7 +182,7 @@ def test_paper_cells_are_printed_under_the_measured_rows_and_the_csv_is_written(
     out_csv = tmp_path / "t.csv"
     assert results_main([str(runs), "--paper", "table1", "--csv", str(out_csv)]) == 0
     printed = capsys.readouterr().out
-    assert "| lora | 81.0 ± 1.4 (2) | 81.0 |" in printed
+    assert "| lora | 81.0 ± 1.4 [68.3, 93.7] (2) | 81.0 ± 1.4 [68.3, 93.7] (2) |" in printed
     assert "| lora (paper: LoRA r=8) | 84.8 | 81.7 (cells: 87.6) |" in printed
     assert "printed Avg. 81.7 ≠ mean of its cells 87.6" in printed
     assert "| fit wall time (s) |" in printed.replace("| runs | fit", "| fit")
