@@ -32,6 +32,7 @@ from flexlora_pl.callbacks.interrupt_checkpoint import InterruptCheckpoint
 from flexlora_pl.callbacks.prediction_writer import PredictionWriter
 from flexlora_pl.callbacks.rank_reallocation import RankReallocation
 from flexlora_pl.callbacks.run_record import METRICS_FILENAME, RunRecord, read_metrics
+from flexlora_pl.callbacks.search_trial import SearchTrialReport
 from flexlora_pl.module import FlexLoRAModule
 from flexlora_pl.runs.checkpoint_check import check_checkpoint_matches_config, plain_config_value, read_checkpoint
 from flexlora_pl.runs.checkpoint_io import AtomicCheckpointIO
@@ -134,6 +135,9 @@ class FlexLoRACLI(LightningCLI):
             record = RunRecord()
             extra.append(record)
         record.config_hash = self._config_hash()
+        report = SearchTrialReport.from_environment()  # a tuned sweep's search trial: scores go to its study
+        if report is not None and self.subcommand == "fit":
+            extra.append(report)
         if self.subcommand == "predict" and not any(isinstance(cb, PredictionWriter) for cb in configured):
             # the task names the writer its predictions need (generations: one JSONL per set)
             extra.append(getattr(self.model, "prediction_writer_class", PredictionWriter)())

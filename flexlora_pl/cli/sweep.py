@@ -4,6 +4,11 @@
     flexlora-sweep configs/sweeps/table1_glue.yaml --list               # each run's state, nothing runs
     flexlora-sweep configs/sweeps/table1_glue.yaml --print > jobs.txt   # one shell line per run (job arrays)
     flexlora-sweep configs/sweeps/demo_comparison.yaml --methods lora,flexlora --seeds 0 -- --trainer.max_epochs 1
+    flexlora-sweep configs/sweeps/offline_tuned.yaml --workers 2             # a tuned comparison: search, then final
+    flexlora-sweep configs/sweeps/offline_tuned.yaml --stage search --storage postgresql://host/db   # shared study
+
+A sweep file with a ``search:`` section is a tuned comparison (:mod:`flexlora_pl.experiments.tuned`): each task ×
+method is searched by an Optuna study on data carved from training, then its best values run at the seeds.
 
 Flags after ``--`` are added to every ``flexlora`` command (after the sweep file's, so they win).
 Running the same command again continues the sweep: finished runs are skipped, interrupted ones resume.
@@ -17,6 +22,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from flexlora_pl.experiments.search_space import SearchError
 from flexlora_pl.experiments.sweep_file import SweepError, load_sweep
 from flexlora_pl.experiments.sweep_runner import plan_run, print_commands, run_sweep
 
@@ -54,7 +60,27 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--list", "--dry-run", dest="list_runs", action="store_true",
                       help="list every run with its folder and state, and run nothing")
     parser.add_argument("--verbose", action="store_true", help="show flexlora's output as well as logging it")
+    tuned = parser.add_argument_group("tuned comparisons (sweep files with a search: section)")
+    tuned.add_argument("--stage", choices=("all", "search", "final"), default="all",
+                       help="search: run the studies; final: select each study's best and run it at the seeds; "
+                            "all (default): both")
+    tuned.add_argument("--workers", type=_positive, default=1,
+                       help="runs at once, each with its own GPU where there are GPUs and its share of CPU threads")
+    tuned.add_argument("--storage", default=None,
+                       help="the Optuna storage many workers share: a database URL (postgresql://..., mysql://..., "
+                            "sqlite:///PATH) or journal:PATH for a journal file on a shared file system (default: "
+                            "SQLite in the sweep's folder)")
     return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from err
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -71,6 +97,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = sweep.runs(options.tasks, options.methods, options.seeds, options.save_dir)
     except SweepError as err:
         parser.error(str(err))
+    if sweep.search is not None:
+        try:
+            return _tuned(sweep, options, extra, parser)
+        except SearchError as err:
+            parser.error(str(err))
     plans = [plan_run(run) for run in runs]
     if options.print_commands:
         print_commands(plans, extra, sys.stdout, sys.stderr)
@@ -89,6 +120,64 @@ def main(argv: Sequence[str] | None = None) -> int:
     if result.interrupted:
         return 130
     return 0 if result.ok else 1
+
+
+def _tuned(sweep, options: argparse.Namespace, extra: list[str], parser: argparse.ArgumentParser) -> int:
+    """A sweep with a search: section: the search stage, the selection, then the final runs at the seeds."""
+    from flexlora_pl.experiments import tuned
+
+    if options.print_commands or options.list_runs:
+        parser.error("--print and --list are for sweeps without a search: section; a tuned sweep's search runs "
+                     "through Optuna workers (--workers N, or --storage URL with this command on many machines)")
+    where = dict(tasks=options.tasks, methods=options.methods, save_dir=options.save_dir)
+    if options.stage in ("all", "search"):
+        _check_trial_flags(sweep, options, extra)
+        if not tuned.run_search(sweep, options.storage, options.workers, extra=extra, **where):
+            return 1
+        if options.stage == "search":
+            return 0
+    chosen = tuned.select(sweep, options.storage, **where)
+    runs = tuned.final_runs(sweep, chosen, options.tasks, options.methods, options.seeds, options.save_dir)
+    plans = [plan_run(run) for run in runs]
+    print(f"final {sweep.name}: {len(plans)} run(s) at the selected values", flush=True)
+    results = tuned.run_final(plans, extra, options.workers, verbose=options.verbose)
+    failed = [item for result in results for item in (result.failed or [])]
+    print(f"final {sweep.name}: {sum(r.ran for r in results)} ran, {sum(r.skipped for r in results)} skipped, "
+          f"{len(failed)} failed")
+    for label, where_ in failed:
+        print(f"  FAILED {label}: {where_}")
+    if any(r.interrupted for r in results):
+        return 130
+    return 0 if not failed else 1
+
+
+def _check_trial_flags(sweep, options: argparse.Namespace, extra: list[str]) -> None:
+    """Parse one trial's command of every task × method (``--print_config``: nothing is built), so that a searched
+    flag the configs do not have stops the sweep before any run starts, with the parser's own words."""
+    import contextlib
+    import io
+
+    from flexlora_pl.cli.main import build_cli
+    from flexlora_pl.experiments import tuned
+
+    spec = sweep.search
+    for run in sweep.runs(options.tasks, options.methods, save_dir=options.save_dir):
+        if run.seed != sweep.seeds[0]:
+            continue
+        values = {p.name: (p.choices[0] if p.choices else (int(p.low) if p.integer else p.low))
+                  for p in spec.params[run.method]}
+        trial = tuned.trial_run(sweep, run.task, run.method, 0, values, options.save_dir)
+        printed, errors = io.StringIO(), io.StringIO()
+        try:
+            with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(errors):
+                build_cli([*trial.command("fit", extra), "--print_config"])
+        except SystemExit as stop:
+            if stop.code in (0, None):
+                continue
+            said = [line for line in errors.getvalue().strip().splitlines() if line.strip()]
+            raise SearchError(f"{sweep.source}: a search trial of {run.task} / {run.method} does not parse "
+                              f"(the parser says: {' '.join(' '.join(said[-3:]).split()) or 'exit ' + str(stop.code)}). Check the flags under search.params "
+                              "(and search.holdout) against `flexlora fit --config ... --print_config`") from None
 
 
 if __name__ == "__main__":

@@ -79,6 +79,8 @@ def load_runs(root: str | Path) -> list[RunResult]:
                                 "runs/table1_glue)")
     folders = {p.parent for p in root.rglob(METRICS_FILENAME)}
     folders |= {p for p in root.rglob("seed*") if p.is_dir() and _SEED.match(p.name)}
+    # a tuned sweep's search trials (<sweep>/<task>/<method>/search/trial<k>) select; they are not reported
+    folders = {f for f in folders if f.parent.name != "search"}
     runs = []
     for folder in sorted(folders):
         parts = folder.relative_to(root).parts

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from flexlora_pl.experiments.search_space import SearchError, SearchSpec
+from flexlora_pl.runs.study_storage import StudyStorageError, open_study_storage
 
 __all__ = ["claim_trial", "fail_stale_trials", "open_storage", "prepare_study", "run_trials", "study_name"]
 
@@ -36,7 +37,6 @@ RETRY_ATTR = "retry_of"
 SURPLUS_ATTR = "surplus"
 ERROR_ATTR = "error"
 MAX_RETRIES = 3
-_JOURNAL_PREFIX = "journal:"
 
 
 def study_name(sweep: str, task: str, method: str) -> str:
@@ -50,39 +50,16 @@ def default_storage_url(sweep_folder: str | os.PathLike) -> str:
 
 
 def open_storage(url: str) -> Any:
-    """Open (and create, where it is a file) the study storage named by ``url``.
-
-    Args:
-        url: ``sqlite:///PATH``, a PostgreSQL or MySQL URL (``postgresql://user@host/db``), or ``journal:PATH`` (also
-            any path ending in ``.journal``) for Optuna's journal file, which works on shared file systems where
-            SQLite's locks do not.
+    """Open (and create, where it is a file) the study storage named by ``url``
+    (:func:`flexlora_pl.runs.study_storage.open_study_storage`).
 
     Raises:
         SearchError: the storage cannot be opened; the message names the URL, the reason and the fix.
     """
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    journal = url[len(_JOURNAL_PREFIX):] if url.startswith(_JOURNAL_PREFIX) else (url if url.endswith(".journal")
-                                                                                  else None)
     try:
-        if journal is not None:
-            from optuna.storages.journal import JournalFileBackend
-
-            Path(journal).parent.mkdir(parents=True, exist_ok=True)
-            return optuna.storages.JournalStorage(JournalFileBackend(journal))
-        if "://" not in url:
-            raise SearchError(f"--storage {url!r} is neither a database URL (sqlite:///PATH, postgresql://..., "
-                              "mysql://...) nor a journal file (journal:PATH); give one of those")
-        if url.startswith("sqlite:///"):
-            Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.RDBStorage(url)
-    except SearchError:
-        raise
-    except Exception as err:  # a driver that is not installed, a server that does not answer, a bad path
-        raise SearchError(f"--storage {url!r} cannot be opened ({type(err).__name__}: {err}); check the URL, that the "
-                          "server runs and its driver is installed (e.g. psycopg2 for PostgreSQL), or leave --storage "
-                          "out for a SQLite file in the sweep's folder") from err
+        return open_study_storage(url)
+    except StudyStorageError as err:
+        raise SearchError(str(err)) from err
 
 
 def prepare_study(storage: Any, name: str, spec: SearchSpec, method: str) -> Any:

@@ -34,13 +34,15 @@ from typing import Any
 
 import yaml
 
+from flexlora_pl.experiments.search_space import SearchError, SearchSpec, parse_search
+
 __all__ = ["TEST_CHOICES", "Run", "Sweep", "SweepError", "load_sweep", "parse_sweep"]
 
 TEST_CHOICES = ("last", "best")
 """Which checkpoint a task's ``test`` stage evaluates: the end of training or the best validation score."""
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
-_TOP_KEYS = ("name", "save_dir", "seeds", "test", "args", "configs", "tasks", "methods")
+_TOP_KEYS = ("name", "save_dir", "seeds", "test", "args", "configs", "tasks", "methods", "search", "reference")
 _TASK_KEYS = ("configs", "test", "args")
 
 
@@ -108,6 +110,11 @@ class Run:
     def label(self) -> str:
         return f"{self.task} / {self.method} / seed {self.seed}"
 
+    @property
+    def log_stem(self) -> str:
+        """The name of the run's log file in ``<save_dir>/<sweep>/logs/``, without ``.log``."""
+        return f"{self.task}.{self.method}.seed{self.seed}"
+
     def command(self, stage: str, extra: Sequence[str] = (), ckpt_path: str | None = None) -> list[str]:
         """The ``flexlora`` arguments (without the program) of one stage: ``fit`` or ``test``.
 
@@ -139,6 +146,8 @@ class Sweep:
         configs: config files applied to every run after the method's.
         args: flags added to every command.
         source: the file it was read from.
+        search: the ``search:`` section of a tuned comparison (``None``: every run at the configs' values).
+        reference: the method the results' paired differences are taken against (``None``: no such table).
     """
 
     name: str
@@ -149,6 +158,8 @@ class Sweep:
     configs: tuple[str, ...] = ()
     args: tuple[str, ...] = ()
     source: str = "<sweep>"
+    search: SearchSpec | None = None
+    reference: str | None = None
 
     def runs(self, tasks: Sequence[str] | None = None, methods: Sequence[str] | None = None,
              seeds: Sequence[int] | None = None, save_dir: str | None = None) -> list[Run]:
@@ -259,8 +270,18 @@ def parse_sweep(data: Any, source: str = "<sweep>") -> Sweep:
                          "[] for the task config's own method, e.g. {flexlora: [], lora: configs/methods/lora.yaml}")
     methods = {_name(method, f"{where}: method name"): _method(str(method), value, task_names, where)
                for method, value in raw_methods.items()}
+    reference = data.get("reference")
+    if reference is not None and reference not in methods:
+        raise SweepError(f"{where}: reference: {reference!r} is not one of the sweep's methods ({', '.join(methods)}); "
+                         "name the method the others are compared against, e.g. reference: lora")
+    search = None
+    if data.get("search") is not None:
+        try:
+            search = parse_search(data["search"], list(methods), task_names, where)
+        except SearchError as err:
+            raise SweepError(str(err)) from err
     return Sweep(name=name, tasks=tasks, methods=methods, seeds=seeds, save_dir=save_dir, configs=configs,
-                 args=args, source=source)
+                 args=args, source=source, search=search, reference=reference)
 
 
 # ----------------------------------------------------------------------------- parts

@@ -15,7 +15,7 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -127,11 +127,12 @@ def print_commands(plans: Sequence[RunPlan], extra: Sequence[str], out: TextIO, 
 
 def log_path(run: Run) -> Path:
     """Where a run's ``flexlora`` output goes (appended, one block per stage)."""
-    return Path(run.save_dir) / run.sweep / "logs" / f"{run.task}.{run.method}.seed{run.seed}.log"
+    return Path(run.save_dir) / run.sweep / "logs" / f"{run.log_stem}.log"
 
 
 def run_sweep(plans: Sequence[RunPlan], extra: Sequence[str] = (), out: TextIO | None = None,
-              program: Sequence[str] = PROGRAM, verbose: bool = False) -> SweepResult:
+              program: Sequence[str] = PROGRAM, verbose: bool = False,
+              env: Mapping[str, str] | None = None) -> SweepResult:
     """Run every plan's stages one after another, with one progress line per run.
 
     Args:
@@ -140,6 +141,7 @@ def run_sweep(plans: Sequence[RunPlan], extra: Sequence[str] = (), out: TextIO |
         out: where progress lines go (default: standard output).
         program: the ``flexlora`` command to start.
         verbose: let ``flexlora``'s output through to the terminal as well as the log.
+        env: the environment of every ``flexlora`` process (default: this process's).
     """
     out = out or sys.stdout
     result = SweepResult(failed=[])
@@ -161,7 +163,7 @@ def run_sweep(plans: Sequence[RunPlan], extra: Sequence[str] = (), out: TextIO |
             what = stage if ckpt_path is None or stage == "test" else f"{stage} (resume: {plan.detail})"
             print(("," if number else "") + f" {what} …", end="", file=out, flush=True)
             started = time.perf_counter()
-            code = _run_stage(run, stage, ckpt_path, extra, program, verbose)
+            code = _run_stage(run, stage, ckpt_path, extra, program, verbose, env)
             seconds = time.perf_counter() - started
             record = read_record(run.folder)
             section = record.get(stage) or {}
@@ -186,7 +188,7 @@ def run_sweep(plans: Sequence[RunPlan], extra: Sequence[str] = (), out: TextIO |
 
 
 def _run_stage(run: Run, stage: str, ckpt_path: str | None, extra: Sequence[str], program: Sequence[str],
-               verbose: bool) -> int:
+               verbose: bool, env: Mapping[str, str] | None = None) -> int:
     log = log_path(run)
     log.parent.mkdir(parents=True, exist_ok=True)
     command = [*program, *run.command(stage, extra, ckpt_path)]
@@ -194,13 +196,13 @@ def _run_stage(run: Run, stage: str, ckpt_path: str | None, extra: Sequence[str]
         handle.write(f"\n$ {command_line(run, stage, ckpt_path, extra)}\n")
         handle.flush()
         if verbose:
-            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
             assert process.stdout is not None
             for line in process.stdout:
                 handle.write(line)
                 sys.stdout.write(line)
         else:
-            process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
+            process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
         try:
             return process.wait()
         except KeyboardInterrupt:  # Ctrl-C reaches the child too: it writes a resumable checkpoint and stops
