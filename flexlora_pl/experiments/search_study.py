@@ -37,6 +37,7 @@ RETRY_ATTR = "retry_of"
 SURPLUS_ATTR = "surplus"
 ERROR_ATTR = "error"
 MAX_RETRIES = 3
+_WAIT_S = 1.0  # how often a worker whose study is fully claimed looks whether its running trials ended
 
 
 def study_name(sweep: str, task: str, method: str) -> str:
@@ -213,7 +214,7 @@ def run_trials(study: Any, budget: int, spec: SearchSpec, method: str, objective
             if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 return ran
             # other workers' trials still run: wait for them, since one whose worker died is retried here
-            time.sleep(min(heartbeat_s, grace_s / 4))
+            time.sleep(min(_WAIT_S, grace_s / 4))
             continue
         ran += 1
         with heartbeat(trial, heartbeat_s):
