@@ -174,10 +174,11 @@ def _check_trial_flags(sweep, options: argparse.Namespace, extra: list[str]) -> 
         except SystemExit as stop:
             if stop.code in (0, None):
                 continue
-            said = [line for line in errors.getvalue().strip().splitlines() if line.strip()]
+            said = " ".join(" ".join(line for line in errors.getvalue().splitlines()[-3:] if line.strip()).split())
             raise SearchError(f"{sweep.source}: a search trial of {run.task} / {run.method} does not parse "
-                              f"(the parser says: {' '.join(' '.join(said[-3:]).split()) or 'exit ' + str(stop.code)}). Check the flags under search.params "
-                              "(and search.holdout) against `flexlora fit --config ... --print_config`") from None
+                              f"(the parser says: {said or 'exit ' + str(stop.code)}). Check the flags under "
+                              "search.params (and search.holdout) against `flexlora fit --config ... --print_config`"
+                              ) from None
 
 
 if __name__ == "__main__":

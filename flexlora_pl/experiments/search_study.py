@@ -89,9 +89,7 @@ def _sampler(spec: SearchSpec) -> Any:
 
     if spec.sampler == "tpe":
         return optuna.samplers.TPESampler(seed=spec.seed, constant_liar=True)
-    if spec.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=spec.seed)
-    return optuna.samplers.RandomSampler(seed=spec.seed)  # grid: every point is queued; this never samples
+    return optuna.samplers.RandomSampler(seed=spec.seed)  # grid: every point is queued, so this never samples
 
 
 def fail_stale_trials(study: Any, grace_s: float, now: float | None = None) -> list[int]:

@@ -103,8 +103,8 @@ class Run:
 
     @property
     def folder(self) -> Path:
-        """The run folder: ``<save_dir>/<sweep>/<task>/<method>/seed<k>``."""
-        return Path(self.save_dir) / self.sweep / self.task / self.method / self.version
+        """The run folder: ``<save_dir>/<name>/<version>`` (``<save_dir>/<sweep>/<task>/<method>/seed<k>``)."""
+        return Path(self.save_dir) / self.name / self.version
 
     @property
     def label(self) -> str:

@@ -58,10 +58,6 @@ class TrialRun(Run):
         return f"trial{self.trial}"
 
     @property
-    def folder(self) -> Path:
-        return Path(self.save_dir) / self.sweep / self.task / self.method / "search" / self.version
-
-    @property
     def label(self) -> str:
         return f"{self.task} / {self.method} / trial {self.trial}"
 
