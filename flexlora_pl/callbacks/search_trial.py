@@ -2,7 +2,8 @@
 
 A tuned sweep starts each trial as an ordinary ``flexlora fit`` with the environment variable
 ``FLEXLORA_SEARCH_TRIAL`` set to a JSON object (``storage``, ``study``, ``trial``: the trial's number,
-``objective``: the metric, ``prune``: whether the study prunes). The ``flexlora`` command then adds this
+``objective``: the metric, ``pruner``: ``{"type": "none" | "median" | "successive_halving", **options}``).
+The ``flexlora`` command then adds this
 callback by itself: nothing in the config changes. At each validation the objective's value is reported at the
 optimizer step; when the study's pruner says the trial is behind, training stops after that validation and
 ``search_pruned.json`` in the run folder says at which step, so the trial is recorded as pruned, never scored.
@@ -17,10 +18,37 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-__all__ = ["PRUNED_FILENAME", "SEARCH_TRIAL_ENV", "SearchTrialReport"]
+__all__ = ["PRUNED_FILENAME", "SEARCH_TRIAL_ENV", "SearchTrialReport", "build_pruner"]
 
 SEARCH_TRIAL_ENV = "FLEXLORA_SEARCH_TRIAL"
 PRUNED_FILENAME = "search_pruned.json"
+
+
+def build_pruner(spec: dict[str, Any]) -> Any:
+    """The Optuna pruner of ``{"type": ..., **options}``.
+
+    ``median``: ``startup_trials`` (Optuna's ``n_startup_trials``, default 5), ``warmup_steps``
+    (``n_warmup_steps``, default 0); ``successive_halving``: ``min_resource`` (default ``"auto"``),
+    ``reduction_factor`` (default 4); ``none``: no pruning.
+
+    Raises:
+        ValueError: an unknown type or option.
+    """
+    import optuna
+
+    options = {key: value for key, value in spec.items() if key != "type"}
+    kind = spec.get("type", "none")
+    names = {"none": {}, "median": {"startup_trials": "n_startup_trials", "warmup_steps": "n_warmup_steps"},
+             "successive_halving": {"min_resource": "min_resource", "reduction_factor": "reduction_factor"}}
+    if kind not in names or any(key not in names[kind] for key in options):
+        raise ValueError(f"pruner {spec!r}: the type is none, median or successive_halving, with the options "
+                         f"{names.get(kind, {})}")
+    kwargs = {names[kind][key]: value for key, value in options.items()}
+    if kind == "median":
+        return optuna.pruners.MedianPruner(**kwargs)
+    if kind == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(**kwargs)
+    return optuna.pruners.NopPruner()
 
 
 class SearchTrialReport(Callback):
@@ -31,12 +59,17 @@ class SearchTrialReport(Callback):
         study: the study's name.
         trial: the trial's number in the study.
         objective: the validation metric, e.g. ``val/score``.
-        prune: ask the study's pruner after each report.
+        pruner: the study's pruner, ``{"type": ..., **options}`` (see :func:`build_pruner`); ``None`` or type
+            ``none``: report only.
     """
 
-    def __init__(self, storage: str, study: str, trial: int, objective: str, prune: bool = False) -> None:
+    def __init__(self, storage: str, study: str, trial: int, objective: str,
+                 pruner: dict[str, Any] | None = None) -> None:
         self.storage, self.study_name, self.number = storage, study, trial
-        self.objective, self.prune = objective, prune
+        self.objective = objective
+        self.pruner = dict(pruner or {"type": "none"})
+        self.prune = self.pruner.get("type", "none") != "none"
+        build_pruner(self.pruner)  # a bad spec fails here, before training
         self._trial: Any = None
 
     @classmethod
@@ -48,7 +81,7 @@ class SearchTrialReport(Callback):
         try:
             spec = json.loads(text)
             return cls(str(spec["storage"]), str(spec["study"]), int(spec["trial"]), str(spec["objective"]),
-                       bool(spec.get("prune", False)))
+                       spec.get("pruner"))
         except (ValueError, KeyError, TypeError) as err:
             raise ValueError(f"{SEARCH_TRIAL_ENV} must be a JSON object with storage, study, trial and objective "
                              f"(the sweep sets it for its search trials); got {text!r}") from err
@@ -59,7 +92,8 @@ class SearchTrialReport(Callback):
 
             from flexlora_pl.runs.study_storage import open_study_storage
 
-            study = optuna.load_study(study_name=self.study_name, storage=open_study_storage(self.storage))
+            study = optuna.load_study(study_name=self.study_name, storage=open_study_storage(self.storage),
+                                      pruner=build_pruner(self.pruner))
             trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, self.number)
             self._trial = optuna.trial.Trial(study, trial_id)
         return self._trial

@@ -11,7 +11,8 @@ training split. The section reads::
       objective: val/score           # a validation metric the task logs
       direction: maximize            # or minimize
       rule: best                     # a trial's value: the best of its validations, or the last
-      pruner: none                   # none (default), median, or successive_halving
+      pruner: none                   # none (default), median, or successive_halving; or with options:
+                                     # {type: median, startup_trials: 2, warmup_steps: 0}
       holdout: [--data.init_args.holdout_size, "0.2"]   # flags every trial gets: validation carved from training
       params:
         --model.init_args.optimizer.init_args.lr: {low: 1.0e-4, high: 1.0e-2, log: true, steps: 6}
@@ -22,7 +23,11 @@ training split. The section reads::
 A parameter is a float or integer range (``low``/``high``, ``log``; ``type: int`` for integers; ``steps`` makes
 a grid of that many values, geometric when ``log``) or a list of ``choices``. ``holdout`` may also map task names
 to their flags (e.g. VTAB's ``[--data.init_args.protocol, tune]``). Per-method ``trials`` need
-``allow_unequal_budgets: true``. Every error names the key at fault and the fix.
+``allow_unequal_budgets: true``. A pruner judges a trial at each of its validations (the step is the optimizer
+step): ``median`` stops a trial whose best value so far is behind the median of the earlier trials at that step
+(``startup_trials`` finished trials first, default 5, no judgement before ``warmup_steps``);
+``successive_halving`` keeps the best 1 / ``reduction_factor`` (default 4) of the trials at each rung
+(``min_resource``: the first rung's step, default chosen by Optuna). Every error names the key at fault and the fix.
 """
 
 from __future__ import annotations
@@ -33,10 +38,12 @@ from dataclasses import dataclass, field
 from itertools import product
 from typing import Any
 
-__all__ = ["PRUNERS", "SAMPLERS", "Param", "SearchError", "SearchSpec", "parse_search"]
+__all__ = ["PRUNERS", "PRUNER_OPTIONS", "SAMPLERS", "Param", "SearchError", "SearchSpec", "parse_search"]
 
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("none", "median", "successive_halving")
+PRUNER_OPTIONS = {"none": (), "median": ("startup_trials", "warmup_steps"),
+                  "successive_halving": ("min_resource", "reduction_factor")}
 RULES = ("best", "last")
 _KEYS = ("trials", "sampler", "seed", "objective", "direction", "rule", "pruner", "holdout", "params", "methods",
          "allow_unequal_budgets")
@@ -143,6 +150,7 @@ class SearchSpec:
         direction: ``maximize`` or ``minimize``.
         rule: ``best`` (the best of a trial's validations) or ``last``.
         pruner: ``none``, ``median`` or ``successive_halving``.
+        pruner_options: the pruner's options (``PRUNER_OPTIONS``), as given.
         holdout: task name → the flags every trial of that task gets.
     """
 
@@ -155,6 +163,12 @@ class SearchSpec:
     rule: str = "best"
     pruner: str = "none"
     holdout: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    pruner_options: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def pruner_spec(self) -> dict[str, Any]:
+        """The pruner as a trial's ``SearchTrialReport`` builds it: ``{"type": ..., **options}``."""
+        return {"type": self.pruner, **self.pruner_options}
 
     def grid_points(self, method: str) -> list[dict[str, Any]]:
         """Every point of a grid search of ``method``, parameter name → value, in a fixed order."""
@@ -188,7 +202,7 @@ def parse_search(data: Any, methods: Sequence[str], tasks: Sequence[str], where:
         raise SearchError(f"{at}: expected a mapping with keys {', '.join(_KEYS)}; got {type(data).__name__}")
     _unknown(data, _KEYS, at)
     sampler = _choice(data.get("sampler", "tpe"), SAMPLERS, f"{at}.sampler")
-    pruner = _choice(data.get("pruner", "none"), PRUNERS, f"{at}.pruner")
+    pruner, pruner_options = _pruner(data.get("pruner", "none"), f"{at}.pruner")
     rule = _choice(data.get("rule", "best"), RULES, f"{at}.rule")
     direction = _choice(data.get("direction", "maximize"), ("maximize", "minimize"), f"{at}.direction")
     objective = _objective(data.get("objective", "val/score"), f"{at}.objective")
@@ -223,7 +237,8 @@ def parse_search(data: Any, methods: Sequence[str], tasks: Sequence[str], where:
     trials = _budgets(data, sampler, params, own_trials, at)
     holdout = _holdout(data.get("holdout", []), tasks, f"{at}.holdout")
     return SearchSpec(trials=trials, params=params, sampler=sampler, seed=seed, objective=objective,
-                      direction=direction, rule=rule, pruner=pruner, holdout=holdout)
+                      direction=direction, rule=rule, pruner=pruner, holdout=holdout,
+                      pruner_options=pruner_options)
 
 
 # ----------------------------------------------------------------------------- parts
@@ -237,6 +252,22 @@ def _choice(value: Any, allowed: Sequence[str], at: str) -> str:
     if value not in allowed:
         raise SearchError(f"{at}: {value!r} is not one of {', '.join(allowed)}")
     return str(value)
+
+
+def _pruner(value: Any, at: str) -> tuple[str, dict[str, int]]:
+    if not isinstance(value, Mapping):
+        return _choice(value, PRUNERS, at), {}
+    kind = _choice(value.get("type"), PRUNERS, f"{at}.type")
+    _unknown(value, ("type", *PRUNER_OPTIONS[kind]), at)
+    options = {}
+    for key in PRUNER_OPTIONS[kind]:
+        if key in value:
+            number = value[key]
+            least = 2 if key == "reduction_factor" else 1 if key == "min_resource" else 0
+            if isinstance(number, bool) or not isinstance(number, int) or number < least:
+                raise SearchError(f"{at}.{key}: an integer >= {least}, got {number!r}")
+            options[key] = number
+    return kind, options
 
 
 def _count(value: Any, at: str) -> int:

@@ -14,12 +14,15 @@ Any number of workers (processes, on one machine or many) run trials of a study 
   whose heartbeat is older than the grace period belongs to a worker that died, and the next worker to claim
   marks it failed and queues a retry with the same parameters (``retry_of`` names the failed trial), so a killed
   worker's trial is run again once and never counted twice;
-- a grid search queues every grid point when the study is created, and a worker takes only queued points.
+- a grid search queues every grid point when the study is created, in an order shuffled by the search's seed
+  (as Optuna's own grid sampler does, so that a pruner compares a trial with earlier ones from across the grid, not
+  only with its smaller neighbours), and a worker takes only queued points.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -64,14 +67,16 @@ def open_storage(url: str) -> Any:
 
 
 def prepare_study(storage: Any, name: str, spec: SearchSpec, method: str) -> Any:
-    """Create (or load) a study; a new grid study gets every grid point queued, once."""
+    """Create (or load) a study; a new grid study gets every grid point queued, once, in the seed's order."""
     import optuna
 
     sampler = _sampler(spec)
     study = optuna.create_study(storage=storage, study_name=name, direction=spec.direction, sampler=sampler,
                                 load_if_exists=True)
     if spec.sampler == "grid" and not study.user_attrs.get("grid_queued"):
-        for point in spec.grid_points(method):
+        points = spec.grid_points(method)
+        random.Random(spec.seed).shuffle(points)
+        for point in points:
             study.enqueue_trial(point)
         study.set_user_attr("grid_queued", True)
     return study

@@ -161,7 +161,7 @@ def trial_objective(sweep: Sweep, task: str, method: str, storage_url: str, save
         if (record.get("fit") or {}).get("status") != "finished":  # else: finished before its worker could tell
             env = {**os.environ, SEARCH_TRIAL_ENV: json.dumps({
                 "storage": storage_url, "study": trial.study.study_name, "trial": trial.number,
-                "objective": spec.objective, "prune": spec.pruner != "none"})}
+                "objective": spec.objective, "pruner": spec.pruner_spec})}
             code = _run_trial(run, extra, env, program)
             record = read_record(run.folder)
             if code != 0 or (record.get("fit") or {}).get("status") != "finished":

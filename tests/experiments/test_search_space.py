@@ -31,6 +31,14 @@ def test_per_method_parameters_add_to_the_shared_ones_and_a_grid_is_their_produc
     assert [p.flag for p in spec.params["flexlora"]] == [LR, "--x"]
 
 
+def test_a_pruner_goes_with_its_options_to_the_trials():
+    section = {"trials": 4, "params": {LR: {"low": 1.0e-4, "high": 1.0e-2}}}
+    assert _parse(section).pruner_spec == {"type": "none"}
+    assert _parse({**section, "pruner": "median"}).pruner_spec == {"type": "median"}
+    spec = _parse({**section, "pruner": {"type": "median", "startup_trials": 2, "warmup_steps": 0}})
+    assert (spec.pruner, spec.pruner_spec) == ("median", {"type": "median", "startup_trials": 2, "warmup_steps": 0})
+
+
 def test_selected_values_at_the_edge_of_their_range_are_flagged():
     grid = Param(LR, 1e-4, 1e-2, log=True, steps=5)
     assert grid.at_edge(1e-4) and grid.at_edge(1e-2) and not grid.at_edge(1e-3)
@@ -62,6 +70,14 @@ def test_selected_values_at_the_edge_of_their_range_are_flagged():
      r"holdout: glue_rte not among the sweep's tasks"),
     ({"trials": 4}, r"method lora searches nothing"),
     ({"trials": 4, "params": {LR: {"low": "1e-4", "high": 1.0e-2}}}, r"low: a finite number.*write 1\.0e-4"),
+    ({"trials": 4, "params": {LR: {"low": 1.0e-4, "high": 1.0e-2}}, "pruner": {"type": "hyperband"}},
+     r"pruner\.type: 'hyperband' is not one of none, median, successive_halving"),
+    ({"trials": 4, "params": {LR: {"low": 1.0e-4, "high": 1.0e-2}},
+      "pruner": {"type": "median", "reduction_factor": 3}},
+     r"pruner: unknown key\(s\) reduction_factor; it takes type, startup_trials, warmup_steps"),
+    ({"trials": 4, "params": {LR: {"low": 1.0e-4, "high": 1.0e-2}},
+      "pruner": {"type": "successive_halving", "reduction_factor": 1}},
+     r"pruner\.reduction_factor: an integer >= 2, got 1"),
 ])
 def test_bad_search_sections_are_refused_naming_the_key(section, message):
     with pytest.raises(SearchError, match=message):
