@@ -35,11 +35,11 @@ from flexlora_pl.experiments import search_study
 from flexlora_pl.experiments.search_space import SearchError, SearchSpec
 from flexlora_pl.experiments.sweep_file import Run, Sweep, load_sweep
 from flexlora_pl.experiments.sweep_runner import PROGRAM, command_line, log_path, read_record
+from flexlora_pl.figures.sensitivity import SELECTED_FILENAME, write_sensitivity
 
 __all__ = ["SELECTED_FILENAME", "TrialRun", "final_runs", "objective_value", "run_final", "run_search", "select",
            "trial_run", "worker_env"]
 
-SELECTED_FILENAME = "selected.json"
 _WORKER_SPEC = "search_workers.json"
 
 
@@ -256,7 +256,9 @@ def work(job_file: str) -> None:
 def select(sweep: Sweep, storage_url: str | None = None, tasks: Sequence[str] | None = None,
            methods: Sequence[str] | None = None, save_dir: str | None = None,
            out: TextIO | None = None) -> dict[tuple[str, str], dict[str, Any]]:
-    """Each task × method's best trial, written to ``<sweep>/<task>/<method>/selected.json``.
+    """Each task × method's best trial, written to ``<sweep>/<task>/<method>/selected.json``, and each task's
+    sensitivity figure (every method's trial scores against the first searched value) to
+    ``<sweep>/<task>/sensitivity.png`` (:mod:`flexlora_pl.figures.sensitivity`).
 
     Raises:
         SearchError: a study has no complete trial (nothing to select).
@@ -284,8 +286,8 @@ def select(sweep: Sweep, storage_url: str | None = None, tasks: Sequence[str] | 
         edges = [p.flag for p in spec.params[method] if p.at_edge(best.params[p.name])]
         record = {
             "task": task, "method": method, "study": name, "trial": best.number, "objective": spec.objective,
-            "value": best.value, "params": params, "at_edge": edges, "budget": spec.trials[method],
-            "sampler": spec.sampler, "pruner": spec.pruner,
+            "direction": spec.direction, "value": best.value, "params": params, "at_edge": edges,
+            "budget": spec.trials[method], "sampler": spec.sampler, "pruner": spec.pruner,
             "ranges": {p.flag: p.describe() for p in spec.params[method]},
             "trials": {state: sum(1 for t in trials if t.state.name.lower() == state and
                                   not t.user_attrs.get(search_study.SURPLUS_ATTR))
@@ -303,6 +305,9 @@ def select(sweep: Sweep, storage_url: str | None = None, tasks: Sequence[str] | 
         for flag in edges:
             print(f"  warning: {task}/{method} selected {flag} = {params[flag]} at the edge of its range "
                   f"{record['ranges'][flag]}; widen the range", file=out, flush=True)
+    for task in dict.fromkeys(task for task, _ in chosen):
+        figure = write_sensitivity(folder / task, methods=[m for t, m in chosen if t == task])
+        print(f"wrote {figure}", file=out, flush=True)
     return chosen
 
 
