@@ -186,12 +186,14 @@ class TweetSentimentDataModule(TextClassificationDataModule):
         # ClassLabel turns the names into ids 0..2 and keeps the names in the dataset's features.
         return rows.cast_column("sentiment", ClassLabel(names=list(TWEET_LABEL_NAMES)))
 
-    def majority_class_share(self, split: str = "validation") -> float:
+    def majority_class_share(self, split: str | None = None) -> float:
         """Share of the most frequent class in a prepared split: the accuracy of always guessing it.
 
         Args:
-            split: ``"train"`` or ``"validation"``; the split must have been set up.
+            split: ``"train"`` or a validation split; default: the split the run validates on (``"validation"``,
+                or ``"holdout"`` with ``holdout_size``). The split must have been set up.
         """
+        split = split or self.val_split_names[0]
         if split not in self.datasets:
             raise RuntimeError(f"split '{split}' is not ready: call setup() first (the Trainer does this)")
         labels = self.datasets[split].with_format("arrow")["labels"].to_numpy(zero_copy_only=False)

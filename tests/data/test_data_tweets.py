@@ -94,6 +94,14 @@ def test_majority_class_share(tiny_tokenizer_dir: str):
     assert share == pytest.approx(counts.max() / counts.sum())
 
 
+def test_majority_class_share_is_of_the_holdout_a_search_validates_on(tiny_tokenizer_dir: str):
+    dm = make(tiny_tokenizer_dir, holdout_size=0.2, draw_seed=0)
+    dm.setup("fit")
+    assert "validation" not in dm.datasets  # the reported draw is never loaded
+    counts = np.bincount(dm.datasets["holdout"]["labels"], minlength=3)
+    assert dm.majority_class_share() == pytest.approx(counts.max() / counts.sum())
+
+
 def test_min_confidence_filters_rows(tiny_tokenizer_dir: str):
     raw = make(tiny_tokenizer_dir, min_confidence=0.9).load_raw_splits(["train", "validation"])
     for item in raw.values():

@@ -258,6 +258,27 @@ def test_holdout_size_works_through_flexlora_fit(tmp_path, tiny_glue_root):
     assert counted.datamodule.holdout_size == 12 and isinstance(counted.datamodule.holdout_size, int)
 
 
+def test_a_trial_of_the_shipped_tuned_sweep_trains_and_validates_on_the_tweets_holdout(tmp_path, tiny_glue_root):
+    # The command the shipped sweep gives its first tweets trial, on the tiny model and fewer tweets and steps.
+    from flexlora_pl.experiments.sweep_file import load_sweep
+    from flexlora_pl.experiments.tuned import trial_run
+
+    sweep = load_sweep(str(Path(__file__).parents[2] / "configs" / "sweeps" / "offline_tuned.yaml"))
+    lr = sweep.search.params["lora"][0]
+    run = trial_run(sweep, "tweets", "lora", 0, {lr.name: 1e-2}, save_dir=str(tmp_path / "runs"))
+    cli = build_cli(run.command("fit", ["--model.init_args.model_name_or_path", str(tiny_glue_root / "model"),
+                                        "--data.init_args.train_size", "60", "--data.init_args.val_size", "30",
+                                        "--data.init_args.batch_size", "8", "--trainer.max_steps", "4",
+                                        "--trainer.val_check_interval", "2"]))
+    assert "validation" not in cli.datamodule.datasets  # the reported draw is never loaded
+    assert Path(cli.trainer.log_dir) == run.folder
+    record = json.loads((run.folder / "metrics.json").read_text())
+    assert record["fit"]["status"] == "finished"
+    assert record["fit"]["holdout"] == {"holdout_size": 0.2, "rows": 12, "train_rows": 48, "seed": 0,
+                                        "stratified": True}
+    assert {entry["step"] for entry in record["fit"]["history"]} == {2, 4}
+
+
 def test_a_holdout_that_leaves_no_training_row_stops_before_the_run_folder(tmp_path, tiny_glue_root):
     folder = tiny_run_folder(tmp_path, tiny_glue_root, {})
     with pytest.raises(ValueError, match=r"train\.csv \(split 'train'\): holdout_size=48 carves 48 of its 48 "
