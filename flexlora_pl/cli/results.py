@@ -9,7 +9,9 @@ See :mod:`flexlora_pl.experiments.results` (and docs/experiments.md) for the sel
 A run that gives no score is counted in its cell by the reason (failed, unfinished, no test yet, other
 monitor, no metric, missing), never shown as a number its rule does not report. Each cell carries the 95 %
 t-interval of its mean; with ``--reference`` each sweep's table is followed by one of the other methods'
-seed-paired differences from the reference (see docs/statistics.md).
+seed-paired differences from the reference (see docs/statistics.md). A tuned sweep's folder adds its search
+table: per task × method the selected values, their search score, the trials by state, the searched ranges, the
+search's fit time, and a warning for each selected value at an end of its range.
 Exit status: 0, or 2 for a bad folder, runs of one task that report different metrics, or a --reference method
 no run has.
 """
@@ -45,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--reference", default=None, metavar="METHOD",
                         help="also print, per sweep, every other method's seed-paired difference from this method "
                              "(mean, 95 %% interval, paired t-test p; 'no measurable difference' where the interval "
-                             "holds 0)")
+                             "holds 0); default: the --sweep file's reference, if it names one")
     parser.add_argument("--digits", type=int, default=1, help="decimals shown (default 1, as the paper)")
     parser.add_argument("--raw", action="store_true", help="show scores as logged (0-1), not as percentages")
     return parser
@@ -58,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     scale = 1.0 if options.raw else 100.0
     try:
         sweep = load_sweep(options.sweep, check_files=False) if options.sweep else None
-        reference: str | None = options.reference
+        reference: str | None = options.reference or (sweep.reference if sweep is not None else None)
         tables = collect(options.runs_dir, options.paper, scale, options.digits, sweep, reference)
     except (FileNotFoundError, MixedMetricsError, ValueError) as err:
         parser.error(str(err))

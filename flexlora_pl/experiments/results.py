@@ -10,7 +10,9 @@ with a reference method each method's seed-paired differences from it.
 * :mod:`~flexlora_pl.experiments.tables`: cells, derived columns, notes, the paper's cells, the difference
   tables, Markdown and CSV;
 * :mod:`~flexlora_pl.experiments.statistics`: the summaries (mean, std, t interval) and paired differences;
-* :mod:`~flexlora_pl.experiments.costs`: the cost and allocation tables.
+* :mod:`~flexlora_pl.experiments.costs`: the cost and allocation tables;
+* :mod:`~flexlora_pl.experiments.search_table`: a tuned sweep's search (selected values, trials, ranges, edge
+  warnings, search cost).
 
 A run that did not finish, failed, or lacks the metric its task's rule reads is counted in its cell, never
 dropped; runs of one task whose metrics differ (other metric names) are an error naming them. Every name this
@@ -36,6 +38,7 @@ from flexlora_pl.experiments.collection import (
 )
 from flexlora_pl.experiments.costs import allocation_table, cost_table
 from flexlora_pl.experiments.paper import PAPER_TABLES
+from flexlora_pl.experiments.search_table import search_tables
 from flexlora_pl.experiments.selection import (
     COMMONSENSE_CLASSES,
     SCORE_MODE,
@@ -66,7 +69,7 @@ __all__ = ["COMMONSENSE_CLASSES", "FAILED", "MISSING", "NO_METRIC", "NO_TEST", "
 def collect(root: str | Path, paper: str | None = None, scale: float = 100.0, digits: int = 1,
             sweep: Sweep | None = None, reference: str | None = None, confidence: float = 0.95) -> list[Table]:
     """Load the runs under ``root`` and build the results tables (each sweep's followed by its differences
-    against ``reference``, if given) and the cost table.
+    against ``reference``, if given), the search tables of tuned sweeps, the cost table and the allocation table.
 
     Args:
         root: the folder the sweep wrote to (``runs`` or ``runs/<sweep>``).
@@ -94,4 +97,5 @@ def collect(root: str | Path, paper: str | None = None, scale: float = 100.0, di
             if table.reference is None:  # the paper prints scores, not differences
                 add_paper(table, PAPER_TABLES[paper], digits)
     allocation = allocation_table(measured)
-    return [*tables, cost_table(measured), *([allocation] if allocation is not None else [])]
+    return [*tables, *search_tables(root, scale, digits), cost_table(measured),
+            *([allocation] if allocation is not None else [])]

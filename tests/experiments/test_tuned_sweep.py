@@ -13,6 +13,8 @@ from optuna.trial import TrialState
 from tiny_run import tiny_run_config
 from tiny_sweep import REPO, invoke_sweep, task_changes
 
+from flexlora_pl.cli.results import main as results_main
+
 pytestmark = pytest.mark.slow
 
 LR = "--model.init_args.optimizer.init_args.lr"
@@ -77,6 +79,28 @@ def test_the_best_trial_is_selected_and_run_at_every_seed_on_the_full_data(tuned
             assert config["model"]["init_args"]["optimizer"]["init_args"]["lr"] == pytest.approx(
                 selected["params"][LR])
             assert json.loads((run / "metrics.json").read_text())["fit"]["status"] == "finished"
+
+
+def test_the_results_show_the_search_and_the_differences_from_the_sweep_s_reference(tuned, capsys):
+    root, folder, code, out = tuned
+    assert code == 0, out
+    assert results_main([str(folder), "--sweep", str(root / "tuned.yaml")]) == 0  # no --reference: the file's
+    printed = capsys.readouterr().out
+    assert "tuned: differences against lora" in printed
+    search = printed[printed.index("**tuned: the search (grid sampler, pruner none, 4 trials"):]
+    search = search[:search.index("\n\n**")]
+    for method in ("flexlora", "lora"):
+        selected = json.loads((folder / "a" / method / "selected.json").read_text())
+        row = next(line for line in search.splitlines() if line.startswith(f"| {method} |"))
+        lr = selected["params"][LR]
+        assert f"| lr {lr:.3g} | {selected['value'] * 100:.1f} | 4 / 0 / 0 (4) | lr [0.001, 0.1] (log, 4 values) |" \
+            in row, row
+        assert " (4 runs) |" in row
+        if lr in (1e-3, 1e-1):
+            assert f"warning: a / {method} selected lr = {lr:.3g} at an end of its range" in search
+    figure = folder / "a" / "sensitivity.png"
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"wrote {figure}" in out
+    assert f"sensitivity figure (search score against the searched value): {figure}" in search
 
 
 def test_running_it_again_runs_nothing_new(tuned):
