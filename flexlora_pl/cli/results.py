@@ -4,6 +4,7 @@
     flexlora-results runs/table1_glue --csv table1.csv     # and a CSV file
     flexlora-results runs/table1_glue --paper table1       # the paper's cells under each measured row
     flexlora-results runs/table1_glue --reference lora     # and each method's seed-paired differences from LoRA
+    flexlora-results runs/offline_attribution --contrast static:lora --contrast flexlora:static   # chosen pairs
 
 See :mod:`flexlora_pl.experiments.results` (and docs/experiments.md) for the selection rule per benchmark.
 A run that gives no score is counted in its cell by the reason (failed, unfinished, no test yet, other
@@ -48,9 +49,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also print, per sweep, every other method's seed-paired difference from this method "
                              "(mean, 95 %% interval, paired t-test p; 'no measurable difference' where the interval "
                              "holds 0); default: the --sweep file's reference, if it names one")
+    parser.add_argument("--contrast", action="append", default=[], metavar="METHOD:BASE", type=_contrast,
+                        help="also print, per sweep, a table of the seed-paired differences METHOD − BASE, a row "
+                             "per --contrast (repeat it; e.g. an attribution: --contrast static:lora --contrast "
+                             "flexlora:static)")
     parser.add_argument("--digits", type=int, default=1, help="decimals shown (default 1, as the paper)")
     parser.add_argument("--raw", action="store_true", help="show scores as logged (0-1), not as percentages")
     return parser
+
+
+def _contrast(text: str) -> tuple[str, str]:
+    method, colon, base = text.partition(":")
+    if not colon or not method or not base or method == base:
+        raise argparse.ArgumentTypeError(f"{text!r}: write METHOD:BASE, two different methods, e.g. flexlora:static")
+    return method, base
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -61,7 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         sweep = load_sweep(options.sweep, check_files=False) if options.sweep else None
         reference: str | None = options.reference or (sweep.reference if sweep is not None else None)
-        tables = collect(options.runs_dir, options.paper, scale, options.digits, sweep, reference)
+        tables = collect(options.runs_dir, options.paper, scale, options.digits, sweep, reference,
+                         contrasts=options.contrast)
     except (FileNotFoundError, MixedMetricsError, ValueError) as err:
         parser.error(str(err))
     for table in tables:

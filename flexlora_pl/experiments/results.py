@@ -21,6 +21,7 @@ module had before the split is still importable from it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from flexlora_pl.experiments.collection import (
@@ -67,7 +68,8 @@ __all__ = ["COMMONSENSE_CLASSES", "FAILED", "MISSING", "NO_METRIC", "NO_TEST", "
 
 
 def collect(root: str | Path, paper: str | None = None, scale: float = 100.0, digits: int = 1,
-            sweep: Sweep | None = None, reference: str | None = None, confidence: float = 0.95) -> list[Table]:
+            sweep: Sweep | None = None, reference: str | None = None, confidence: float = 0.95,
+            contrasts: Sequence[tuple[str, str]] = ()) -> list[Table]:
     """Load the runs under ``root`` and build the results tables (each sweep's followed by its differences
     against ``reference``, if given), the search tables of tuned sweeps, the cost table and the allocation table.
 
@@ -82,6 +84,8 @@ def collect(root: str | Path, paper: str | None = None, scale: float = 100.0, di
         reference: the method every other method is compared with, seed by seed (``None``: no difference
             tables); a method no run has is refused, naming the methods there are.
         confidence: the level of every interval (0.95: 95 %).
+        contrasts: ``(method, base)`` pairs for one more table per sweep of the seed-paired differences
+            method − base (an attribution table).
     """
     runs = load_runs(root)
     if not runs:
@@ -89,7 +93,7 @@ def collect(root: str | Path, paper: str | None = None, scale: float = 100.0, di
     measured = runs
     if sweep is not None:
         runs = add_expected(runs, sweep, root)
-    tables = results_tables(runs, scale, digits, reference, confidence)
+    tables = results_tables(runs, scale, digits, reference, confidence, contrasts)
     if paper is not None:
         if paper not in PAPER_TABLES:
             raise ValueError(f"--paper {paper!r}: the shipped paper tables are {', '.join(PAPER_TABLES)}")

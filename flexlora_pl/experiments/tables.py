@@ -209,7 +209,7 @@ def _level(confidence: float) -> str:
 
 
 def results_tables(runs: list[RunResult], scale: float = 100.0, digits: int = 1, reference: str | None = None,
-                   confidence: float = 0.95) -> list[Table]:
+                   confidence: float = 0.95, contrasts: Sequence[tuple[str, str]] = ()) -> list[Table]:
     """Build the tables of every sweep under the results folder (scored by :mod:`.selection`'s rules).
 
     Args:
@@ -219,12 +219,17 @@ def results_tables(runs: list[RunResult], scale: float = 100.0, digits: int = 1,
         reference: a method: each sweep's tables are followed by its methods' seed-paired differences against
             it (``None``: no difference tables). A method no run has is refused, naming the methods there are.
         confidence: the level of every interval.
+        contrasts: (method, base) pairs: each sweep's tables are then followed by one table of the seed-paired
+            differences method − base, a row each (e.g. an attribution: static − lora, flexlora − static, ...).
     """
     rules = score_runs(runs)
     methods = sorted({r.method for r in runs}, key=_method_key)
     if reference is not None and reference not in methods:
         raise ValueError(f"--reference {reference!r}: no run of that method here; the methods are "
                          f"{', '.join(methods)}")
+    missing = sorted({m for pair in contrasts for m in pair} - set(methods))
+    if missing:
+        raise ValueError(f"--contrast: no run of {', '.join(missing)} here; the methods are {', '.join(methods)}")
     level = _level(confidence)
     tables = []
     for sweep in dict.fromkeys(r.sweep for r in runs):
@@ -243,9 +248,10 @@ def results_tables(runs: list[RunResult], scale: float = 100.0, digits: int = 1,
             averages = _averages(single, vtab=all(vtab_name(t) for t in single))
             _add_averages(table, averages, scale, digits, confidence)
             table.notes += _status_notes([r for r in members if r.task in single])
-            pairs = {m: reference for m in methods if m != reference}
+            pairs = {m: (m, reference) for m in methods if m != reference}
             tables += [table, *_differences(table, sweep, methods, pairs, reference, averages, scale, digits,
-                                            confidence)]
+                                            confidence),
+                       *_contrasts(table, sweep, methods, contrasts, averages, scale, digits, confidence)]
         if per_set:
             columns = [*COMMONSENSE_SETS, "mean"]
             rows = {f"{t} {m}": {c: _cell([r for r in members if r.task == t and r.method == m], c, len(seeds),
@@ -253,15 +259,15 @@ def results_tables(runs: list[RunResult], scale: float = 100.0, digits: int = 1,
             table = Table(f"{sweep}: mean ± std [{level} interval] over seeds (n); rule: commonsense ("
                           f"{rule_named('commonsense').description})", columns, rows,
                           notes=_status_notes([r for r in members if r.task in per_set]))
-            pairs = {f"{t} {m}": f"{t} {reference}" for t in per_set for m in methods if m != reference}
+            pairs = {f"{t} {m}": (f"{t} {m}", f"{t} {reference}") for t in per_set for m in methods if m != reference}
             tables += [table, *_differences(table, sweep, methods, pairs, reference, {}, scale, digits, confidence)]
     return tables
 
 
-def _differences(table: Table, sweep: str, methods: list[str], pairs: Mapping[str, str], reference: str | None,
-                 averages: Mapping[str, list[list[str]]], scale: float, digits: int,
-                 confidence: float) -> list[Table]:
-    """The table of each row's seed-paired differences against its reference row (``pairs``: row → that row).
+def _differences(table: Table, sweep: str, methods: list[str], pairs: Mapping[str, tuple[str, str]],
+                 reference: str | None, averages: Mapping[str, list[list[str]]], scale: float, digits: int,
+                 confidence: float, title: str | None = None) -> list[Table]:
+    """The table of seed-paired differences, a row each (``pairs``: label → (row, its reference row)).
 
     None without a reference; none, and a note under ``table`` saying so, when the sweep has no run of it.
     """
@@ -272,25 +278,41 @@ def _differences(table: Table, sweep: str, methods: list[str], pairs: Mapping[st
                            f"methods: {', '.join(methods)})")
         return []
     level = _level(confidence)
-    differences = Table(f"{sweep}: differences against {reference}: mean of the seed-paired differences (method − "
-                        f"{reference}) [{level} interval], paired t-test p (n common seeds)", table.columns, {},
-                        derived=list(averages), reference=reference)
-    for row, other in pairs.items():
+    basis = reference if title is None else "base"
+    title = title or (f"{sweep}: differences against {reference}: mean of the seed-paired differences (method − "
+                      f"{reference}) [{level} interval], paired t-test p (n common seeds)")
+    differences = Table(title, table.columns, {}, derived=list(averages), reference=reference)
+    for label, (row, other) in pairs.items():
         cells, base = table.rows[row], table.rows[other]
-        differences.rows[row] = {c: _difference(cells[c], base[c]) for c in table.columns}
-        derived = differences.derived_cells.setdefault(row, {})
+        differences.rows[label] = {c: _difference(cells[c], base[c]) for c in table.columns}
+        derived = differences.derived_cells.setdefault(label, {})
         for name, groups in averages.items():
             derived[name] = DifferenceCell(paired_difference(_seed_averages(cells, groups),
                                                              _seed_averages(base, groups), confidence))
-        differences.derived_values[row] = {name: cell.text(scale, digits) for name, cell in derived.items()}
+        differences.derived_values[label] = {name: cell.text(scale, digits) for name, cell in derived.items()}
     differences.notes += [
         f"{NO_MEASURABLE_DIFFERENCE}: the {level} interval of the mean difference holds 0 (p ≥ {1 - confidence:.3g});"
         " a difference whose interval excludes 0 is measurable. Differences are in the table's units, each seed's "
-        f"score minus the {reference} score of the same seed; seeds only one of the two has are counted as "
+        f"score minus the {basis} score of the same seed; seeds only one of the two has are counted as "
         "unpaired and left out. See docs/statistics.md.",
         *([f"{', '.join(averages)}: each seed's average over the tasks of the column, for the seeds with a score "
            "in every one of them, then paired like a task."] if averages else [])]
     return [differences]
+
+
+def _contrasts(table: Table, sweep: str, methods: list[str], contrasts: Sequence[tuple[str, str]],
+               averages: Mapping[str, list[list[str]]], scale: float, digits: int, confidence: float) -> list[Table]:
+    """The table of the ``(method, base)`` contrasts of a sweep that has both methods (a note names the others)."""
+    present = [(m, b) for m, b in contrasts if m in methods and b in methods]
+    skipped = [f"{m} − {b}" for m, b in contrasts if (m, b) not in present]
+    if skipped:
+        table.notes.append(f"no contrast {', '.join(skipped)}: the sweep {sweep} lacks runs of a method in it")
+    if not present:
+        return []
+    title = (f"{sweep}: contrasts: mean of the seed-paired differences (method − base) [{_level(confidence)} "
+             "interval], paired t-test p (n common seeds)")
+    pairs = {f"{m} − {b}": (m, b) for m, b in present}
+    return _differences(table, sweep, methods, pairs, present[0][1], averages, scale, digits, confidence, title)
 
 
 def _difference(cell: Cell, base: Cell) -> DifferenceCell:

@@ -160,6 +160,24 @@ def test_the_reference_flag_prints_the_differences_and_says_where_there_is_none_
     assert "differences against" not in capsys.readouterr().out  # no flag, no difference table
 
 
+def test_contrasts_print_each_chosen_pair_as_a_row_of_one_table(tmp_path, capsys):
+    _comparison(tmp_path)
+    assert results_main([str(tmp_path), "--contrast", "flexlora:lora", "--contrast", "flexlora:static"]) == 0
+    printed = capsys.readouterr().out
+    title = "s: contrasts: mean of the seed-paired differences (method − base)"
+    assert _row(printed, title, "flexlora − lora").startswith("| flexlora − lora | +5.0 [+2.5, +7.5], p = 0.0131 (3) |")
+    # flexlora − static on a: 0.0, +2.0, +1.0 points: mean 1.0, std 1.0, [1.0 ∓ 4.302653 / √3] = [-1.5, +3.5]
+    assert _row(printed, title, "flexlora − static").startswith(
+        f"| flexlora − static | +1.0 [-1.5, +3.5], p = 0.225 (3), {NO_MEASURABLE_DIFFERENCE} |"), printed
+    assert "minus the base score of the same seed" in printed
+    with pytest.raises(SystemExit) as exit_info:
+        results_main([str(tmp_path), "--contrast", "dora:lora"])
+    assert exit_info.value.code == 2 and "--contrast: no run of dora here" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        results_main([str(tmp_path), "--contrast", "flexlora"])
+    assert "write METHOD:BASE" in capsys.readouterr().err
+
+
 def test_an_unknown_reference_is_refused_naming_the_methods(tmp_path, capsys):
     _comparison(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
