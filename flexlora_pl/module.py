@@ -290,6 +290,11 @@ class FlexLoRAModule(LightningModule):
         self.log("val/loss", loss, prog_bar=True)
         return loss
 
+    @property
+    def validation_metric_names(self) -> list[str]:
+        """The metrics every validation logs (a subclass that logs more lists them): what a search may select on."""
+        return ["val/loss"]
+
     # ---------------------------------------------------------------- set-up
     def _base_source(self) -> str | None:
         """Where the frozen base came from: ``model_name_or_path`` (Hugging Face) or ``model_name`` (timm)."""

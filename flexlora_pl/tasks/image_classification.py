@@ -145,6 +145,11 @@ class ImageClassifier(FlexLoRAModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val", self.val_accuracy)
 
+    @property
+    @override
+    def validation_metric_names(self) -> list[str]:
+        return ["val/score", "val/loss", "val/accuracy"]
+
     @override
     def on_validation_epoch_end(self) -> None:
         accuracy = self.val_accuracy.compute()

@@ -194,6 +194,15 @@ class FlexLoRASequenceClassifier(FlexLoRAModule):
                  batch_size=labels.shape[0])
         self.val_metrics[dataloader_idx].update(self.predictions(logits), labels)
 
+    @property
+    @override
+    def validation_metric_names(self) -> list[str]:
+        names = ["val/score"]
+        for index in range(len(self.val_split_names)):
+            prefix = self._prefix(index)
+            names += [f"{prefix}/loss", *(f"{prefix}/{name}" for name in self.metric_names)]
+        return names
+
     @override
     def on_validation_epoch_end(self) -> None:
         for index, metrics in enumerate(self.val_metrics):

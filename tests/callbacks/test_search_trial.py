@@ -58,6 +58,9 @@ def test_the_median_pruner_stops_a_trial_that_is_behind_at_its_first_validation(
     assert {step: pytest.approx(value) for step, value in trial.intermediate_values.items()} == \
         {step: history[step] for step in trial.intermediate_values}
     assert trial.state == TrialState.RUNNING  # the worker tells the study, not the run
+    # what a search may select on is what a validation logs (the sweep checks the objective against it)
+    logged = {name for name in cli.trainer.callback_metrics if name.startswith("val")}
+    assert set(cli.model.validation_metric_names) == logged, logged
 
 
 def test_outside_a_search_no_trial_callback_is_added(tmp_path, tiny_glue_root, monkeypatch):
