@@ -295,6 +295,12 @@ class FlexLoRAModule(LightningModule):
         """The metrics every validation logs (a subclass that logs more lists them): what a search may select on."""
         return ["val/loss"]
 
+    @classmethod
+    def validation_metrics_for(cls, data: Any) -> list[str]:
+        """:attr:`validation_metric_names` of this module on the data module ``data``, known before the module (and
+        its backbone) is built: a tuned sweep checks its objective against it before any run starts."""
+        return ["val/loss"]
+
     # ---------------------------------------------------------------- set-up
     def _base_source(self) -> str | None:
         """Where the frozen base came from: ``model_name_or_path`` (Hugging Face) or ``model_name`` (timm)."""

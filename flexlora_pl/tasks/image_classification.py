@@ -148,6 +148,11 @@ class ImageClassifier(FlexLoRAModule):
     @property
     @override
     def validation_metric_names(self) -> list[str]:
+        return self.validation_metrics_for(None)
+
+    @classmethod
+    @override
+    def validation_metrics_for(cls, data: Any) -> list[str]:
         return ["val/score", "val/loss", "val/accuracy"]
 
     @override

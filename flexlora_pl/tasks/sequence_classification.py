@@ -52,6 +52,19 @@ def _metric(name: str, num_labels: int) -> Metric:
     return {"accuracy": Accuracy, "f1": F1Score, "matthews": MatthewsCorrCoef}[name](**kind)
 
 
+def _prefix(splits: Sequence[str], index: int) -> str:
+    """The metric prefix of validation split ``index``: ``val`` alone, else ``val_<name>`` (MNLI's two)."""
+    return "val" if len(splits) == 1 else "val_" + splits[index].removeprefix("validation_")
+
+
+def _validation_names(metrics: Sequence[str], splits: Sequence[str]) -> list[str]:
+    names = ["val/score"]
+    for index in range(len(splits)):
+        prefix = _prefix(splits, index)
+        names += [f"{prefix}/loss", *(f"{prefix}/{name}" for name in metrics)]
+    return names
+
+
 class FlexLoRASequenceClassifier(FlexLoRAModule):
     """Sequence classification (or regression, ``num_labels=1``) with a FlexLoRA-adapted encoder.
 
@@ -181,9 +194,7 @@ class FlexLoRASequenceClassifier(FlexLoRAModule):
 
     # ------------------------------------------------------------ evaluation
     def _prefix(self, dataloader_idx: int) -> str:
-        if len(self.val_split_names) == 1:
-            return "val"
-        return "val_" + self.val_split_names[dataloader_idx].removeprefix("validation_")
+        return _prefix(self.val_split_names, dataloader_idx)
 
     @override
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -197,11 +208,15 @@ class FlexLoRASequenceClassifier(FlexLoRAModule):
     @property
     @override
     def validation_metric_names(self) -> list[str]:
-        names = ["val/score"]
-        for index in range(len(self.val_split_names)):
-            prefix = self._prefix(index)
-            names += [f"{prefix}/loss", *(f"{prefix}/{name}" for name in self.metric_names)]
-        return names
+        return _validation_names(self.metric_names, self.val_split_names)
+
+    @classmethod
+    @override
+    def validation_metrics_for(cls, data: Any) -> list[str]:
+        num_labels = int(getattr(data, "num_labels", 2))
+        task = getattr(getattr(data, "task", None), "name", None) or (
+            "regression" if num_labels == 1 else "classification")
+        return _validation_names(TASK_METRICS[task][0], list(getattr(data, "val_split_names", ["validation"])))
 
     @override
     def on_validation_epoch_end(self) -> None:

@@ -61,6 +61,7 @@ def test_the_median_pruner_stops_a_trial_that_is_behind_at_its_first_validation(
     # what a search may select on is what a validation logs (the sweep checks the objective against it)
     logged = {name for name in cli.trainer.callback_metrics if name.startswith("val")}
     assert set(cli.model.validation_metric_names) == logged, logged
+    assert type(cli.model).validation_metrics_for(cli.datamodule) == cli.model.validation_metric_names
 
 
 def test_outside_a_search_no_trial_callback_is_added(tmp_path, tiny_glue_root, monkeypatch):

@@ -122,6 +122,7 @@ def test_lora_override_runs_the_tune_protocol_with_validation(tiny):
     logged = fitted.trainer.callback_metrics
     assert 0.0 <= float(logged["val/accuracy"]) <= 1.0 and float(logged["val/score"]) == float(logged["val/accuracy"])
     assert set(fitted.model.validation_metric_names) == {name for name in logged if name.startswith("val")}
+    assert type(fitted.model).validation_metrics_for(fitted.datamodule) == fitted.model.validation_metric_names
     record = metrics(Path(fitted.trainer.log_dir))
     assert record["run"]["method"] == "lora" and "allocation" not in record["fit"]
 
