@@ -6,9 +6,11 @@
     flexlora-sweep configs/sweeps/demo_comparison.yaml --methods lora,flexlora --seeds 0 -- --trainer.max_epochs 1
     flexlora-sweep configs/sweeps/offline_tuned.yaml --workers 2             # a tuned comparison: search, then final
     flexlora-sweep configs/sweeps/offline_tuned.yaml --stage search --storage postgresql://host/db   # shared study
+    flexlora-sweep configs/sweeps/offline_tuned.yaml --executor slurm --workers 8 --storage journal:/shared/j.log
 
 A sweep file with a ``search:`` section is a tuned comparison (:mod:`flexlora_pl.experiments.tuned`): each task ×
 method is searched by an Optuna study on data carved from training, then its best values run at the seeds.
+``--executor slurm`` runs the same work as SLURM jobs through submitit (:mod:`flexlora_pl.experiments.slurm`).
 
 Flags after ``--`` are added to every ``flexlora`` command (after the sweep file's, so they win).
 Running the same command again continues the sweep: finished runs are skipped, interrupted ones resume.
@@ -70,6 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the Optuna storage many workers share: a database URL (postgresql://..., mysql://..., "
                             "sqlite:///PATH) or journal:PATH for a journal file on a shared file system (default: "
                             "SQLite in the sweep's folder)")
+    cluster = parser.add_argument_group("cluster (--executor slurm; the sweep file's slurm: section, which these "
+                                        "flags override)")
+    cluster.add_argument("--executor", choices=("local", "slurm", "submitit-local"), default="local",
+                         help="local (default): processes on this machine; slurm: SLURM jobs through submitit "
+                              "(a search's workers as one job array, each run one array task; requeued jobs "
+                              "resume); submitit-local: the slurm path through submitit's local executor, for "
+                              "testing it without a cluster")
+    cluster.add_argument("--slurm-partition", default=None, help="the partition of every job")
+    cluster.add_argument("--slurm-time", type=_positive, default=None, help="each job's time limit in minutes "
+                         "(default 240); a job at its limit is requeued and resumes")
+    cluster.add_argument("--slurm-gpus", type=_count, default=None, help="GPUs per job (default 1)")
+    cluster.add_argument("--slurm-cpus", type=_positive, default=None, help="CPU cores per job")
+    cluster.add_argument("--slurm-mem", type=_gigabytes, default=None, help="memory per job in GB")
     return parser
 
 
@@ -80,6 +95,26 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from err
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from err
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
+    return value
+
+
+def _gigabytes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected the memory in GB (a number > 0), got {text!r}") from err
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected the memory in GB (a number > 0), got {value:g}")
     return value
 
 
@@ -97,9 +132,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = sweep.runs(options.tasks, options.methods, options.seeds, options.save_dir)
     except SweepError as err:
         parser.error(str(err))
+    slurm_options = None
+    if options.executor != "local" and not (options.print_commands or options.list_runs):
+        slurm_options = _cluster(sweep, options, parser)
     if sweep.search is not None:
         try:
-            return _tuned(sweep, options, extra, parser)
+            return _tuned(sweep, options, extra, parser, slurm_options)
         except SearchError as err:
             parser.error(str(err))
     plans = [plan_run(run) for run in runs]
@@ -112,7 +150,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     print(f"sweep {sweep.name}: {len(plans)} run(s) under {runs[0].save_dir if runs else sweep.save_dir}/"
           f"{sweep.name}", flush=True)
-    result = run_sweep(plans, extra, verbose=options.verbose)
+    if slurm_options is not None:
+        from flexlora_pl.experiments import slurm
+
+        result = slurm.run_plans(plans, options.executor, slurm_options, extra)
+    else:
+        result = run_sweep(plans, extra, verbose=options.verbose)
     summary = f"{result.ran} ran, {result.skipped} skipped, {len(result.failed or [])} failed"
     print(f"sweep {sweep.name}: {summary}")
     for label, where in result.failed or []:
@@ -122,9 +165,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0 if result.ok else 1
 
 
-def _tuned(sweep, options: argparse.Namespace, extra: list[str], parser: argparse.ArgumentParser) -> int:
+def _cluster(sweep, options: argparse.Namespace, parser: argparse.ArgumentParser):
+    """The jobs' options, once ``--executor slurm`` is known to work here (refused before anything is written)."""
+    from flexlora_pl.experiments import slurm
+
+    try:
+        slurm.check_executor(options.executor)
+    except slurm.SlurmError as err:
+        parser.error(str(err))
+    if sweep.search is not None and options.storage is None and options.executor == "slurm":
+        print("warning: the studies' default storage is SQLite in the sweep's folder, which is unsafe on a network "
+              "file system shared by jobs on many nodes; give --storage a PostgreSQL URL or journal:PATH",
+              flush=True)
+    return slurm.SlurmOptions.of(sweep, partition=options.slurm_partition, time=options.slurm_time,
+                                 gpus=options.slurm_gpus, cpus=options.slurm_cpus, mem=options.slurm_mem)
+
+
+def _tuned(sweep, options: argparse.Namespace, extra: list[str], parser: argparse.ArgumentParser,
+           slurm_options=None) -> int:
     """A sweep with a search: section: the search stage, the selection, then the final runs at the seeds."""
-    from flexlora_pl.experiments import tuned
+    from flexlora_pl.experiments import slurm, tuned
 
     if options.print_commands or options.list_runs:
         parser.error("--print and --list are for sweeps without a search: section; a tuned sweep's search runs "
@@ -132,7 +192,12 @@ def _tuned(sweep, options: argparse.Namespace, extra: list[str], parser: argpars
     where = dict(tasks=options.tasks, methods=options.methods, save_dir=options.save_dir)
     if options.stage in ("all", "search"):
         _check_trial_flags(sweep, options, extra)
-        if not tuned.run_search(sweep, options.storage, options.workers, extra=extra, **where):
+        if slurm_options is not None:
+            searched = slurm.run_search(sweep, options.executor, slurm_options, options.storage, options.workers,
+                                        extra=extra, **where)
+        else:
+            searched = tuned.run_search(sweep, options.storage, options.workers, extra=extra, **where)
+        if not searched:
             return 1
         if options.stage == "search":
             return 0
@@ -140,7 +205,10 @@ def _tuned(sweep, options: argparse.Namespace, extra: list[str], parser: argpars
     runs = tuned.final_runs(sweep, chosen, options.tasks, options.methods, options.seeds, options.save_dir)
     plans = [plan_run(run) for run in runs]
     print(f"final {sweep.name}: {len(plans)} run(s) at the selected values", flush=True)
-    results = tuned.run_final(plans, extra, options.workers, verbose=options.verbose)
+    if slurm_options is not None:
+        results = [slurm.run_plans(plans, options.executor, slurm_options, extra)]
+    else:
+        results = tuned.run_final(plans, extra, options.workers, verbose=options.verbose)
     failed = [item for result in results for item in (result.failed or [])]
     print(f"final {sweep.name}: {sum(r.ran for r in results)} ran, {sum(r.skipped for r in results)} skipped, "
           f"{len(failed)} failed")

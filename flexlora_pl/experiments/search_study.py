@@ -14,6 +14,10 @@ Any number of workers (processes, on one machine or many) run trials of a study 
   whose heartbeat is older than the grace period belongs to a worker that died, and the next worker to claim
   marks it failed and queues a retry with the same parameters (``retry_of`` names the failed trial), so a killed
   worker's trial is run again once and never counted twice;
+- a worker whose cluster job is requeued (preempted or at its time limit) holds its running trial
+  (:func:`hold_trial`: no worker fails it as stale for the lease's length) and, once the job runs again, resumes it
+  (:func:`resume_trial`, ``resume=`` of :func:`run_trials`): the same trial number and run folder, never a second
+  trial;
 - a grid search queues every grid point when the study is created, in an order shuffled by the search's seed
   (as Optuna's own grid sampler does, so that a pruner compares a trial with earlier ones from across the grid, not
   only with its smaller neighbours), and a worker takes only queued points.
@@ -33,12 +37,15 @@ from typing import Any
 from flexlora_pl.experiments.search_space import SearchError, SearchSpec
 from flexlora_pl.runs.study_storage import StudyStorageError, open_study_storage
 
-__all__ = ["claim_trial", "fail_stale_trials", "open_storage", "prepare_study", "run_trials", "study_name"]
+__all__ = ["claim_trial", "fail_stale_trials", "hold_trial", "open_storage", "prepare_study", "resume_trial",
+           "run_trials", "study_name"]
 
 HEARTBEAT_ATTR = "heartbeat"
 RETRY_ATTR = "retry_of"
 SURPLUS_ATTR = "surplus"
 ERROR_ATTR = "error"
+HELD_ATTR = "held_until"  # a requeued job's trial: not stale before this time
+REQUEUES_ATTR = "requeues"  # how many times the trial's job was requeued: its run resumes from its checkpoint
 MAX_RETRIES = 3
 _WAIT_S = 1.0  # how often a worker whose study is fully claimed looks whether its running trials ended
 
@@ -112,6 +119,7 @@ def fail_stale_trials(study: Any, grace_s: float, now: float | None = None) -> l
         beat = trial.user_attrs.get(HEARTBEAT_ATTR)
         if beat is None:
             beat = trial.datetime_start.timestamp() if trial.datetime_start is not None else now
+        beat = max(float(beat), float(trial.user_attrs.get(HELD_ATTR, 0.0)))
         if now - float(beat) <= grace_s:
             continue
         try:
@@ -169,6 +177,44 @@ def claim_trial(study: Any, budget: int, spec: SearchSpec, method: str, grace_s:
     return trial
 
 
+def hold_trial(trial: Any, lease_s: float) -> bool:
+    """Keep ``trial`` running while its worker's job is requeued: no worker fails it as stale for ``lease_s``
+    seconds, and its requeue count grows (its run then resumes from its checkpoint, see ``tuned.trial_objective``).
+
+    Returns:
+        whether the trial was held (``False``: it had ended already, e.g. finished just before the requeue).
+    """
+    from optuna.trial import TrialState
+
+    frozen = trial.study._storage.get_trial(trial._trial_id)
+    if frozen.state != TrialState.RUNNING:
+        return False
+    try:
+        trial.set_user_attr(HELD_ATTR, time.time() + lease_s)
+        trial.set_user_attr(REQUEUES_ATTR, int(frozen.user_attrs.get(REQUEUES_ATTR, 0)) + 1)
+    except Exception:  # failed as stale by another worker in the meantime
+        return False
+    return True
+
+
+def resume_trial(study: Any, number: int) -> Any | None:
+    """Trial ``number`` (held by :func:`hold_trial`) as this worker's running trial again, its heartbeat fresh and
+    its lease over; ``None`` when it ended meanwhile (a lease that ran out: another worker failed and retried it)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+    if study._storage.get_trial(trial_id).state != TrialState.RUNNING:
+        return None
+    trial = optuna.trial.Trial(study, trial_id)
+    try:
+        trial.set_user_attr(HEARTBEAT_ATTR, time.time())
+        trial.set_user_attr(HELD_ATTR, 0.0)
+    except Exception:  # failed as stale between the two reads
+        return None
+    return trial
+
+
 @contextmanager
 def heartbeat(trial: Any, interval_s: float) -> Iterator[None]:
     """Refresh ``trial``'s heartbeat every ``interval_s`` seconds while the block runs."""
@@ -191,7 +237,7 @@ def heartbeat(trial: Any, interval_s: float) -> Iterator[None]:
 
 
 def run_trials(study: Any, budget: int, spec: SearchSpec, method: str, objective: Callable[[Any], float],
-               heartbeat_s: float = 30.0, grace_s: float = 120.0) -> int:
+               heartbeat_s: float = 30.0, grace_s: float = 120.0, resume: int | None = None) -> int:
     """Run trials of ``study`` until its budget is taken and no trial runs; returns how many this worker ran.
 
     A worker whose claim finds the budget taken while trials still run waits for them: if one's worker has died,
@@ -206,13 +252,16 @@ def run_trials(study: Any, budget: int, spec: SearchSpec, method: str, objective
             other error fails the trial (recorded in its ``error`` attribute) and is not retried.
         heartbeat_s: how often a running trial's heartbeat is refreshed.
         grace_s: a running trial without a heartbeat for this long belongs to a dead worker.
+        resume: the number of a trial this worker held when its job was requeued (:func:`hold_trial`): it runs
+            first, where it still runs, before any new claim.
     """
     import optuna
     from optuna.trial import TrialState
 
     ran = 0
+    held = resume_trial(study, resume) if resume is not None else None
     while True:
-        trial = claim_trial(study, budget, spec, method, grace_s)
+        trial, held = held or claim_trial(study, budget, spec, method, grace_s), None
         if trial is None:
             if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
                 return ran

@@ -18,6 +18,7 @@ applied after the task's, possibly depending on the task) and its seeds::
       adalora:                                           # a different override per task
         llama3_8b_r8: configs/methods/adalora.yaml
         llama3_8b_r32: configs/commonsense/overrides/adalora_r32.yaml
+    slurm: {partition: gpu, time: 240, gpus: 1}          # optional: jobs of --executor slurm (SLURM_KEYS)
 
 Paths are relative to the directory the sweep is run from (the repository root for the shipped
 sweeps), as ``flexlora --config`` paths are. Every error names the key at fault and how to fix it.
@@ -28,7 +29,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +37,27 @@ import yaml
 
 from flexlora_pl.experiments.search_space import SearchError, SearchSpec, parse_search
 
-__all__ = ["TEST_CHOICES", "Run", "Sweep", "SweepError", "load_sweep", "parse_sweep"]
+__all__ = ["SLURM_KEYS", "TEST_CHOICES", "Run", "Sweep", "SweepError", "load_sweep", "parse_sweep"]
 
 TEST_CHOICES = ("last", "best")
 """Which checkpoint a task's ``test`` stage evaluates: the end of training or the best validation score."""
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
-_TOP_KEYS = ("name", "save_dir", "seeds", "test", "args", "configs", "tasks", "methods", "search", "reference")
+_TOP_KEYS = ("name", "save_dir", "seeds", "test", "args", "configs", "tasks", "methods", "search", "reference",
+             "slurm")
+SLURM_KEYS = {
+    "partition": "sbatch --partition",
+    "time": "each job's time limit in minutes",
+    "gpus": "GPUs per job",
+    "cpus": "CPU cores per job",
+    "mem": "memory per job in GB",
+    "array_parallelism": "how many jobs of an array run at once",
+    "sbatch": "more sbatch options, e.g. {account: myproject, qos: normal}",
+}
+"""The keys of a sweep file's ``slurm:`` section (the jobs of ``flexlora-sweep --executor slurm``) and their meaning."""
+# sbatch options that the other keys or submitit itself set
+_SBATCH_OWN = ("partition", "time", "gpus-per-node", "cpus-per-task", "mem", "array", "signal", "output", "error",
+               "job-name", "open-mode")
 _TASK_KEYS = ("configs", "test", "args")
 
 
@@ -148,6 +163,7 @@ class Sweep:
         source: the file it was read from.
         search: the ``search:`` section of a tuned comparison (``None``: every run at the configs' values).
         reference: the method the results' paired differences are taken against (``None``: no such table).
+        slurm: the ``slurm:`` section (:data:`SLURM_KEYS`), checked; ``--slurm-*`` flags override it.
     """
 
     name: str
@@ -160,6 +176,7 @@ class Sweep:
     source: str = "<sweep>"
     search: SearchSpec | None = None
     reference: str | None = None
+    slurm: dict[str, Any] = field(default_factory=dict)
 
     def runs(self, tasks: Sequence[str] | None = None, methods: Sequence[str] | None = None,
              seeds: Sequence[int] | None = None, save_dir: str | None = None) -> list[Run]:
@@ -280,8 +297,9 @@ def parse_sweep(data: Any, source: str = "<sweep>") -> Sweep:
             search = parse_search(data["search"], list(methods), task_names, where)
         except SearchError as err:
             raise SweepError(str(err)) from err
+    slurm = _slurm(data.get("slurm") or {}, f"{where}: slurm")
     return Sweep(name=name, tasks=tasks, methods=methods, seeds=seeds, save_dir=save_dir, configs=configs,
-                 args=args, source=source, search=search, reference=reference)
+                 args=args, source=source, search=search, reference=reference, slurm=slurm)
 
 
 # ----------------------------------------------------------------------------- parts
@@ -362,6 +380,48 @@ def _method(name: str, value: Any, task_names: list[str], where: str) -> dict[st
                          f"({', '.join(task_names)}); it {' and '.join(problems)}")
     return {task: _strings(value[task] if value[task] is not None else [], f"{at}.{task}", "config files")
             for task in task_names}
+
+
+def _slurm(value: Any, where: str) -> dict[str, Any]:
+    known = ", ".join(f"{key} ({meaning})" for key, meaning in SLURM_KEYS.items())
+    if not isinstance(value, Mapping):
+        raise SweepError(f"{where}: expected a mapping with the keys {known}; got {value!r}")
+    unknown = [str(k) for k in value if k not in SLURM_KEYS]
+    if unknown:
+        raise SweepError(f"{where}: unknown key(s) {', '.join(unknown)}; the slurm section has {known}")
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        at = f"{where}.{key}"
+        if key == "partition":
+            if not isinstance(item, str) or not item.strip():
+                raise SweepError(f"{at}: expected a partition name (a string), got {item!r}")
+        elif key == "mem":
+            if isinstance(item, bool) or not isinstance(item, (int, float)) or not item > 0:
+                raise SweepError(f"{at}: expected the memory per job in GB (a number > 0), e.g. 64; got {item!r}")
+        elif key == "sbatch":
+            item = _sbatch(item, at)
+        else:
+            least = 0 if key == "gpus" else 1
+            if isinstance(item, bool) or not isinstance(item, int) or item < least:
+                raise SweepError(f"{at}: expected {SLURM_KEYS[key]} as a whole number >= {least}, got {item!r}")
+        out[key] = item
+    return out
+
+
+def _sbatch(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise SweepError(f"{where}: expected a mapping of sbatch options to values, e.g. {{account: myproject}}; "
+                         f"got {value!r}")
+    out = {}
+    for key, item in value.items():
+        name = str(key).replace("_", "-")
+        if name in _SBATCH_OWN:
+            raise SweepError(f"{where}.{key}: set by flexlora-sweep itself (partition, time, gpus, cpus and mem "
+                             "are keys of the slurm section; array, signal, output and error belong to submitit)")
+        if isinstance(item, (Mapping, list)) or item is None:
+            raise SweepError(f"{where}.{key}: expected one value (a string, number or true), got {item!r}")
+        out[name] = item
+    return out
 
 
 def _check_filter(flag: str, chosen: Sequence[Any] | None, known: list[Any], source: str) -> None:

@@ -12,7 +12,8 @@ A sweep file with a ``search:`` section (:mod:`flexlora_pl.experiments.search_sp
    re-run at the sweep's seeds on the full training data, into the usual ``seed<k>`` folders, scored as every
    sweep is (``flexlora-results``).
 
-Running the same command again continues both stages: a study holds its trials, finished runs are skipped.
+Running the same command again continues both stages: a study holds its trials, finished runs are skipped. On a
+SLURM cluster (``--executor slurm``) the same workers run as a job array (:mod:`flexlora_pl.experiments.slurm`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
@@ -36,9 +37,10 @@ from flexlora_pl.experiments.search_space import SearchError, SearchSpec
 from flexlora_pl.experiments.sweep_file import Run, Sweep, load_sweep
 from flexlora_pl.experiments.sweep_runner import PROGRAM, command_line, log_path, read_record
 from flexlora_pl.figures.sensitivity import SELECTED_FILENAME, write_sensitivity
+from flexlora_pl.runs.run_folder import RunFolder, newest_trained_checkpoint
 
-__all__ = ["SELECTED_FILENAME", "TrialRun", "final_runs", "objective_value", "run_final", "run_search", "select",
-           "trial_run", "worker_env"]
+__all__ = ["SELECTED_FILENAME", "TrialRun", "final_runs", "objective_value", "prepare_search", "run_final",
+           "run_search", "select", "trial_run", "work", "worker_env"]
 
 _WORKER_SPEC = "search_workers.json"
 
@@ -137,32 +139,44 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def _run_trial(run: TrialRun, extra: Sequence[str], env: Mapping[str, str], program: Sequence[str]) -> int:
+def _run_trial(run: TrialRun, extra: Sequence[str], env: Mapping[str, str], program: Sequence[str],
+               ckpt_path: str | None = None) -> int:
     log = log_path(run)
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a") as handle:
-        handle.write(f"\n$ {command_line(run, 'fit', None, extra)}\n")
+        handle.write(f"\n$ {command_line(run, 'fit', ckpt_path, extra)}\n")
         handle.flush()
-        process = subprocess.Popen([*program, *run.command("fit", extra)], stdout=handle, stderr=subprocess.STDOUT,
+        process = subprocess.Popen([*program, *run.command("fit", extra, ckpt_path)], stdout=handle,
+                                   stderr=subprocess.STDOUT,
                                    env=dict(env), preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         return process.wait()
 
 
 def trial_objective(sweep: Sweep, task: str, method: str, storage_url: str, save_dir: str | None,
-                    extra: Sequence[str], program: Sequence[str] = PROGRAM):
-    """The function a worker runs for one trial of a task × method: a ``flexlora fit``, then its score."""
+                    extra: Sequence[str], program: Sequence[str] = PROGRAM,
+                    on_trial: Callable[[str, str, Any], None] | None = None):
+    """The function a worker runs for one trial of a task × method: a ``flexlora fit``, then its score.
+
+    A trial whose job was requeued (``search_study.hold_trial``) resumes its fit from its most trained checkpoint
+    (``--ckpt_path last``). ``on_trial(task, method, trial)`` is told each trial as it starts (the SLURM worker's
+    checkpoint holds it).
+    """
     import optuna
 
     spec = _search(sweep)
 
     def objective(trial: Any) -> float:
+        if on_trial is not None:
+            on_trial(task, method, trial)
         run = trial_run(sweep, task, method, trial.number, trial.params, save_dir)
         record = read_record(run.folder)
         if (record.get("fit") or {}).get("status") != "finished":  # else: finished before its worker could tell
             env = {**os.environ, SEARCH_TRIAL_ENV: json.dumps({
                 "storage": storage_url, "study": trial.study.study_name, "trial": trial.number,
                 "objective": spec.objective, "pruner": spec.pruner_spec})}
-            code = _run_trial(run, extra, env, program)
+            resume = trial.user_attrs.get(search_study.REQUEUES_ATTR) and newest_trained_checkpoint(
+                RunFolder(run.save_dir, run.name, run.version)) is not None
+            code = _run_trial(run, extra, env, program, "last" if resume else None)
             record = read_record(run.folder)
             if code != 0 or (record.get("fit") or {}).get("status") != "finished":
                 raise RuntimeError(f"flexlora fit exited with {code}; see {log_path(run)}")
@@ -175,15 +189,10 @@ def trial_objective(sweep: Sweep, task: str, method: str, storage_url: str, save
 
 
 # ----------------------------------------------------------------------------- the search stage
-def run_search(sweep: Sweep, storage_url: str | None = None, workers: int = 1, tasks: Sequence[str] | None = None,
-               methods: Sequence[str] | None = None, save_dir: str | None = None, extra: Sequence[str] = (),
-               out: TextIO | None = None, poll_s: float = 5.0) -> bool:
-    """Create the studies and run ``workers`` worker processes until every study's budget is taken.
-
-    Returns:
-        whether every worker finished cleanly.
-    """
-    out = out or sys.stdout
+def prepare_search(sweep: Sweep, storage_url: str | None, workers: int, tasks: Sequence[str] | None,
+                   methods: Sequence[str] | None, save_dir: str | None, extra: Sequence[str],
+                   out: TextIO) -> tuple[Path, dict[tuple[str, str], Any]]:
+    """Create the studies and write the workers' job file (``<sweep>/search_workers.json``); returns both."""
     spec = _search(sweep)
     folder = Path(save_dir or sweep.save_dir) / sweep.name
     folder.mkdir(parents=True, exist_ok=True)
@@ -198,7 +207,21 @@ def run_search(sweep: Sweep, storage_url: str | None = None, workers: int = 1, t
     job_file.write_text(json.dumps(job, indent=1) + "\n")
     print(f"search {sweep.name}: {len(cells)} studies x {sorted(set(spec.trials.values()))} trials "
           f"({spec.sampler}, objective {spec.objective}), {workers} worker(s), storage {url}", file=out, flush=True)
-    logs = folder / "logs"
+    return job_file, studies
+
+
+def run_search(sweep: Sweep, storage_url: str | None = None, workers: int = 1, tasks: Sequence[str] | None = None,
+               methods: Sequence[str] | None = None, save_dir: str | None = None, extra: Sequence[str] = (),
+               out: TextIO | None = None, poll_s: float = 5.0) -> bool:
+    """Create the studies and run ``workers`` worker processes until every study's budget is taken.
+
+    Returns:
+        whether every worker finished cleanly.
+    """
+    out = out or sys.stdout
+    spec = _search(sweep)
+    job_file, studies = prepare_search(sweep, storage_url, workers, tasks, methods, save_dir, extra, out)
+    logs = job_file.parent / "logs"
     logs.mkdir(exist_ok=True)
     processes = []
     for index in range(workers):
@@ -209,21 +232,22 @@ def run_search(sweep: Sweep, storage_url: str | None = None, workers: int = 1, t
     try:
         while any(p.poll() is None for p in processes):
             time.sleep(poll_s)
-            shown = _progress(studies, spec, out, shown)
+            shown = print_progress(studies, spec, out, shown)
     except KeyboardInterrupt:
         for process in processes:
             process.send_signal(signal.SIGTERM)
         for process in processes:
             process.wait()
         raise
-    _progress(studies, spec, out, shown)
+    print_progress(studies, spec, out, shown)
     codes = [p.returncode for p in processes]
     if any(codes):
         print(f"search {sweep.name}: worker exit codes {codes}; see {logs}/search-worker<i>.log", file=out, flush=True)
     return not any(codes)
 
 
-def _progress(studies: Mapping[tuple[str, str], Any], spec: SearchSpec, out: TextIO, shown: str) -> str:
+def print_progress(studies: Mapping[tuple[str, str], Any], spec: SearchSpec, out: TextIO, shown: str) -> str:
+    """Print each study's finished and running trials when that line differs from ``shown``; returns the line."""
     from optuna.trial import TrialState
 
     parts = []
@@ -238,8 +262,16 @@ def _progress(studies: Mapping[tuple[str, str], Any], spec: SearchSpec, out: Tex
     return line
 
 
-def work(job_file: str) -> None:
-    """A worker process: run trials of every study of the job, one study after another."""
+def work(job_file: str, resume: tuple[str, str, int] | None = None,
+         on_trial: Callable[[str, str, Any], None] | None = None, program: Sequence[str] = PROGRAM) -> None:
+    """A worker: run trials of every study of the job, one study after another.
+
+    Args:
+        job_file: the job (:func:`prepare_search`).
+        resume: ``(task, method, trial number)`` of a trial this worker held when its job was requeued: resumed first.
+        on_trial: told ``(task, method, trial)`` as each trial starts.
+        program: the ``flexlora`` command.
+    """
     job = json.loads(Path(job_file).read_text())
     os.chdir(job["cwd"])
     sweep = load_sweep(job["sweep"])
@@ -247,8 +279,10 @@ def work(job_file: str) -> None:
     storage = search_study.open_storage(job["storage"])
     for task, method in job["cells"]:
         study = search_study.load_study(storage, search_study.study_name(sweep.name, task, method), spec)
-        objective = trial_objective(sweep, task, method, job["storage"], job["save_dir"], job["extra"])
-        ran = search_study.run_trials(study, spec.trials[method], spec, method, objective)
+        objective = trial_objective(sweep, task, method, job["storage"], job["save_dir"], job["extra"], program,
+                                    on_trial)
+        held = resume[2] if resume is not None and tuple(resume[:2]) == (task, method) else None
+        ran = search_study.run_trials(study, spec.trials[method], spec, method, objective, resume=held)
         print(f"{task}/{method}: ran {ran} trial(s)", flush=True)
 
 
