@@ -7,6 +7,7 @@
     flexlora-sweep configs/sweeps/offline_tuned.yaml --workers 2             # a tuned comparison: search, then final
     flexlora-sweep configs/sweeps/offline_tuned.yaml --stage search --storage postgresql://host/db   # shared study
     flexlora-sweep configs/sweeps/offline_tuned.yaml --executor slurm --workers 8 --storage journal:/shared/j.log
+    flexlora-sweep configs/sweeps/offline_tuned.yaml --print --workers 4 --storage postgresql://host/db  # any scheduler
 
 A sweep file with a ``search:`` section is a tuned comparison (:mod:`flexlora_pl.experiments.tuned`): each task ×
 method is searched by an Optuna study on data carved from training, then its best values run at the seeds.
@@ -21,12 +22,13 @@ stopped by Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 
 from flexlora_pl.experiments.search_space import SearchError
 from flexlora_pl.experiments.sweep_file import SweepError, load_sweep
-from flexlora_pl.experiments.sweep_runner import plan_run, print_commands, run_sweep
+from flexlora_pl.experiments.sweep_runner import plan_run, print_commands, run_parallel, run_sweep
 
 __all__ = ["main"]
 
@@ -64,10 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verbose", action="store_true", help="show flexlora's output as well as logging it")
     tuned = parser.add_argument_group("tuned comparisons (sweep files with a search: section)")
     tuned.add_argument("--stage", choices=("all", "search", "final"), default="all",
-                       help="search: run the studies; final: select each study's best and run it at the seeds; "
-                            "all (default): both")
+                       help="search: run the studies and select each one's best (selected.json, sensitivity.png); "
+                            "final: select and run the selected values at the seeds; all (default): both")
     tuned.add_argument("--workers", type=_positive, default=1,
-                       help="runs at once, each with its own GPU where there are GPUs and its share of CPU threads")
+                       help="runs at once (any sweep, local executor), each with its own GPU where there are GPUs "
+                            "and its share of CPU threads")
     tuned.add_argument("--storage", default=None,
                        help="the Optuna storage many workers share: a database URL (postgresql://..., mysql://..., "
                             "sqlite:///PATH) or journal:PATH for a journal file on a shared file system (default: "
@@ -154,6 +157,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from flexlora_pl.experiments import slurm
 
         result = slurm.run_plans(plans, options.executor, slurm_options, extra)
+    elif options.workers > 1:
+        results = run_parallel(plans, extra, options.workers, verbose=options.verbose)
+        failed = [item for r in results for item in (r.failed or [])]
+        print(f"sweep {sweep.name}: {sum(r.ran for r in results)} ran, {sum(r.skipped for r in results)} skipped, "
+              f"{len(failed)} failed")
+        for label, where in failed:
+            print(f"  FAILED {label}: {where}")
+        return 130 if any(r.interrupted for r in results) else 0 if all(r.ok for r in results) else 1
     else:
         result = run_sweep(plans, extra, verbose=options.verbose)
     summary = f"{result.ran} ran, {result.skipped} skipped, {len(result.failed or [])} failed"
@@ -184,14 +195,18 @@ def _cluster(sweep, options: argparse.Namespace, parser: argparse.ArgumentParser
 def _tuned(sweep, options: argparse.Namespace, extra: list[str], parser: argparse.ArgumentParser,
            slurm_options=None) -> int:
     """A sweep with a search: section: the search stage, the selection, then the final runs at the seeds."""
+    from flexlora_pl.cli import search_checks
     from flexlora_pl.experiments import slurm, tuned
 
-    if options.print_commands or options.list_runs:
-        parser.error("--print and --list are for sweeps without a search: section; a tuned sweep's search runs "
-                     "through Optuna workers (--workers N, or --storage URL with this command on many machines)")
+    if options.list_runs:
+        parser.error("--list is for sweeps without a search: section; a tuned sweep's trials are in its studies "
+                     "(flexlora-results shows them once selected), and --print gives the commands of both stages")
+    if options.print_commands:
+        return _print_tuned(sweep, options, extra)
     where = dict(tasks=options.tasks, methods=options.methods, save_dir=options.save_dir)
     if options.stage in ("all", "search"):
-        _check_trial_flags(sweep, options, extra)
+        search_checks.check_trial_flags(sweep, options.tasks, options.methods, options.save_dir, extra)
+        search_checks.check_objective(sweep, options.tasks, options.methods, options.save_dir, extra)
         if slurm_options is not None:
             searched = slurm.run_search(sweep, options.executor, slurm_options, options.storage, options.workers,
                                         extra=extra, **where)
@@ -199,16 +214,16 @@ def _tuned(sweep, options: argparse.Namespace, extra: list[str], parser: argpars
             searched = tuned.run_search(sweep, options.storage, options.workers, extra=extra, **where)
         if not searched:
             return 1
-        if options.stage == "search":
-            return 0
     chosen = tuned.select(sweep, options.storage, **where)
+    if options.stage == "search":
+        return 0
     runs = tuned.final_runs(sweep, chosen, options.tasks, options.methods, options.seeds, options.save_dir)
     plans = [plan_run(run) for run in runs]
     print(f"final {sweep.name}: {len(plans)} run(s) at the selected values", flush=True)
     if slurm_options is not None:
         results = [slurm.run_plans(plans, options.executor, slurm_options, extra)]
     else:
-        results = tuned.run_final(plans, extra, options.workers, verbose=options.verbose)
+        results = run_parallel(plans, extra, options.workers, verbose=options.verbose)
     failed = [item for result in results for item in (result.failed or [])]
     print(f"final {sweep.name}: {sum(r.ran for r in results)} ran, {sum(r.skipped for r in results)} skipped, "
           f"{len(failed)} failed")
@@ -219,34 +234,36 @@ def _tuned(sweep, options: argparse.Namespace, extra: list[str], parser: argpars
     return 0 if not failed else 1
 
 
-def _check_trial_flags(sweep, options: argparse.Namespace, extra: list[str]) -> None:
-    """Parse one trial's command of every task × method (``--print_config``: nothing is built), so that a searched
-    flag the configs do not have stops the sweep before any run starts, with the parser's own words."""
-    import contextlib
-    import io
+def _print_tuned(sweep, options: argparse.Namespace, extra: list[str]) -> int:
+    """``--print`` of a tuned sweep, for any scheduler: the search stage as ``--workers`` identical worker lines that
+    share the studies through the storage, then the final stage: its runs' lines once every study is selected
+    (``selected.json``), else the line that selects and runs them."""
+    import shlex
+    from pathlib import Path
 
-    from flexlora_pl.cli.main import build_cli
-    from flexlora_pl.experiments import tuned
+    from flexlora_pl.experiments import search_study, tuned
 
-    spec = sweep.search
-    for run in sweep.runs(options.tasks, options.methods, save_dir=options.save_dir):
-        if run.seed != sweep.seeds[0]:
-            continue
-        values = {p.name: (p.choices[0] if p.choices else (int(p.low) if p.integer else p.low))
-                  for p in spec.params[run.method]}
-        trial = tuned.trial_run(sweep, run.task, run.method, 0, values, options.save_dir)
-        printed, errors = io.StringIO(), io.StringIO()
-        try:
-            with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(errors):
-                build_cli([*trial.command("fit", extra), "--print_config"])
-        except SystemExit as stop:
-            if stop.code in (0, None):
-                continue
-            said = " ".join(" ".join(line for line in errors.getvalue().splitlines()[-3:] if line.strip()).split())
-            raise SearchError(f"{sweep.source}: a search trial of {run.task} / {run.method} does not parse "
-                              f"(the parser says: {said or 'exit ' + str(stop.code)}). Check the flags under "
-                              "search.params (and search.holdout) against `flexlora fit --config ... --print_config`"
-                              ) from None
+    folder = Path(options.save_dir or sweep.save_dir) / sweep.name
+    url = options.storage or search_study.default_storage_url(folder)
+    where = [flag for name, value in (("--tasks", options.tasks), ("--methods", options.methods),
+                                      ("--save-dir", options.save_dir)) if value
+             for flag in (name, ",".join(value) if isinstance(value, list) else str(value))]
+    base = ["flexlora-sweep", sweep.source, *where, "--storage", url]
+    tail = ["--", *extra] if extra else []
+    print(f"# search: {options.workers} worker line(s); run them at once, anywhere the storage is reachable "
+          "(SQLite only on one machine)", file=sys.stderr)
+    for _ in range(options.workers):
+        print(shlex.join([*base, "--stage", "search", *tail]))
+    cells = {(run.task, run.method) for run in sweep.runs(options.tasks, options.methods, save_dir=options.save_dir)}
+    chosen = {cell: json.loads(path.read_text()) for cell in cells
+              if (path := folder / cell[0] / cell[1] / tuned.SELECTED_FILENAME).is_file()}
+    print("# final: after every search line has ended", file=sys.stderr)
+    if len(chosen) < len(cells):
+        print(shlex.join([*base, "--stage", "final", *tail]))
+        return 0
+    runs = tuned.final_runs(sweep, chosen, options.tasks, options.methods, options.seeds, options.save_dir)
+    print_commands([plan_run(run) for run in runs], extra, sys.stdout, sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":

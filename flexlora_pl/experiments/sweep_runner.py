@@ -11,6 +11,7 @@ the sweep goes on.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -24,7 +25,8 @@ from flexlora_pl.callbacks.run_record import METRICS_FILENAME
 from flexlora_pl.experiments.sweep_file import Run
 from flexlora_pl.runs.run_folder import RunFolder, newest_trained_checkpoint
 
-__all__ = ["PROGRAM", "RunPlan", "SweepResult", "command_line", "plan_run", "run_sweep"]
+__all__ = ["PROGRAM", "RunPlan", "SweepResult", "command_line", "plan_run", "run_parallel", "run_sweep",
+           "worker_env"]
 
 PROGRAM = (sys.executable, "-m", "flexlora_pl.cli")
 """How the runner starts ``flexlora``: the same interpreter, so the sweep uses the environment it runs in."""
@@ -132,7 +134,7 @@ def log_path(run: Run) -> Path:
 
 def run_sweep(plans: Sequence[RunPlan], extra: Sequence[str] = (), out: TextIO | None = None,
               program: Sequence[str] = PROGRAM, verbose: bool = False,
-              env: Mapping[str, str] | None = None) -> SweepResult:
+              env: Mapping[str, str] | None = None, first: int = 1, total: int | None = None) -> SweepResult:
     """Run every plan's stages one after another, with one progress line per run.
 
     Args:
@@ -142,11 +144,13 @@ def run_sweep(plans: Sequence[RunPlan], extra: Sequence[str] = (), out: TextIO |
         program: the ``flexlora`` command to start.
         verbose: let ``flexlora``'s output through to the terminal as well as the log.
         env: the environment of every ``flexlora`` process (default: this process's).
+        first: the number the first plan's progress line shows (later plans count on from it).
+        total: the total the lines show (default: the number of plans).
     """
     out = out or sys.stdout
     result = SweepResult(failed=[])
-    total = len(plans)
-    for index, plan in enumerate(plans, 1):
+    total = len(plans) if total is None else total
+    for index, plan in enumerate(plans, first):
         run = plan.run
         head = f"[{index}/{total}] {run.label}:"
         if plan.state == DONE:
@@ -220,3 +224,63 @@ def _score(record: dict[str, Any], stage: str = "fit") -> str:
     metrics = (record.get(stage) or {}).get("metrics") or {}
     key = next((k for k in ("test/score", "test/accuracy") if k in metrics), None)
     return f"{key} {metrics[key]:.4g}" if key else ""
+
+
+def worker_env(index: int, workers: int, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of worker ``index`` of ``workers``: its own GPU where there are GPUs, its share of CPU threads.
+
+    One worker keeps the machine's settings. With several, worker i sees GPU ``i % gpus`` alone
+    (``CUDA_VISIBLE_DEVICES``, taken from the visible list when it is set) and ``cpus // workers`` threads.
+    """
+    env = dict(os.environ if base is None else base)
+    if workers <= 1:
+        return env
+    threads = str(max(1, (os.cpu_count() or 1) // workers))
+    env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    gpus = [g for g in visible.split(",") if g.strip()] if visible is not None else [str(i) for i in range(_gpus())]
+    if gpus:
+        env["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
+    return env
+
+
+def _gpus() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # no usable CUDA: CPU workers
+        return 0
+
+
+def run_parallel(plans: Sequence[RunPlan], extra: Sequence[str] = (), workers: int = 1, verbose: bool = False,
+                 out: TextIO | None = None) -> list[SweepResult]:
+    """Run the plans ``workers`` at once, each run with its own devices and thread share (:func:`worker_env`).
+
+    Each run's progress line is printed whole when the run ends (numbered in the order of ``plans``), so lines of
+    runs that end at once do not mix. One worker runs the plans one after another, as :func:`run_sweep` does.
+    """
+    import io
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    out = out or sys.stdout
+    if workers <= 1:
+        return [run_sweep(plans, extra, out=out, verbose=verbose)]
+    slots, lock = list(range(workers)), threading.Lock()
+
+    def one(index: int, plan: RunPlan) -> SweepResult:
+        with lock:
+            slot = slots.pop()
+        buffer = io.StringIO()
+        try:
+            return run_sweep([plan], extra, out=buffer, env=worker_env(slot, workers), first=index,
+                             total=len(plans))
+        finally:
+            with lock:
+                slots.append(slot)
+                out.write(buffer.getvalue())
+                out.flush()
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(one, range(1, len(plans) + 1), plans))

@@ -35,11 +35,11 @@ from flexlora_pl.callbacks.search_trial import PRUNED_FILENAME, SEARCH_TRIAL_ENV
 from flexlora_pl.experiments import search_study
 from flexlora_pl.experiments.search_space import SearchError, SearchSpec
 from flexlora_pl.experiments.sweep_file import Run, Sweep, load_sweep
-from flexlora_pl.experiments.sweep_runner import PROGRAM, command_line, log_path, read_record
+from flexlora_pl.experiments.sweep_runner import PROGRAM, command_line, log_path, read_record, worker_env
 from flexlora_pl.figures.sensitivity import SELECTED_FILENAME, write_sensitivity
 from flexlora_pl.runs.run_folder import RunFolder, newest_trained_checkpoint
 
-__all__ = ["SELECTED_FILENAME", "TrialRun", "final_runs", "objective_value", "prepare_search", "run_final",
+__all__ = ["SELECTED_FILENAME", "TrialRun", "final_runs", "objective_value", "prepare_search",
            "run_search", "select", "trial_run", "work", "worker_env"]
 
 _WORKER_SPEC = "search_workers.json"
@@ -104,33 +104,6 @@ def objective_value(record: Mapping[str, Any], spec: SearchSpec, where: str) -> 
     if spec.rule == "last":
         return values[-1]
     return max(values) if spec.direction == "maximize" else min(values)
-
-
-def worker_env(index: int, workers: int, base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment of worker ``index`` of ``workers``: its own GPU where there are GPUs, its share of CPU threads.
-
-    One worker keeps the machine's settings. With several, worker i sees GPU ``i % gpus`` alone
-    (``CUDA_VISIBLE_DEVICES``, taken from the visible list when it is set) and ``cpus // workers`` threads.
-    """
-    env = dict(os.environ if base is None else base)
-    if workers <= 1:
-        return env
-    threads = str(max(1, (os.cpu_count() or 1) // workers))
-    env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
-    visible = env.get("CUDA_VISIBLE_DEVICES")
-    gpus = [g for g in visible.split(",") if g.strip()] if visible is not None else [str(i) for i in range(_gpus())]
-    if gpus:
-        env["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
-    return env
-
-
-def _gpus() -> int:
-    try:
-        import torch
-
-        return torch.cuda.device_count()
-    except Exception:  # no usable CUDA: CPU workers
-        return 0
 
 
 def _die_with_parent() -> None:
@@ -356,27 +329,6 @@ def final_runs(sweep: Sweep, chosen: Mapping[tuple[str, str], Mapping[str, Any]]
         values = {flag.lstrip("-"): value for flag, value in params.items()}
         runs.append(replace(run, args=(*run.args, *spec.trial_args(run.method, values))))
     return runs
-
-
-def run_final(plans: Sequence[Any], extra: Sequence[str] = (), workers: int = 1, verbose: bool = False) -> list[Any]:
-    """Run the final stage's plans, ``workers`` at once (each with its own devices and thread share)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from flexlora_pl.experiments.sweep_runner import run_sweep
-
-    if workers <= 1:
-        return [run_sweep(plans, extra, verbose=verbose)]
-    slots = list(range(workers))
-
-    def one(plan: Any) -> Any:
-        slot = slots.pop()
-        try:
-            return run_sweep([plan], extra, env=worker_env(slot, workers))
-        finally:
-            slots.append(slot)
-
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(one, plans))
 
 
 if __name__ == "__main__":

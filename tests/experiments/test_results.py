@@ -8,13 +8,11 @@ import json
 from pathlib import Path
 
 import pytest
-from tiny_sweep import run_tiny_sweep
 
 from flexlora_pl.cli.results import main as results_main
 from flexlora_pl.data.commonsense import COMMONSENSE_SETS
 from flexlora_pl.experiments.paper import PAPER_TABLES, check_table
 from flexlora_pl.experiments.results import MixedMetricsError, collect, load_runs, results_tables
-from flexlora_pl.experiments.sweep_file import load_sweep
 
 
 def write_run(root: Path, task: str, method: str, seed: int, *, status: str = "finished", best: float | None = None,
@@ -189,22 +187,6 @@ def test_paper_cells_are_printed_under_the_measured_rows_and_the_csv_is_written(
     rows = list(csv.DictReader(out_csv.open()))
     assert rows[0]["row"] == "lora" and float(rows[0]["glue_rte mean"]) == pytest.approx(81.0)
     assert rows[0]["glue_rte n"] == "2/2"
-
-
-def test_results_of_the_real_tiny_sweep(tmp_path_factory, tiny_glue_root):
-    sweep = run_tiny_sweep(tmp_path_factory, tiny_glue_root)
-    assert collect(sweep["runs"])[0].columns == ["a", "b"]  # the broken task left no folder
-    tables = collect(sweep["runs"], sweep=load_sweep(sweep["grid2"]))  # its sweep file knows it
-    table = tables[0]
-    assert table.columns == ["a", "b", "broken"] and list(table.rows) == ["lora", "flexlora"]
-    texts = cells(table)
-    for method in ("flexlora", "lora"):
-        for task in ("a", "b"):
-            assert texts[method][task].endswith(" (2)"), texts
-    assert texts["flexlora"]["broken"] == "– (0/2, 2 missing)"  # the broken run left no folder: missing
-    cost = next(t for t in tables if t.title.startswith("cost"))
-    assert set(cost.derived_values) == {"grid flexlora", "grid lora"}
-    assert int(cost.derived_values["grid lora"]["active"].replace(",", "")) > 0
 
 
 def _allocation(folder: Path, **summary) -> None:

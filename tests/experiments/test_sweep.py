@@ -11,6 +11,7 @@ import pytest
 from tiny_sweep import run_tiny_sweep
 
 from flexlora_pl.cli.sweep import main as sweep_main
+from flexlora_pl.experiments.results import collect
 from flexlora_pl.experiments.sweep_file import SweepError, load_sweep, parse_sweep
 from flexlora_pl.experiments.sweep_runner import BROKEN, DONE, NEW, RESUME, TEST, plan_run
 
@@ -49,7 +50,10 @@ def test_a_second_sweep_skips_finished_runs(tiny_sweep):
     code, out = tiny_sweep["third"]
     assert code == 0, out
     assert "0 ran, 8 skipped, 0 failed" in out
-    assert out.count("finished, skipped") == 8
+    lines = [line for line in out.splitlines() if line.startswith("[")]
+    assert len(lines) == 8 and all("finished, skipped" in line for line in lines)
+    assert sorted(int(line[1:line.index("/")]) for line in lines) == list(range(1, 9))  # numbered across workers
+    assert all(line.split("]")[0].endswith("/8") for line in lines)
 
 
 def test_an_interrupted_run_resumes_and_a_failed_run_does_not_stop_the_sweep(tiny_sweep):
@@ -177,3 +181,21 @@ def test_commonsense_method_overrides_depend_on_the_rank_budget(monkeypatch):
     assert {r.task: r.configs[-1] for r in runs} == {
         "llama3_8b_r8": "configs/methods/lora.yaml", "llama3_8b_r32": "configs/commonsense/overrides/lora_r32.yaml"}
     assert all(r.test == "last" for r in runs)
+
+
+# ------------------------------------------------------------------------------ its results
+def test_results_of_the_real_tiny_sweep(tiny_sweep):
+    sweep = tiny_sweep
+    assert collect(sweep["runs"])[0].columns == ["a", "b"]  # the broken task left no folder
+    tables = collect(sweep["runs"], sweep=load_sweep(sweep["grid2"]))  # its sweep file knows it
+    table = tables[0]
+    assert table.columns == ["a", "b", "broken"] and list(table.rows) == ["lora", "flexlora"]
+    texts = {row: {column: cell.text(100.0, 1) for column, cell in columns.items()}
+             for row, columns in table.rows.items()}
+    for method in ("flexlora", "lora"):
+        for task in ("a", "b"):
+            assert texts[method][task].endswith(" (2)"), texts
+    assert texts["flexlora"]["broken"] == "– (0/2, 2 missing)"  # the broken run left no folder: missing
+    cost = next(t for t in tables if t.title.startswith("cost"))
+    assert set(cost.derived_values) == {"grid flexlora", "grid lora"}
+    assert int(cost.derived_values["grid lora"]["active"].replace(",", "")) > 0

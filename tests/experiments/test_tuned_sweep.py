@@ -109,8 +109,27 @@ def test_running_it_again_runs_nothing_new(tuned):
     again, out = invoke_sweep(str(root / "tuned.yaml"))
     assert again == 0, out
     assert "final tuned: 0 ran, 4 skipped, 0 failed" in out
+    searched, out = invoke_sweep(str(root / "tuned.yaml"), "--stage", "search")  # the studies, then selection
+    assert searched == 0 and "selected a/lora: lr=" in out and "final tuned" not in out, out
     study = optuna.load_study(study_name="tuned/a/lora", storage=f"sqlite:///{folder.resolve()}/optuna.db")
     assert len(study.get_trials()) == 4
+
+
+def test_print_gives_both_stages_for_any_scheduler(tuned, tmp_path, tiny_glue_root):
+    root, folder, code, _ = tuned
+    assert code == 0
+    printed, out = invoke_sweep(str(root / "tuned.yaml"), "--print", "--workers", "2")
+    assert printed == 0
+    storage = f"sqlite:///{folder.resolve()}/optuna.db"
+    assert out.splitlines() == [f"flexlora-sweep {root / 'tuned.yaml'} --storage {storage} --stage search"] * 2
+    # a sweep not yet searched: the worker lines, then the line that selects and runs the finals; nothing runs
+    fresh = _bad_sweep(tmp_path, tiny_glue_root, {"sampler": "grid",
+                                                  "params": {LR: {"low": 1.0e-3, "high": 1.0e-2, "steps": 2}}})
+    printed, out = invoke_sweep(fresh, "--print", "--", "--trainer.max_epochs", "1")
+    lines = out.splitlines()
+    assert printed == 0 and len(lines) == 2 and lines[0].endswith("--stage search -- --trainer.max_epochs 1")
+    assert lines[1].endswith("--stage final -- --trainer.max_epochs 1")
+    assert not (tmp_path / "runs").exists()
 
 
 def _bad_sweep(tmp_path, tiny_glue_root, search: dict, **top) -> str:
@@ -128,6 +147,9 @@ def _bad_sweep(tmp_path, tiny_glue_root, search: dict, **top) -> str:
     ({"sampler": "grid", "params": {LR: {"low": 1.0e-3, "high": 1.0e-2, "log": True, "steps": 2}}},
      ["--storage", "postgresql://nobody@localhost:1/none"], r"--storage .* cannot be opened"),
     ({"trials": 2, "params": {LR: {"low": 0.0, "high": 1.0e-2, "log": True}}}, [], r"log range needs bounds > 0"),
+    ({"sampler": "grid", "objective": "val/f2", "params": {LR: {"low": 1.0e-3, "high": 1.0e-2, "steps": 2}}}, [],
+     r"search\.objective 'val/f2' is not logged by task a: FlexLoRASequenceClassifier logs val/score, val/loss, "
+     r"val/accuracy, val/f1 at each validation"),
 ])
 def test_bad_tuned_sweeps_stop_before_any_run_folder_exists(tmp_path, tiny_glue_root, capsys, search, args, message):
     with pytest.raises(SystemExit) as stop:

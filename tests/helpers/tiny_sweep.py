@@ -76,6 +76,6 @@ def run_tiny_sweep(tmp_path_factory, tiny_glue_root) -> dict:
     # the broken task fails first, then a.flexlora.seed1 resumes (to 2 epochs) and b.flexlora.seed1 is tested
     state["second"] = invoke_sweep(str(grid2), "--methods", "flexlora", "--seeds", "1", "--",
                                    "--trainer.max_epochs", "2")
-    state["third"] = invoke_sweep(str(grid))
+    state["third"] = invoke_sweep(str(grid), "--workers", "2")  # a finished grid, through the parallel runner
     _CACHE["sweep"] = state
     return state
