@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -155,6 +156,11 @@ def claim_trial(study: Any, budget: int, spec: SearchSpec, method: str, grace_s:
 
     Queued trials (grid points, retries) come first; a TPE or random search samples a new one otherwise.
     """
+    with _claim_lock(study):
+        return _claim(study, budget, spec, method, grace_s)
+
+
+def _claim(study: Any, budget: int, spec: SearchSpec, method: str, grace_s: float) -> Any | None:
     from optuna.trial import TrialState
 
     fail_stale_trials(study, grace_s)
@@ -175,6 +181,37 @@ def claim_trial(study: Any, budget: int, spec: SearchSpec, method: str, grace_s:
             study.enqueue_trial(dict(trial.params), user_attrs=None if retry is None else {RETRY_ATTR: retry})
         return None
     return trial
+
+
+@contextmanager
+def _claim_lock(study: Any) -> Iterator[None]:
+    """Serialise claims of workers that share a SQLite study: SQLite has no row locks, so two workers that take a
+    queued trial at the same moment could both start it (a database server locks the row; a journal file orders
+    its writes). The lock is a file beside the database, for the processes of one machine (SQLite's only safe use).
+    """
+    backend = getattr(study._storage, "_backend", study._storage)
+    url = str(getattr(backend, "url", ""))
+    if not url.startswith("sqlite:///") or sys.platform == "win32":
+        yield
+        return
+    import fcntl
+
+    with open(url[len("sqlite:///"):] + ".claims.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _running(study: Any, trial: Any) -> bool:
+    """Whether ``trial`` still runs (``False`` once it was finished, e.g. failed as stale by another worker)."""
+    from optuna.trial import TrialState
+
+    try:
+        return study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING
+    except Exception:  # the storage cannot be read just now: treat the trial as running, as before
+        return True
 
 
 def hold_trial(trial: Any, lease_s: float) -> bool:
@@ -224,8 +261,9 @@ def heartbeat(trial: Any, interval_s: float) -> Iterator[None]:
         while not stop.wait(interval_s):
             try:
                 trial.set_user_attr(HEARTBEAT_ATTR, time.time())
-            except Exception:  # the trial was finished meanwhile (failed as stale by another worker)
-                return
+            except Exception:  # finished meanwhile (failed as stale by another worker), or the storage was busy
+                if not _running(trial.study, trial):
+                    return
 
     thread = threading.Thread(target=beat, name="search-heartbeat", daemon=True)
     thread.start()
@@ -276,6 +314,10 @@ def run_trials(study: Any, budget: int, spec: SearchSpec, method: str, objective
                 study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
                 continue
             except Exception as err:
+                if not _running(study, trial):  # another worker ended it (stale): its retry runs, not this result
+                    print(f"{study.study_name}: trial {trial.number} was ended by another worker while it ran here; "
+                          "its result is not told", flush=True)
+                    continue
                 trial.set_user_attr(ERROR_ATTR, f"{type(err).__name__}: {err}"[:2000])
                 study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
                 if _errors(study) >= budget:
@@ -283,6 +325,10 @@ def run_trials(study: Any, budget: int, spec: SearchSpec, method: str, objective
                                       f"last: {type(err).__name__}: {err}); fix the cause and run the sweep again") \
                         from err
                 continue
+        if not _running(study, trial):
+            print(f"{study.study_name}: trial {trial.number} was ended by another worker while it ran here; its "
+                  "result is not told", flush=True)
+            continue
         study.tell(trial, value, skip_if_finished=True)
 
 

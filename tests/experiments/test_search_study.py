@@ -83,6 +83,43 @@ def test_a_trial_that_raises_is_failed_not_retried_and_the_study_goes_on(tmp_pat
     assert study.get_trials()[2].user_attrs["error"] == "RuntimeError: diverged"
 
 
+def test_a_trial_ended_elsewhere_while_it_ran_is_not_told_and_the_worker_goes_on(tmp_path, capsys):
+    # another worker judged trial 1 stale mid-run: it failed it and queued its retry (the worker itself lives on)
+    study, spec = _study(f"sqlite:///{tmp_path}/optuna.db", "grid")
+
+    def objective(trial):
+        if trial.number == 1:
+            study._storage.set_trial_user_attr(trial._trial_id, "error", "no heartbeat for 200 s: its worker stopped")
+            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            study.enqueue_trial(dict(trial.params), user_attrs={search_study.RETRY_ATTR: 1})
+            trial.set_user_attr("folder", "trial1")  # what the objective does last: the trial has ended
+        return 1.0
+
+    assert search_study.run_trials(study, 6, spec, "lora", objective, heartbeat_s=5, grace_s=60) == 7
+    trials = study.get_trials()
+    assert [t.state for t in trials].count(TrialState.COMPLETE) == 6 and trials[1].state == TrialState.FAIL
+    assert trials[6].user_attrs[search_study.RETRY_ATTR] == 1 and trials[6].params == trials[1].params
+    assert "trial 1 was ended by another worker while it ran here" in capsys.readouterr().out
+
+
+def test_claims_of_workers_sharing_a_sqlite_study_wait_for_each_other(tmp_path):
+    # SQLite has no row locks: two workers taking a queued trial at once could both start it, so claims take a
+    # lock file beside the database; a worker claims only once the lock is free
+    import fcntl
+
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    study, _ = _study(url, "grid")
+    with open(f"{tmp_path}/optuna.db.claims.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        worker = _worker(url, study.study_name, "grid", 0.0, 60)
+        with pytest.raises(subprocess.TimeoutExpired):
+            worker.wait(timeout=8)  # blocked on the lock: nothing claimed
+        assert not [t for t in study.get_trials() if t.state != TrialState.WAITING]
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    assert worker.wait(timeout=120) == 0
+    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE] * 6
+
+
 def test_pruned_trials_are_recorded_as_pruned_never_as_scores(tmp_path):
     study, spec = _study(f"sqlite:///{tmp_path}/optuna.db", "grid")
 
