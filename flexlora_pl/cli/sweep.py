@@ -218,6 +218,11 @@ def _tuned(sweep, options: argparse.Namespace, extra: list[str], parser: argpars
     if options.stage == "search":
         return 0
     runs = tuned.final_runs(sweep, chosen, options.tasks, options.methods, options.seeds, options.save_dir)
+    stale = tuned.trained_elsewhere(sweep, runs)
+    if stale:
+        raise SearchError("final runs trained at other values than the ones now selected (the search changed "
+                          "since):\n  " + "\n  ".join(stale)
+                          + "\nmove those folders away (nothing is deleted for you), then run the final stage again")
     plans = [plan_run(run) for run in runs]
     print(f"final {sweep.name}: {len(plans)} run(s) at the selected values", flush=True)
     if slurm_options is not None:

@@ -103,10 +103,22 @@ class Param:
             values = [float(f"{v:.6g}") for v in values]  # readable values in folder configs and tables
         return tuple(values)
 
-    def distribution(self) -> Any:
-        """The Optuna distribution of this parameter."""
+    def distribution(self, grid: bool = False) -> Any:
+        """The Optuna distribution of this parameter.
+
+        Args:
+            grid: for a grid search, whose trials all come from the queue: a range of ``steps`` values is then the
+                range that holds them (not a choice among them), so a grid widened later, in the same study, is
+                still the same parameter to Optuna.
+        """
         from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
+        if grid and not self.choices and self.steps is not None:
+            values = self.grid()
+            low, high = min(self.low, values[0]), max(self.high, values[-1])  # type: ignore[type-var]
+            if self.integer:
+                return IntDistribution(int(low), int(high), log=self.log)
+            return FloatDistribution(float(low), float(high), log=self.log)
         if self.choices or self.steps is not None:
             return CategoricalDistribution(list(self.grid()))
         if self.integer:

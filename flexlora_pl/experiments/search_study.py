@@ -25,6 +25,7 @@ Any number of workers (processes, on one machine or many) run trials of a study 
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import sys
@@ -75,19 +76,47 @@ def open_storage(url: str) -> Any:
 
 
 def prepare_study(storage: Any, name: str, spec: SearchSpec, method: str) -> Any:
-    """Create (or load) a study; a new grid study gets every grid point queued, once, in the seed's order."""
+    """Create (or load) a study; a grid study gets every grid point it does not hold yet queued, in the seed's order.
+
+    A grid widened after a search (the edge warning's advice: one more value past the end, the same spacing) thus
+    queues only its new points: the trials already run keep their scores, and the budget is the new grid's size.
+    """
     import optuna
 
     sampler = _sampler(spec)
     study = optuna.create_study(storage=storage, study_name=name, direction=spec.direction, sampler=sampler,
                                 load_if_exists=True)
-    if spec.sampler == "grid" and not study.user_attrs.get("grid_queued"):
-        points = spec.grid_points(method)
-        random.Random(spec.seed).shuffle(points)
-        for point in points:
-            study.enqueue_trial(point)
-        study.set_user_attr("grid_queued", True)
+    if spec.sampler == "grid":
+        with _claim_lock(study):
+            held = [t.params or t.system_attrs.get("fixed_params") or {}
+                    for t in study.get_trials(deepcopy=False) if not _spent(t)]
+            points = [point for point in spec.grid_points(method) if not any(_same(point, h) for h in held)]
+            random.Random(spec.seed + len(held)).shuffle(points)
+            for point in points:
+                study.enqueue_trial(point)
     return study
+
+
+def _spent(trial: Any) -> bool:
+    """A trial that holds no grid point: given back as surplus, or failed and queued again as a retry."""
+    from optuna.trial import TrialState
+
+    return bool(trial.user_attrs.get(SURPLUS_ATTR)) or (
+        trial.state == TrialState.FAIL and str(trial.user_attrs.get(ERROR_ATTR, "")).startswith("no heartbeat"))
+
+
+def _same(point: dict[str, Any], other: dict[str, Any]) -> bool:
+    """Whether two grid points are one (floats equal to 1e-6, relative: a widened grid's old values match)."""
+    if set(point) != set(other):
+        return False
+    for key, value in point.items():
+        theirs = other[key]
+        if isinstance(value, float) and isinstance(theirs, (int, float)) and not isinstance(theirs, bool):
+            if not math.isclose(value, float(theirs), rel_tol=1e-6):
+                return False
+        elif value != theirs:
+            return False
+    return True
 
 
 def load_study(storage: Any, name: str, spec: SearchSpec) -> Any:
@@ -169,7 +198,7 @@ def _claim(study: Any, budget: int, spec: SearchSpec, method: str, grace_s: floa
     waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
     if spec.sampler == "grid" and not waiting:
         return None
-    trial = study.ask({p.name: p.distribution() for p in spec.params[method]})
+    trial = study.ask(_distributions(study, spec, method))
     trial.set_user_attr(HEARTBEAT_ATTR, time.time())
     ranked = sorted(t.number for t in counted(study))
     if trial.number not in ranked[:budget]:
@@ -181,6 +210,16 @@ def _claim(study: Any, budget: int, spec: SearchSpec, method: str, grace_s: floa
             study.enqueue_trial(dict(trial.params), user_attrs=None if retry is None else {RETRY_ATTR: retry})
         return None
     return trial
+
+
+def _distributions(study: Any, spec: SearchSpec, method: str) -> dict[str, Any]:
+    """The distributions a new trial asks with: a grid's ranges (:meth:`Param.distribution`), except where the study's
+    trials already hold a parameter as a choice among values (studies made before grids were ranges)."""
+    from optuna.distributions import CategoricalDistribution
+
+    held = {name: type(dist) for t in study.get_trials(deepcopy=False) for name, dist in t.distributions.items()}
+    return {p.name: p.distribution(spec.sampler == "grid" and held.get(p.name) is not CategoricalDistribution)
+            for p in spec.params[method]}
 
 
 @contextmanager

@@ -40,7 +40,7 @@ from flexlora_pl.figures.sensitivity import SELECTED_FILENAME, write_sensitivity
 from flexlora_pl.runs.run_folder import RunFolder, newest_trained_checkpoint
 
 __all__ = ["SELECTED_FILENAME", "TrialRun", "final_runs", "objective_value", "prepare_search",
-           "run_search", "select", "trial_run", "work", "worker_env"]
+           "run_search", "select", "trained_elsewhere", "trial_run", "work", "worker_env"]
 
 _WORKER_SPEC = "search_workers.json"
 
@@ -329,6 +329,45 @@ def final_runs(sweep: Sweep, chosen: Mapping[tuple[str, str], Mapping[str, Any]]
         values = {flag.lstrip("-"): value for flag, value in params.items()}
         runs.append(replace(run, args=(*run.args, *spec.trial_args(run.method, values))))
     return runs
+
+
+def trained_elsewhere(sweep: Sweep, runs: Sequence[Run]) -> list[str]:
+    """The final runs whose folder holds a run trained at other values than the ones now selected (a search widened
+    or re-run after its finals): their folders would be skipped or resumed as if they held the new selection.
+
+    Returns:
+        One line per such run: its folder, the values it was trained with and the selected ones.
+    """
+    import yaml
+
+    spec = _search(sweep)
+    found = []
+    for run in runs:
+        config = Path(run.folder) / "config.yaml"
+        if not config.is_file():
+            continue
+        trained = yaml.safe_load(config.read_text()) or {}
+        selected = dict(zip(run.args[-2 * len(spec.params[run.method])::2],
+                            run.args[-2 * len(spec.params[run.method]) + 1::2], strict=True))
+        for flag, value in selected.items():
+            node: Any = trained
+            for key in flag.lstrip("-").split("."):
+                node = node.get(key) if isinstance(node, Mapping) else None
+            if not _matches(node, value):
+                found.append(f"{run.folder}: trained with {flag} = {node}, selected now {value}")
+    return found
+
+
+def _matches(trained: Any, selected: str) -> bool:
+    """Whether a value read from a run's ``config.yaml`` is the flag value ``selected``."""
+    if isinstance(trained, bool):
+        return str(trained).lower() == selected
+    if str(trained) == selected:
+        return True
+    try:
+        return abs(float(trained) - float(selected)) <= 1e-9 * max(1.0, abs(float(selected)))
+    except (TypeError, ValueError):
+        return False
 
 
 if __name__ == "__main__":

@@ -120,6 +120,27 @@ def test_claims_of_workers_sharing_a_sqlite_study_wait_for_each_other(tmp_path):
     assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE] * 6
 
 
+def test_a_widened_grid_queues_only_its_new_points_and_keeps_the_trials_run(tmp_path):
+    from flexlora_pl.experiments.search_space import parse_search
+
+    url = f"sqlite:///{tmp_path}/optuna.db"
+    study, spec = _study(url, "grid")  # lr on 6 log-spaced values, 1e-4 .. 1e-2
+    assert search_study.run_trials(study, 6, spec, "lora", lambda t: 1.0, heartbeat_s=5, grace_s=60) == 6
+    # one more value past each end at the same spacing (10^0.4): 8 values, 6 of them already run
+    wider = parse_search({"sampler": "grid", "params": {"--lr": {"low": 10 ** -4.4, "high": 10 ** -1.6, "log": True,
+                                                                 "steps": 8}}}, ["lora"], ["task"])
+    study = search_study.prepare_study(search_study.open_storage(url), study.study_name, wider, "lora")
+    waiting = [t for t in study.get_trials() if t.state == TrialState.WAITING]
+    assert sorted(t.system_attrs["fixed_params"]["lr"] for t in waiting) == pytest.approx([10 ** -4.4, 10 ** -1.6], rel=1e-5)
+    assert search_study.run_trials(study, wider.trials["lora"], wider, "lora", lambda t: 2.0, heartbeat_s=5,
+                                   grace_s=60) == 2
+    trials = study.get_trials()
+    assert [t.value for t in trials] == [1.0] * 6 + [2.0] * 2
+    assert sorted(t.params["lr"] for t in trials) == pytest.approx([p["lr"] for p in wider.grid_points("lora")])
+    search_study.prepare_study(search_study.open_storage(url), study.study_name, wider, "lora")  # again: nothing new
+    assert len(study.get_trials()) == 8
+
+
 def test_pruned_trials_are_recorded_as_pruned_never_as_scores(tmp_path):
     study, spec = _study(f"sqlite:///{tmp_path}/optuna.db", "grid")
 

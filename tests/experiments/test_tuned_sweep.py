@@ -115,6 +115,24 @@ def test_running_it_again_runs_nothing_new(tuned):
     assert len(study.get_trials()) == 4
 
 
+def test_a_final_run_trained_at_other_values_than_the_selection_stops_the_final_stage(tuned, capsys):
+    root, folder, code, _ = tuned
+    assert code == 0
+    config = folder / "a" / "lora" / "seed1" / "config.yaml"
+    text = config.read_text()
+    trained = yaml.safe_load(text)
+    trained["model"]["init_args"]["optimizer"]["init_args"]["lr"] = 0.5  # as if the search had selected 0.5 before
+    config.write_text(yaml.safe_dump(trained))
+    try:
+        with pytest.raises(SystemExit) as stop:
+            invoke_sweep(str(root / "tuned.yaml"), "--stage", "final")
+    finally:
+        config.write_text(text)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{config.parent}: trained with {LR} = 0.5, selected now" in err and "move those folders away" in err
+
+
 def test_print_gives_both_stages_for_any_scheduler(tuned, tmp_path, tiny_glue_root):
     root, folder, code, _ = tuned
     assert code == 0
