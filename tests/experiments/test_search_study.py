@@ -131,7 +131,8 @@ def test_a_widened_grid_queues_only_its_new_points_and_keeps_the_trials_run(tmp_
                                                                  "steps": 8}}}, ["lora"], ["task"])
     study = search_study.prepare_study(search_study.open_storage(url), study.study_name, wider, "lora")
     waiting = [t for t in study.get_trials() if t.state == TrialState.WAITING]
-    assert sorted(t.system_attrs["fixed_params"]["lr"] for t in waiting) == pytest.approx([10 ** -4.4, 10 ** -1.6], rel=1e-5)
+    new = sorted(t.system_attrs["fixed_params"]["lr"] for t in waiting)
+    assert new == pytest.approx([10 ** -4.4, 10 ** -1.6], rel=1e-5)
     assert search_study.run_trials(study, wider.trials["lora"], wider, "lora", lambda t: 2.0, heartbeat_s=5,
                                    grace_s=60) == 2
     trials = study.get_trials()
