@@ -7,7 +7,9 @@ Two kinds of figure, both read from what every run leaves in its folder:
 - ``<sweep>_<method>_seed<k>.png``: the modules × events rank heat-map of one run (``rank_pattern.json``), drawn
   with :func:`flexlora_pl.figures.heatmap_figure`, as TensorBoard shows it;
 - ``<sweep>_validation.png``: validation accuracy against the optimizer step for each method of a sweep, the
-  mean over its seeds with the seeds' range shaded (``metrics.json``: ``fit.history``).
+  mean over its seeds with the seeds' range shaded (``metrics.json``: ``fit.history``);
+- ``<sweep>_sensitivity.png``: a tuned sweep's search score against the learning rate, one line per method
+  (``selected.json``), drawn with :func:`flexlora_pl.figures.write_sensitivity`.
 
 A figure whose runs are missing is skipped with a message, so the script can be pointed at a partial sweep.
 """
@@ -25,7 +27,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from flexlora_pl.figures import heatmap_figure
+from flexlora_pl.figures import heatmap_figure, write_sensitivity
 
 HERE = Path(__file__).parent
 TASK = "tweets"
@@ -41,6 +43,8 @@ HEATMAPS = [
 # sweep -> the methods whose validation curves are drawn, in legend order
 CURVES = {"offline_longer": ["lora", "adalora", "static", "flexlora", "flexlora_warm", "b0_12", "delta_t_5",
                              "late_window"]}
+# tuned sweeps whose sensitivity figure docs/results.md shows
+SENSITIVITY = ["offline_tuned"]
 
 
 def draw_heatmap(run: Path, out: Path, title: str) -> bool:
@@ -113,6 +117,12 @@ def main(argv: list[str] | None = None) -> None:
                      title=f"{method}, {sweep} (seed {seed})")
     for sweep, methods in CURVES.items():
         draw_curves(args.runs / sweep, methods, args.out / f"{sweep}_validation.png")
+    for sweep in SENSITIVITY:
+        task = args.runs / sweep / TASK
+        if not list(task.glob("*/selected.json")):
+            print(f"skipped {sweep}_sensitivity.png: no selected.json under {task} (run its search first)")
+            continue
+        print(f"wrote {write_sensitivity(task, args.out / f'{sweep}_sensitivity.png')}")
 
 
 if __name__ == "__main__":
