@@ -40,5 +40,19 @@ def test_figures_are_drawn_from_run_folders_and_missing_runs_are_named(tmp_path,
     drawn = sorted(p.name for p in out.iterdir())
     assert drawn == ["offline_longer_flexlora_seed0.png", "offline_longer_validation.png"]
     assert "no finished seeds of 'lora'" in printed and "b0_12/seed0/rank_pattern.json does not exist" in printed
+    assert "skipped offline_tuned_sensitivity.png: no selected.json" in printed
     width, height = Image.open(out / "offline_longer_validation.png").size
     assert width >= 700 and height >= 400
+
+
+def test_the_sensitivity_figure_is_drawn_from_a_tuned_sweep_s_selections(tmp_path):
+    lr = "--model.init_args.optimizer.init_args.lr"
+    for method, best in (("lora", 0.6), ("flexlora", 0.7)):
+        folder = tmp_path / "runs" / "offline_tuned" / "tweets" / method
+        folder.mkdir(parents=True)
+        (folder / "selected.json").write_text(json.dumps({
+            "objective": "val/score", "direction": "maximize", "params": {lr: 1e-2}, "value": best,
+            "ranges": {lr: "[0.001, 0.01] (log, 2 values)"}, "curve": [[[1e-3], best - 0.1], [[1e-2], best]]}))
+    out = tmp_path / "figures"
+    _draw().main([str(tmp_path / "runs"), "--out", str(out)])
+    assert Image.open(out / "offline_tuned_sensitivity.png").size[0] >= 500
