@@ -283,6 +283,19 @@ class FlexLoRAModule(LightningModule):
         if self._rng_to_restore is not None:
             restore_rng_states(self._rng_to_restore)
             self._rng_to_restore = None
+        self.method.before_training_batch(self.backbone)
+
+    @override
+    def on_validation_start(self) -> None:
+        self.method.on_evaluation(self.backbone)
+
+    @override
+    def on_test_start(self) -> None:
+        self.method.on_evaluation(self.backbone)
+
+    @override
+    def on_predict_start(self) -> None:
+        self.method.on_evaluation(self.backbone)
 
     @override
     def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -330,11 +343,15 @@ class FlexLoRAModule(LightningModule):
 
     @override
     def configure_optimizers(self) -> Any:
-        groups = [{"params": self.adapter_parameters(), "name": "adapter"}]
+        groups = [dict(group) for group in self.method.optimizer_groups(self.backbone) if group["params"]]
         saved = self.saved_module_parameters()
         if saved:
             groups.append({"params": saved, "name": "modules_to_save"})
+        scales = [float(group.pop("lr_scale", 1.0)) for group in groups]
         optimizer = self.optimizer_factory(groups)
+        for group, scale in zip(optimizer.param_groups, scales, strict=True):
+            if scale != 1.0:  # before the scheduler is built, so that its initial_lr is the scaled rate
+                group["lr"] *= scale
         if self.lr_scheduler_factory is None:
             return optimizer
         kwargs = {}

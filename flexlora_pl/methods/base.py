@@ -107,6 +107,28 @@ class AdaptationMethod(ABC):
     def adapter_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         """The adapter parameters of the adapted ``model`` (the optimizer's ``adapter`` group)."""
 
+    def optimizer_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups of the adapted ``model``'s adapter parameters, in a fixed order.
+
+        Each group is a dict with ``params``, a ``name`` (what ``LearningRateMonitor`` labels by) and optionally
+        ``lr_scale``: the group's learning rate is the optimizer's times ``lr_scale`` (LoRA+ trains ``B`` at a
+        multiple of ``A``'s rate). Default: one group ``adapter`` with :meth:`adapter_parameters`. The module adds
+        the ``modules_to_save`` group after these. Together the groups hold :meth:`adapter_parameters`, each once.
+        """
+        return [{"params": self.adapter_parameters(model), "name": "adapter"}]
+
+    def before_training_batch(self, model: nn.Module) -> None:
+        """Called before every training batch's forward pass, after a resumed run's RNG states are restored.
+
+        Default: nothing. A method that draws something per batch (DyLoRA samples its rank) draws it here from
+        the global RNG, which checkpoints restore, so a resumed run draws what the uninterrupted one did.
+        """
+        return None
+
+    def on_evaluation(self, model: nn.Module) -> None:
+        """Called before validation, test and prediction (DyLoRA evaluates at its ``eval_rank``); default nothing."""
+        return None
+
     def regularizer(self, model: nn.Module) -> torch.Tensor | None:
         """The unweighted regulariser R of the adapted ``model`` (``None``: the method has none)."""
         return None
