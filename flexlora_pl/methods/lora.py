@@ -36,6 +36,7 @@ from torch import nn
 from flexlora_pl.core.inject import match_target
 from flexlora_pl.core.layer import FlexLoRALinear
 from flexlora_pl.methods.base import AdaptationMethod, register_method
+from flexlora_pl.methods.loraplus import check_loraplus_ratio, loraplus_groups
 from flexlora_pl.methods.rank_pattern import OPTION, load_rank_pattern
 
 __all__ = ["LoRA", "PeftAdapterMethod", "drop_peft_tuner", "pattern_key_clash", "peft_tuner", "peft_tuner_layers"]
@@ -103,6 +104,10 @@ class PeftAdapterMethod(AdaptationMethod):
     def layer_parameters(self, layer: nn.Module) -> list[nn.Parameter]:
         """The trained adapter parameters of one injected peft ``layer``."""
         raise NotImplementedError
+
+    def layer_b_parameters(self, layer: nn.Module) -> list[nn.Parameter]:
+        """The ``B`` factors (d_out × r) among :meth:`layer_parameters`: what LoRA+ trains at its higher rate."""
+        return [layer.lora_B[ADAPTER_NAME].weight]
 
     def layer_rank(self, layer: nn.Module) -> int:
         """The active rank of one injected peft ``layer``."""
@@ -187,6 +192,11 @@ class PeftAdapterMethod(AdaptationMethod):
 
     def adapter_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         return [p for _, layer in self.layers(model) for p in self.layer_parameters(layer)]
+
+    def optimizer_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """One ``adapter`` group, or with ``loraplus_ratio`` set the two groups of LoRA+ (:mod:`.loraplus`)."""
+        b_factors = [p for _, layer in self.layers(model) for p in self.layer_b_parameters(layer)]
+        return loraplus_groups(self.adapter_parameters(model), b_factors, getattr(self, "loraplus_ratio", None))
 
     def rank_pattern(self, model: nn.Module) -> dict[str, int]:
         return {name: self.layer_rank(layer) for name, layer in self.layers(model)}
@@ -302,6 +312,8 @@ class LoRA(PeftAdapterMethod):
             at the end of a fit), of a run folder holding one, or a mapping module name -> rank; names as in the
             file (``backbone.<path>``) or relative to the backbone. ``None``: rank ``r`` everywhere. The value
             ``required`` (what ``configs/methods/lora_fixed_pattern.yaml`` sets) is refused, asking for a path.
+        loraplus_ratio: LoRA+ (:mod:`flexlora_pl.methods.loraplus`): train every ``B`` factor at this multiple of
+            the learning rate of ``A`` (its authors suggest 16); ``None``: one learning rate for both.
     """
 
     name = "lora"
@@ -310,11 +322,13 @@ class LoRA(PeftAdapterMethod):
     peft_fields: ClassVar[dict[str, str]] = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout"}
 
     def __init__(self, target_modules: Sequence[str] | None = None, r: int = 8, alpha: float = 16.0,
-                 dropout: float = 0.0, rank_pattern: str | dict[str, int] | None = None) -> None:
+                 dropout: float = 0.0, rank_pattern: str | dict[str, int] | None = None,
+                 loraplus_ratio: float | None = None) -> None:
         super().__init__(target_modules, alpha, dropout, orth_reg_weight=0.0)
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"LoRA: r must be an integer >= 1, got {r!r}")
+            raise ValueError(f"{type(self).__name__}: r must be an integer >= 1, got {r!r}")
         self.r = r
+        self.loraplus_ratio = check_loraplus_ratio(loraplus_ratio, type(self).__name__)
         # the argument as given (what the config and checkpoints record; the name `rank_pattern` is a method's)
         self.pattern_source = dict(rank_pattern) if isinstance(rank_pattern, Mapping) else (
             os.fspath(rank_pattern) if rank_pattern is not None else None)
@@ -374,7 +388,10 @@ class LoRA(PeftAdapterMethod):
                                f"scales than the pattern of {self.fixed_pattern.source} gives them")
 
     def facts(self) -> dict[str, Any]:
-        return self.fixed_pattern.facts() if self.fixed_pattern is not None else {}
+        facts = self.fixed_pattern.facts() if self.fixed_pattern is not None else {}
+        if self.loraplus_ratio is not None:
+            facts["loraplus_ratio"] = self.loraplus_ratio
+        return facts
 
     def as_config(self) -> dict[str, Any]:
         config = super().as_config()
