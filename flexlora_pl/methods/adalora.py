@@ -53,6 +53,7 @@ from flexlora_pl.core.allocator import AllocationEvent, AllocationSettings
 from flexlora_pl.core.checks import require_int
 from flexlora_pl.methods.base import AllocationDriver, StepContext, register_method
 from flexlora_pl.methods.lora import ADAPTER_NAME, PeftAdapterMethod, peft_tuner
+from flexlora_pl.methods.loraplus import check_loraplus_ratio
 
 __all__ = ["AdaLoRA", "AdaLoRAAllocation"]
 
@@ -77,6 +78,8 @@ class AdaLoRA(PeftAdapterMethod):
         orth_reg_weight: γ, the weight of the orthogonality regulariser in the loss (paper: 0.1).
         beta1: EMA coefficient of the sensitivity Ī (peft's ``beta1``).
         beta2: EMA coefficient of the uncertainty Ū (peft's ``beta2``).
+        loraplus_ratio: LoRA+'s rule (:mod:`flexlora_pl.methods.loraplus`) on the SVD form: the output factor ``P``
+            (peft's ``lora_B``) at this multiple of the learning rate of ``λ`` and ``Q``; ``None``: one rate.
     """
 
     name = "adalora"
@@ -88,8 +91,9 @@ class AdaLoRA(PeftAdapterMethod):
 
     def __init__(self, target_modules: Sequence[str] | None = None, init_rank: int = 12, target_rank: int = 8,
                  alpha: float = 16.0, dropout: float = 0.0, orth_reg_weight: float = 0.1, beta1: float = 0.85,
-                 beta2: float = 0.85) -> None:
+                 beta2: float = 0.85, loraplus_ratio: float | None = None) -> None:
         super().__init__(target_modules, alpha, dropout, orth_reg_weight=orth_reg_weight)
+        self.loraplus_ratio = check_loraplus_ratio(loraplus_ratio, "AdaLoRA")
         require_int("init_rank", init_rank, 1, owner="AdaLoRA")
         require_int("target_rank", target_rank, 1, owner="AdaLoRA")
         if target_rank >= init_rank:
@@ -143,6 +147,9 @@ class AdaLoRA(PeftAdapterMethod):
 
     def layer_parameters(self, layer: nn.Module) -> list[nn.Parameter]:
         return [layer.lora_A[ADAPTER_NAME], layer.lora_E[ADAPTER_NAME], layer.lora_B[ADAPTER_NAME]]
+
+    def layer_b_parameters(self, layer: nn.Module) -> list[nn.Parameter]:
+        return [layer.lora_B[ADAPTER_NAME]]
 
     def layer_rank(self, layer: nn.Module) -> int:
         return int(layer.rank_mask.sum())

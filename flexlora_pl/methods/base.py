@@ -151,8 +151,10 @@ class AdaptationMethod(ABC):
 
     def facts(self) -> dict[str, Any]:
         """What ``metrics.json`` records of this method's set-up besides its name and counts (``run.method_facts``;
-        default: nothing). Plain JSON values: LoRA's fixed rank pattern records its source file and its ranks."""
-        return {}
+        default: the LoRA+ ratio when the method has one set). Plain JSON values: LoRA's fixed rank pattern records
+        its source file and its ranks."""
+        ratio = getattr(self, "loraplus_ratio", None)
+        return {"loraplus_ratio": ratio} if ratio is not None else {}
 
     def matrix_shapes(self, model: nn.Module) -> dict[str, int]:
         """Parameters per direction (``d_in + d_out``, plus one for a singular value) of every adapted matrix."""

@@ -38,6 +38,7 @@ from flexlora_pl.core.layer import FlexLoRALinear
 from flexlora_pl.core.orthogonality import ORTH_REG_FORMS, FactorBatch, group_by_shape, orthogonality_penalty
 from flexlora_pl.methods.base import AdaptationMethod, AllocationDriver, StepContext, module_tensors, register_method
 from flexlora_pl.methods.lora import pattern_key_clash
+from flexlora_pl.methods.loraplus import check_loraplus_ratio, loraplus_groups
 
 __all__ = ["FlexLoRA", "FlexLoRAAllocation", "dropout_probability"]
 
@@ -59,14 +60,17 @@ class FlexLoRA(AdaptationMethod):
             ``plain``, the authors' code's: unsquared Frobenius norms averaged over the factor matrices
             (2 per module): half the weight per module, and a gradient of the same size however close
             to orthogonal the factors already are.
+        loraplus_ratio: LoRA+'s rule (:mod:`flexlora_pl.methods.loraplus`) on the SVD form: the output factor ``P``
+            (LoRA's ``B``) at this multiple of the learning rate of ``λ`` and ``Q``; ``None``: one rate for all.
     """
 
     name = "flexlora"
 
     def __init__(self, target_modules: Sequence[str] | None = None, init_rank: int = 8, max_rank: int = 12,
                  alpha: float = 16.0, dropout: float = 0.0, orth_reg_weight: float = 0.1,
-                 orth_reg_form: str = "squared") -> None:
+                 orth_reg_form: str = "squared", loraplus_ratio: float | None = None) -> None:
         super().__init__(target_modules, alpha, dropout, orth_reg_weight=orth_reg_weight)
+        self.loraplus_ratio = check_loraplus_ratio(loraplus_ratio, "FlexLoRA")
         if max_rank < init_rank:
             raise ValueError(f"max_rank ({max_rank}) must be >= init_rank ({init_rank}): the capacity r_max holds "
                              "the initial directions plus room to expand")
@@ -85,6 +89,10 @@ class FlexLoRA(AdaptationMethod):
 
     def adapter_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         return [p for _, layer in flexlora_layers(model) for p in (layer.lora_P, layer.lora_lambda, layer.lora_Q)]
+
+    def optimizer_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        return loraplus_groups(self.adapter_parameters(model), [layer.lora_P for _, layer in flexlora_layers(model)],
+                               self.loraplus_ratio)
 
     def regularizer(self, model: nn.Module) -> torch.Tensor:
         plan = self._plans.get(id(model))

@@ -388,10 +388,7 @@ class LoRA(PeftAdapterMethod):
                                f"scales than the pattern of {self.fixed_pattern.source} gives them")
 
     def facts(self) -> dict[str, Any]:
-        facts = self.fixed_pattern.facts() if self.fixed_pattern is not None else {}
-        if self.loraplus_ratio is not None:
-            facts["loraplus_ratio"] = self.loraplus_ratio
-        return facts
+        return {**super().facts(), **(self.fixed_pattern.facts() if self.fixed_pattern is not None else {})}
 
     def as_config(self) -> dict[str, Any]:
         config = super().as_config()

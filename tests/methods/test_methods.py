@@ -374,8 +374,9 @@ def test_method_configs_compose_over_every_task_config(task, capsys):
         assert args["target_modules"] == task_method["target_modules"]
         assert args["alpha"] == task_method["alpha"]
         if name == "lora":
-            assert args["r"] == 8 and set(args) == {"target_modules", "r", "alpha", "dropout", "rank_pattern"}
+            assert args["r"] == 8 and {"target_modules", "r", "alpha", "dropout", "rank_pattern"} <= set(args)
             assert args["rank_pattern"] is None  # uniform LoRA: rank r everywhere
+            assert args["loraplus_ratio"] is None  # one learning rate unless loraplus.yaml is composed on top
         else:
             assert (args["init_rank"], args["target_rank"], args["beta1"], args["beta2"]) == (12, 8, 0.85, 0.85)
             assert args["orth_reg_weight"] == task_method["orth_reg_weight"]
