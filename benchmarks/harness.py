@@ -49,6 +49,7 @@ class Settings:
     compile_models: list[str]
     compile_backend: str
     smoke: bool
+    methods_models: list[str] = field(default_factory=list)
     json_path: str | None = None
     studies: list[str] = field(default_factory=list)
 
@@ -70,6 +71,9 @@ def parse_args(argv: list[str] | None = None, description: str = "") -> Settings
     parser.add_argument("--no-scaling", action="store_true", help="skip the scaling study")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile comparison")
     parser.add_argument("--compile-models", nargs="+", default=None, help="models of the compile study")
+    parser.add_argument("--methods-models", nargs="+", default=None,
+                        help="models of the methods study (every registered method against LoRA; default minilm, "
+                             "the demo's backbone; smoke: vit-test)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--studies", nargs="+", default=None, choices=list(STUDIES),
                         help="studies to run, in registration order (default: all). "
@@ -86,7 +90,7 @@ def parse_args(argv: list[str] | None = None, description: str = "") -> Settings
     precisions = args.precision or (["fp32", "bf16"] if device == "cuda" else ["fp32"])
     smoke = args.smoke
     models = args.models or (SMOKE_MODELS if smoke else CUDA_MODELS if device == "cuda" else DEFAULT_MODELS)
-    unknown = [m for m in models + (args.compile_models or []) if m not in MODEL_SPECS]
+    unknown = [m for m in models + (args.compile_models or []) + (args.methods_models or []) if m not in MODEL_SPECS]
     if unknown:
         parser.error(f"unknown models {unknown}; choose from {list(MODEL_SPECS)}")
     studies = [name for name in STUDIES if args.studies is None or name in args.studies]
@@ -105,6 +109,7 @@ def parse_args(argv: list[str] | None = None, description: str = "") -> Settings
         # Smoke runs check the code path; inductor's C++ compile would take most of the budget.
         compile_backend="aot_eager" if smoke else "inductor",
         smoke=smoke,
+        methods_models=args.methods_models or (["vit-test"] if smoke else ["minilm"]),
         json_path=args.json,
         studies=studies,
     )

@@ -16,8 +16,8 @@ head in full. A step is what Lightning's automatic optimisation runs for that mo
 The callback is the real one, set up by its ``setup`` and ``on_fit_start`` hooks on a stand-in Trainer that
 holds only ``global_step``, ``optimizers`` and ``loggers``. Steps between events never land on an event step;
 an event is timed on its own (:attr:`Runner.event`): the same ``on_train_batch_end`` at the next event step,
-which is everything training runs after that optimizer step. ``full`` is no registered method: every
-parameter of the plain model trained by AdamW, the loss as the model returns it.
+which is everything training runs after that optimizer step. ``full`` is the registry's full fine-tuning
+(``flexlora_pl.methods.FullFineTuning``): every backbone parameter trained, through the same module and step.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from flexlora_pl.methods import METHODS
 __all__ = ["FULL", "METHOD_NAMES", "Runner", "adapted_module", "build_runners", "describe_methods",
            "module_runner", "peak_memory", "train_step"]
 
-#: what the step study runs: ``full`` (no adapter) and the registry names of the adapter methods
+#: what the step study runs: registry names, full fine-tuning (no adapter) and the three rank methods
 FULL = "full"
 METHOD_NAMES = (FULL, "lora", "adalora", "flexlora")
 LR, WEIGHT_DECAY = 1e-4, 0.01
@@ -54,7 +54,7 @@ class Runner:
     """One method on one model: what a training step calls, and one allocation event."""
 
     method: str
-    model: nn.Module  # what is trained: the FlexLoRAModule, or the plain model for ``full``
+    model: nn.Module  # what is trained: the FlexLoRAModule
     optimizer: torch.optim.Optimizer
     loss: Callable[[Batch], torch.Tensor]  # what one step computes (``training_step``)
     objective: Callable[[Batch], torch.Tensor]  # forward + γ·R without the step's bookkeeping (to compile)
@@ -83,19 +83,6 @@ def describe_methods() -> str:
     lora, ada, flex = METHODS["lora"](), METHODS["adalora"](), METHODS["flexlora"]()
     return (f"r = {lora.r} (FlexLoRA r_init = {flex.init_rank}, r_max = {flex.max_rank}; "
             f"AdaLoRA {ada.init_rank}→{ada.target_rank})")
-
-
-def adamw(params: Iterable[Any]) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
-
-
-def build_full(model: nn.Module, settings: Settings) -> Runner:
-    model.requires_grad_(True)
-
-    def loss(batch: Batch) -> torch.Tensor:
-        return model(**batch).loss
-
-    return Runner(FULL, model, adamw(model.parameters()), loss, loss, settings.delta_t)
 
 
 def adapted_module(name: str, backbone: nn.Module, targets: list[str], modules_to_save: list[str]) -> FlexLoRAModule:
@@ -155,18 +142,27 @@ def _tensors(state: Any) -> Iterator[torch.Tensor]:
             yield from _tensors(value)
 
 
-def build_runners(spec: ModelSpec, methods: Iterable[str], settings: Settings) -> list[Runner]:
-    """One runner per method (``full`` or a registered name), each on its own copy of the same weights."""
+def build_runners(spec: ModelSpec, methods: Iterable[str], settings: Settings,
+                  refused: dict[str, str] | None = None) -> list[Runner]:
+    """One runner per registered method name, each on its own copy of the same weights.
+
+    Args:
+        refused: when given, a method that refuses the model (a ``ValueError`` while adapting: BitFit on a
+            backbone without biases) is left out and its message kept here by name; otherwise the error propagates.
+    """
     torch.manual_seed(0)
     base = spec.build()
     runners = []
     for method in methods:
         model = copy.deepcopy(base).to(settings.device).train()
-        if method == FULL:
-            runners.append(build_full(model, settings))
-        else:
+        try:
             module = adapted_module(method, model, spec.targets, spec.modules_to_save).to(settings.device)
-            runners.append(module_runner(module, settings))
+        except ValueError as err:
+            if refused is None:
+                raise
+            refused[method] = str(err)
+            continue
+        runners.append(module_runner(module, settings))
     return runners
 
 

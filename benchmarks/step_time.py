@@ -1,4 +1,4 @@
-"""Training-step time and peak memory of FlexLoRA against full fine-tuning, LoRA and AdaLoRA.
+"""Training-step time and peak memory of FlexLoRA against full fine-tuning, LoRA, AdaLoRA and every other method.
 
     python -m benchmarks.step_time                      # the full run (CPU: a few minutes)
     python -m benchmarks.step_time --smoke              # tiny configs, two steps: checks the script
@@ -14,7 +14,7 @@ What one step is
     (``flexlora_pl.methods``) with its defaults, the way a config selects it:
     ``FlexLoRAModule(backbone, target_modules, method=name, modules_to_save=[head])``.
 
-    * full      every parameter of the plain model trained (no registered method).
+    * full      ``FullFineTuning``: every backbone parameter trained (no adapter), the same module and step.
     * lora      ``LoRA``: peft's LoRA layers injected in place, r = 8, α = 16; no regulariser, fixed ranks.
     * adalora   ``AdaLoRA``: peft's AdaLoRA layers, init_rank = 12 → target_rank = 8; the loss carries
                 γ·R (``AdaLoRA.regularizer``: the factors stacked by shape, a few batched kernels; γ = 0.1),
@@ -63,6 +63,12 @@ Scaling study
     DeBERTaV3-base (72 matrices), LLaMA3-8B q/k/v/up/down (160) and all seven linears (224), LLaMA3-70B all
     linears (560). The registry's FlexLoRA adapts base weights on the meta device and only the adapter
     side gets real tensors, which is all these two pieces touch.
+
+Methods study
+    Every registered method (``flexlora_pl.methods.METHODS``: the LoRA family, DyLoRA, AdaLoRA, FlexLoRA, BitFit,
+    full fine-tuning), each with its registry defaults, interleaved with LoRA on ``--methods-models`` (default
+    ``minilm``, the demo's backbone): step time and peak memory as ratios to LoRA's in the same run. A method that
+    refuses the model (BitFit on a backbone without biases) is listed as not run, with its reason.
 
 torch.compile
     ``torch.compile`` of the objective (``compute_loss`` + γ·``orthogonality_loss``) for LoRA and FlexLoRA,

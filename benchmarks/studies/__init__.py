@@ -7,7 +7,7 @@ A study file defines ``study(settings) -> StudyResult`` decorated with
 from importlib import import_module
 
 #: the study files of this folder, in run order
-STUDY_FILES = ("step", "scaling", "torch_compile")
+STUDY_FILES = ("step", "scaling", "torch_compile", "methods")
 
 for _name in STUDY_FILES:
     import_module(f"{__name__}.{_name}")

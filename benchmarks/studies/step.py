@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+from collections.abc import Sequence
 
 import torch
 
@@ -22,10 +23,17 @@ from benchmarks.runners import METHOD_NAMES, Runner, build_runners, peak_memory,
 TIME_GOAL, MEMORY_GOAL = 1.05, 1.05  # FlexLoRA ≤ 1.05× LoRA's step time; peak ≤ 1.05× LoRA's + r_max buffers
 
 
-def benchmark_model(name: str, settings: Settings, precision: str) -> tuple[list[dict], dict]:
-    """Interleaved step times and peak memory of every method on one model; returns rows and goals."""
+def benchmark_model(name: str, settings: Settings, precision: str, methods: Sequence[str] = METHOD_NAMES,
+                    refused: dict[str, str] | None = None) -> tuple[list[dict], dict | None]:
+    """Interleaved step times and peak memory of ``methods`` (``lora`` among them) on one model.
+
+    Returns the rows and the goal check of FlexLoRA against LoRA and AdaLoRA (``None`` when ``methods`` lacks one).
+    ``refused``: as :func:`~benchmarks.runners.build_runners`' (methods that refuse this model are left out).
+    """
+    if "lora" not in methods:
+        raise ValueError(f"every ratio is to LoRA's step: methods {list(methods)} must include 'lora'")
     spec = MODEL_SPECS[name](settings.smoke)
-    runners = {r.method: r for r in build_runners(spec, METHOD_NAMES, settings)}
+    runners = {r.method: r for r in build_runners(spec, methods, settings, refused)}
     gen = torch.Generator().manual_seed(0)
     batch = {k: v.to(settings.device) for k, v in spec.batch(gen).items()}
 
@@ -62,7 +70,8 @@ def benchmark_model(name: str, settings: Settings, precision: str) -> tuple[list
     for row in rows:
         row["step_x_lora"] = paired_ratio(row["step_samples_ms"], lora["step_samples_ms"])
         row["peak_x_lora"] = row["peak_bytes"] / lora["peak_bytes"]
-    return rows, goal_check(rows, rmax_buffer_bytes(runners))
+    goals = goal_check(rows, rmax_buffer_bytes(runners)) if {"flexlora", "adalora"} <= set(runners) else None
+    return rows, goals
 
 
 def rmax_buffer_bytes(runners: dict[str, Runner]) -> int:
@@ -125,7 +134,8 @@ def step_study(settings: Settings) -> StudyResult:
         for name in settings.models:
             model_rows, goal = benchmark_model(name, settings, precision)
             rows += model_rows
-            goals.append(goal)
+            if goal is not None:
+                goals.append(goal)
     if not rows:
         return StudyResult({"results": [], "goals": []})
     rounds = {r["model"]: r["rounds"] for r in rows}

@@ -77,8 +77,11 @@ def test_methods_come_from_the_registry_and_events_only_at_event_steps():
     settings = parse_args(["--smoke", "--delta-t", "3"])
     runners = {r.method: r for r in build_runners(tiny_spec(), METHOD_NAMES, settings)}
     assert list(runners) == list(METHOD_NAMES)
-    assert not isinstance(runners["full"].model, FlexLoRAModule)
-    assert all(p.requires_grad for p in runners["full"].model.parameters())
+    full = runners["full"].model  # full fine-tuning is the registry's method too, through the same module
+    assert isinstance(full, FlexLoRAModule) and type(full.method) is METHODS["full"]
+    assert all(p.requires_grad for p in full.parameters())
+    assert sum(p.numel() for g in runners["full"].optimizer.param_groups for p in g["params"]) == \
+        sum(p.numel() for p in full.parameters())
     batch = tiny_spec().batch(torch.Generator().manual_seed(0))
     for name in ("lora", "adalora", "flexlora"):
         runner = runners[name]

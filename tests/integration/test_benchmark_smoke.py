@@ -70,7 +70,21 @@ def test_json_holds_every_figure(smoke_run: tuple[str, dict]) -> None:
     for goal in result["goals"]:
         assert {"time_vs_lora", "time_vs_adalora", "memory_budget_bytes", "time_met", "memory_met"} <= set(goal)
     assert result["memory_measure"]
-    assert result["settings"]["studies"] == ["step", "scaling", "compile"]  # every study that ships, in order
+    assert result["settings"]["studies"] == ["step", "scaling", "compile", "methods"]  # every study that ships
+
+
+def test_the_methods_study_runs_every_registered_method_against_lora(smoke_run: tuple[str, dict]) -> None:
+    from flexlora_pl.methods import METHODS
+
+    stdout, result = smoke_run
+    ran = [row["method"] for row in result["methods"]]
+    refused = [row["method"] for row in result["methods_refused"]]
+    assert ran[0] == "lora" and sorted(ran + refused) == sorted(METHODS)  # each method measured or said refused
+    for row in result["methods"]:
+        assert row["step_x_lora"] > 0 and row["peak_x_lora"] > 0 and row["trainable_params"] > 0
+    assert next(r for r in result["methods"] if r["method"] == "lora")["peak_x_lora"] == 1.0
+    rows = table_rows(stdout.split("Every registered method against LoRA", 1)[1], "| model | method | trainable")
+    assert [r[1] for r in rows] == ran
 
 
 def test_goals_say_by_how_much(smoke_run: tuple[str, dict]) -> None:
