@@ -1,4 +1,4 @@
-"""The docs match the code. Every worked example of ``docs/extending.md`` runs: the DoRA method registers and
+"""The docs match the code. Every worked example of ``docs/extending.md`` runs: the LoRA-FA method registers and
 trains through ``FlexLoRAModule``, the importance override is the one the callback's scores come from, the new
 task runs through the ``flexlora`` command, the new-direction initialisation draws what it says at an
 event without changing the output, and the new export format is selectable through ``flexlora-export``. The
@@ -41,31 +41,34 @@ def examples() -> dict:
     return namespace
 
 
-def test_the_dora_example_registers_and_trains(examples):
+def test_the_lora_fa_example_registers_and_trains_b_only(examples):
     from flexlora_pl.methods import METHODS
 
-    dora = examples["DoRA"]
-    assert METHODS["dora"] is dora
+    lora_fa = examples["LoRAFA"]
+    assert METHODS["lora_fa"] is lora_fa
     base = tiny_bert()
     inputs = {"input_ids": torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))}
     expected = base(**inputs).logits
     module = FlexLoRAModule(tiny_bert(), modules_to_save=["classifier"], init_seed=0,
-                            method=dora(["query", "value"], r=2, alpha=4.0),
+                            method=lora_fa(["query", "value"], r=2, alpha=4.0),
                             optimizer=functools.partial(torch.optim.AdamW, lr=0.05))
     module.eval()
-    assert torch.allclose(module(**inputs).logits, expected, atol=1e-5)  # DoRA starts as the identity
-    magnitudes = [p for n, p in module.named_parameters() if "lora_magnitude_vector" in n]
-    assert len(magnitudes) == 4 and all(p.requires_grad for p in magnitudes)
-    adapter = {id(p) for p in module.adapter_parameters()}
-    assert all(id(p) in adapter for p in magnitudes)  # the magnitudes are in the optimizer's adapter group
-    before = [p.detach().clone() for p in magnitudes]
+    assert torch.allclose(module(**inputs).logits, expected, atol=1e-5)  # B = 0: it starts as the identity
+    a_factors = [p for n, p in module.named_parameters() if ".lora_A." in n]
+    b_factors = [p for n, p in module.named_parameters() if ".lora_B." in n]
+    assert len(a_factors) == len(b_factors) == 4
+    assert not any(p.requires_grad for p in a_factors) and all(p.requires_grad for p in b_factors)
+    assert {id(p) for p in module.adapter_parameters()} == {id(p) for p in b_factors}  # the optimizer's adapter
+    before_a, before_b = [p.detach().clone() for p in a_factors], [p.detach().clone() for p in b_factors]
     module.train()
     optimizer = module.configure_optimizers()
-    loss = module.compute_loss({**inputs, "labels": torch.tensor([0, 1])})
-    loss.backward()
-    optimizer.step()
-    assert any(not torch.equal(a, b) for a, b in zip(before, magnitudes, strict=True))
-    assert module.method_name == "dora"
+    for _ in range(2):
+        optimizer.zero_grad()
+        module.compute_loss({**inputs, "labels": torch.tensor([0, 1])}).backward()
+        optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(before_a, a_factors, strict=True))  # A never moves
+    assert all(not torch.equal(a, b) for a, b in zip(before_b, b_factors, strict=True))
+    assert module.method_name == "lora_fa"
 
 
 def test_the_importance_override_example_scores_entropy_times_norm(examples, tmp_path, tiny_tokenizer_dir):
@@ -85,7 +88,7 @@ def test_the_importance_override_example_scores_entropy_times_norm(examples, tmp
 
 def test_every_python_block_is_covered_by_a_test():
     """A new example must come with a test: each block is one of those exercised in this file."""
-    markers = ["class DoRA", "class EntropyTimesNorm", "class FirstTokenClassifier", "def uniform_init",
+    markers = ["class LoRAFA", "class EntropyTimesNorm", "class FirstTokenClassifier", "def uniform_init",
                "def participation_ratio", "def export_ranks", "def final_ranks"]
     blocks = _python_blocks()
     assert len(blocks) == len(markers)
