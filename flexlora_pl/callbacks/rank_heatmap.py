@@ -45,7 +45,8 @@ class RankHeatmap(Callback):
 
     Needs a :class:`~flexlora_pl.RankReallocation` callback in the same Trainer; the image goes to every
     TensorBoard logger as ``flexlora/rank_heatmap``, with the modules' names on its rows and the events'
-    optimizer steps on its columns.
+    optimizer steps on its columns. A method without ranks (``full``, ``bitfit``: no adapted matrix) gets neither
+    image nor file, and one info line at the end of fitting says so.
 
     Args:
         filename: name of the JSON file written into the Trainer's log directory.
@@ -112,6 +113,10 @@ class RankHeatmap(Callback):
         """Write the final rank pattern, the per-module maxima and every event into the log directory."""
         realloc = self._reallocation(trainer)
         pattern, capacity = _ranks(pl_module)
+        if not pattern:  # no adapted matrix: an empty pattern would read as "every matrix at rank 0"
+            rank_zero_info(f"RankHeatmap: method '{getattr(pl_module, 'method_name', None)}' adapts no matrix (it has "
+                           f"no ranks): no rank heat-map and no {self.filename}")
+            return
         record: dict[str, Any] = {
             "global_step": trainer.global_step,
             "method": getattr(pl_module, "method_name", "flexlora"),

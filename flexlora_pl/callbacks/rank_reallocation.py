@@ -191,7 +191,10 @@ class RankReallocation(Callback):
             self._restored_names = None
         if self._driver is None:
             method = getattr(pl_module, "method", None)
-            rank_zero_info(f"RankReallocation: method '{getattr(method, 'name', method)}' keeps every rank fixed; "
+            rank_pattern = getattr(pl_module, "rank_pattern", None)
+            ranked = not callable(rank_pattern) or bool(rank_pattern())  # full fine-tuning, BitFit: no rank at all
+            rank_zero_info(f"RankReallocation: method '{getattr(method, 'name', method)}' "
+                           f"{'keeps every rank fixed' if ranked else 'adapts no matrix (it has no ranks)'}; "
                            "no allocation event fires in this run")
         else:
             self._total = self.resolve_total_steps(trainer)

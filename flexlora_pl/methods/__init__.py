@@ -8,6 +8,9 @@ lora      :class:`LoRA`: peft's LoRA, rank ``r`` everywhere, fixed (``configs/me
           ranks of a run's ``rank_pattern.json`` (``configs/methods/lora_fixed_pattern.yaml``)
 adalora   :class:`AdaLoRA`: peft's AdaLoRA, ``init_rank`` pruned to an average ``target_rank`` by
           sensitivity on the ``reallocation:`` schedule (``configs/methods/adalora.yaml``)
+full      :class:`FullFineTuning`: every backbone weight trained, no adapter and no rank
+          (``configs/methods/full.yaml``)
+bitfit    :class:`BitFit`: only the backbone's bias terms trained (``configs/methods/bitfit.yaml``)
 ========  ==========================================================================================
 """
 
@@ -20,8 +23,10 @@ from flexlora_pl.methods.base import (
     build_method,
     register_method,
 )
+from flexlora_pl.methods.bitfit import BitFit
 from flexlora_pl.methods.flexlora import FlexLoRA
+from flexlora_pl.methods.full import FullFineTuning
 from flexlora_pl.methods.lora import LoRA
 
-__all__ = ["METHODS", "AdaLoRA", "AdaptationMethod", "AllocationDriver", "FlexLoRA", "LoRA", "StepContext",
-           "build_method", "register_method"]
+__all__ = ["METHODS", "AdaLoRA", "AdaptationMethod", "AllocationDriver", "BitFit", "FlexLoRA", "FullFineTuning", "LoRA",
+           "StepContext", "build_method", "register_method"]

@@ -3,7 +3,8 @@
 A new method is tested by registering it: built with its defaults on a tiny BERT it must start as the base
 model (identity at wrapping time), train only its adapters and the task head, report ranks and parameter counts
 that agree with each other, rebuild from its own config, and offer an allocation driver exactly when its ranks
-can move.
+can move. A method without ranks (an empty ``rank_pattern``: it trains the model's own parameters and adds no
+adapter) trains exactly what :data:`OWN_PARAMETERS` says of it, and counts those parameters as active.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from flexlora_pl.methods import METHODS, AdaptationMethod, AllocationDriver, bui
 TARGETS = ["query", "value"]
 INPUTS = {"input_ids": torch.randint(0, 64, (4, 7), generator=torch.Generator().manual_seed(0)),
           "labels": torch.tensor([0, 1, 1, 0])}
+#: the methods without ranks -> which of the tiny BERT's own parameters (outside the head) they train
+OWN_PARAMETERS = {"full": lambda name: True, "bitfit": lambda name: name.endswith(".bias")}
 
 
 def _module(name: str) -> FlexLoRAModule:
@@ -47,9 +50,16 @@ def test_a_method_trains_its_adapters_and_the_head_only(name):
     adapters = module.adapter_parameters()
     assert adapters and all(p.requires_grad for p in adapters)
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
-    assert all(n.startswith("backbone.classifier") or "lora" in n.lower() for n in trainable), sorted(trainable)
     frozen = {n: p.detach().clone() for n, p in module.named_parameters() if not p.requires_grad}
-    assert any(".encoder.layer.0.attention.self.query." in n for n in frozen)  # the adapted base weight stays frozen
+    if name in OWN_PARAMETERS:  # no adapter: the method trains the model's own parameters
+        head = {"backbone.classifier.weight", "backbone.classifier.bias"}
+        own = {n for n, _ in module.named_parameters() if n not in head and OWN_PARAMETERS[name](n)}
+        assert head <= trainable and trainable - head == own, sorted(trainable)
+        # the adapter group holds those, the head keeps its own (modules_to_save) group
+        assert {id(p) for p in adapters} == {id(p) for n, p in module.named_parameters() if n in own}
+    else:
+        assert all(n.startswith("backbone.classifier") or "lora" in n.lower() for n in trainable), sorted(trainable)
+        assert any(".encoder.layer.0.attention.self.query." in n for n in frozen)  # the adapted base weight: frozen
     optimizer = module.configure_optimizers()
     optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
     before = [p.detach().clone() for p in adapters]
@@ -67,9 +77,13 @@ def test_a_method_trains_its_adapters_and_the_head_only(name):
 def test_a_method_reports_ranks_and_counts_that_agree(name):
     module = _module(name)
     ranks, caps = module.rank_pattern(), module.max_ranks()
-    assert len(ranks) == 2 * len(TARGETS)  # 2 layers of the tiny BERT
-    assert list(ranks) == list(caps) and all(0 < ranks[k] <= caps[k] for k in ranks)
     counts = module.parameter_counts()
+    if name in OWN_PARAMETERS:  # no adapted matrix: every trained parameter outside the head is active
+        assert ranks == caps == {}
+        assert counts["active"] == counts["allocated"] == sum(p.numel() for p in module.adapter_parameters()) > 0
+    else:
+        assert len(ranks) == 2 * len(TARGETS)  # 2 layers of the tiny BERT
+        assert list(ranks) == list(caps) and all(0 < ranks[k] <= caps[k] for k in ranks)
     assert 0 < counts["active"] <= counts["allocated"]
     assert counts["modules_to_save"] == sum(p.numel() for n, p in module.named_parameters() if "classifier" in n)
     reg = module.method.regularizer(module.backbone)
