@@ -335,11 +335,17 @@ class FlexLoRAModule(LightningModule):
                 "does, from the `reallocation:` group)."
             )
         counts = self.parameter_counts()
-        rank_zero_info(
-            f"{type(self.method).__name__}: {len(self.adapted_modules)} adapted layers, {counts['active']:,} active "
-            f"adapter parameters ({counts['allocated']:,} allocated), {counts['modules_to_save']:,} in "
-            "modules_to_save"
-        )
+        if self.adapted_modules:
+            rank_zero_info(
+                f"{type(self.method).__name__}: {len(self.adapted_modules)} adapted layers, {counts['active']:,} "
+                f"active adapter parameters ({counts['allocated']:,} allocated), {counts['modules_to_save']:,} in "
+                "modules_to_save"
+            )
+        else:  # full fine-tuning, BitFit: the method trains backbone weights themselves, no adapter
+            rank_zero_info(
+                f"{type(self.method).__name__}: no adapter; {counts['active']:,} backbone parameters trained, "
+                f"{counts['modules_to_save']:,} in modules_to_save, {counts['frozen']:,} frozen"
+            )
 
     @override
     def configure_optimizers(self) -> Any:

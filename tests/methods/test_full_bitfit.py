@@ -110,6 +110,9 @@ def test_each_method_trains_through_the_cli_records_itself_and_exports_merged_on
                     "rank_pattern.json"]
     groups = [group["name"] for group in cli.trainer.optimizers[0].param_groups]
     assert groups == ["adapter", "modules_to_save"]  # the head in its own group, as under every method
+    start = [r.getMessage() for r in caplog.records if "backbone parameters trained" in r.getMessage()]
+    assert len(start) == 1 and start[0].startswith(f"{type(cli.model.method).__name__}: no adapter; "
+                                                   f"{adapter_group:,} backbone parameters trained")
 
     tested = cli_of(run_root, name, "--ckpt_path", "last", command="test")
     ckpt = Path(tested.trainer.ckpt_path)  # the run's most trained state
