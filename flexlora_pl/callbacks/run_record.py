@@ -10,7 +10,8 @@ a sweep can tell finished runs from interrupted ones.
 
 Layout (keys that do not apply are absent)::
 
-    {"run": {"dir", "name", "version", "seed", "method", "method_facts", "config_hash", "git_commit", "versions"},
+    {"run": {"dir", "name", "version", "seed", "method", "label_names", "method_facts", "config_hash", "git_commit",
+             "versions"},
      "parameters": {"trainable", "active", "allocated", "modules_to_save", "frozen"},
      "fit": {"status", "global_step", "epoch", "wall_time_s", "peak_memory_mb",
              "final": {"step", <metric>: value, ...},
@@ -18,8 +19,9 @@ Layout (keys that do not apply are absent)::
              "history": [{"step", <metric>: value, ...}, ...],
              "allocation": {"events", "moved", "flip_flops", "flip_flop_window", "dead_ends", "dead_end_modules",
                             "new_direction_update_ratio", "final_total_rank"},
-             "holdout": {"holdout_size", "rows", "train_rows", "seed", "stratified"}},
-     "validate": {"status", "ckpt_path", "metrics", "wall_time_s", "peak_memory_mb", "holdout"},
+             "holdout": {"holdout_size", "rows", "train_rows", "seed", "stratified"},
+             "carved_validation": {"val_size", "rows", "train_rows", "seed", "stratified"}},
+     "validate": {"status", "ckpt_path", "metrics", "wall_time_s", "peak_memory_mb", "holdout", "carved_validation"},
      "test": {...same as validate...}}
 """
 
@@ -179,6 +181,7 @@ class RunRecord(Callback):
             "version": getattr(logger, "version", None),
             "seed": _seed(),
             "method": getattr(pl_module, "method_name", "flexlora"),
+            **({"label_names": list(names)} if (names := getattr(pl_module, "label_names", None)) else {}),
             **({"method_facts": facts} if facts else {}),
             "module": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
             "config_hash": self.config_hash,
@@ -199,7 +202,9 @@ class RunRecord(Callback):
             **(counts() if callable(counts) else {}),
         }
         holdout = getattr(trainer.datamodule, "holdout", None)  # validated on rows carved out of training
-        record[stage] = {**section, "holdout": holdout} if holdout is not None else section
+        carved = getattr(trainer.datamodule, "carved_validation", None)  # a validation split carved out of training
+        record[stage] = {**section, **({"holdout": holdout} if holdout is not None else {}),
+                         **({"carved_validation": carved} if carved is not None else {})}
         write_json_atomic(path, record, indent=1)  # never a half-written file
 
 

@@ -77,6 +77,8 @@ class FlexLoRACLI(LightningCLI):
                             help="Run version: 3 means version_3, a string names the folder (default for a new run: "
                                  "the next free version_<n>; with --ckpt_path last: the newest run with a checkpoint).")
         parser.link_arguments("model.init_args.model_name_or_path", "data.init_args.tokenizer_name_or_path")
+        # image folders (ImageFolderDataModule) preprocess with the timm model's own data config
+        parser.link_arguments("model.init_args.model_name", "data.init_args.model_name")
         parser.link_arguments("data.num_labels", "model.init_args.num_labels", apply_on="instantiate")
         parser.link_arguments("data.val_split_names", "model.init_args.val_split_names", apply_on="instantiate")
         parser.link_arguments("data", "model.init_args.task", compute_fn=_task_of, apply_on="instantiate")
@@ -115,6 +117,15 @@ class FlexLoRACLI(LightningCLI):
         fresh_fit = subcommand == "fit" and not self._resuming
         self.save_config_kwargs["config_filename"] = "config.yaml" if fresh_fit else (
             "config.fit-resume.yaml" if subcommand == "fit" else f"config.{subcommand}.yaml")
+
+    def after_instantiate_classes(self) -> None:
+        # Settings a data module resolves from the data (TextFilesDataModule's classes, from the training labels)
+        # go into the run's config.yaml, which is saved later from this config.
+        resolved = getattr(self.datamodule, "resolved_init_args", None)
+        data_config = self.config.get(str(self.subcommand), {}).get("data") if self.subcommand else None
+        if callable(resolved) and data_config is not None and data_config.get("init_args") is not None:
+            for key, value in resolved().items():
+                data_config.init_args[key] = value
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)

@@ -1,8 +1,10 @@
-"""One DataModule per benchmark: GLUE and offline tweet sentiment (text), VTAB-1k (images), commonsense (prompts)."""
+"""One DataModule per benchmark: GLUE and offline tweet sentiment (text), VTAB-1k (images), commonsense (prompts);
+your own text-classification files (``TextFilesDataModule``) and image folders (``ImageFolderDataModule``)."""
 
 from flexlora_pl.data.commonsense import COMMONSENSE_SETS, PROMPT_TEMPLATES, CommonsenseDataModule, PromptTemplate
 from flexlora_pl.data.digits_vtab import DigitsVTABDataModule, build_digits_vtab
 from flexlora_pl.data.glue import GLUE_TASKS, GLUEDataModule, GlueTask
+from flexlora_pl.data.image_folder import ImageFolderDataModule, ImageFolderError
 from flexlora_pl.data.resumable import ResumableDataLoader, ResumableSampler, ResumableTrainingData
 from flexlora_pl.data.text import (
     HIDDEN_LABEL,
@@ -14,6 +16,7 @@ from flexlora_pl.data.text import (
     default_tokenizer_path,
     load_data_files,
 )
+from flexlora_pl.data.text_files import TextFilesDataModule
 from flexlora_pl.data.tweets import TWEET_LABEL_NAMES, TweetSentimentDataModule
 from flexlora_pl.data.vtab import (
     IMAGENET_MEAN,
@@ -45,12 +48,15 @@ __all__ = [
     "DigitsVTABDataModule",
     "GLUEDataModule",
     "GlueTask",
+    "ImageFolderDataModule",
+    "ImageFolderError",
     "PromptTemplate",
     "RawSplit",
     "ResumableDataLoader",
     "ResumableSampler",
     "ResumableTrainingData",
     "TextClassificationDataModule",
+    "TextFilesDataModule",
     "TweetSentimentDataModule",
     "VTABDataError",
     "VTABDataModule",

@@ -58,13 +58,16 @@ class DataFileNotFoundError(FileNotFoundError, ValueError):
     """A configured data file does not exist (also a ``ValueError``: it is a configuration mistake)."""
 
 
-def load_data_files(paths: str | Sequence[str], *, split: str | None = None, encoding: str | None = None) -> Dataset:
+def load_data_files(paths: str | Sequence[str], *, split: str | None = None, encoding: str | None = None,
+                    file_format: str | None = None) -> Dataset:
     """Load CSV, TSV, JSON/JSONL or Parquet file(s) into one ``Dataset``, choosing the reader by extension.
 
     Args:
         paths: one file or several files of the same format (rows are concatenated in order).
         split: the split these files are for, named in error messages (optional).
         encoding: text encoding of CSV, TSV and JSON/JSONL files (``None``: UTF-8); Parquet ignores it.
+        file_format: read every file as ``"csv"``, ``"tsv"``, ``"json"``, ``"jsonl"`` or ``"parquet"``, whatever
+            its extension; ``None``: choose by extension.
 
     Raises:
         DataFileNotFoundError: a file does not exist.
@@ -81,6 +84,11 @@ def load_data_files(paths: str | Sequence[str], *, split: str | None = None, enc
             raise DataFileNotFoundError(f"data file{for_split} not found: {path!r}; check the path (relative "
                                         f"paths are resolved from {os.getcwd()!r})")
     extensions = {os.path.splitext(path)[1].lower() for path in files}
+    if file_format is not None:  # the format named, not the extensions
+        extensions = {"." + str(file_format).lower().lstrip(".")}
+        if not extensions <= _FILE_FORMATS.keys():
+            raise ValueError(f"file format {file_format!r} is not one of "
+                             f"{[name.lstrip('.') for name in _FILE_FORMATS]}")
     unknown = sorted(extensions - _FILE_FORMATS.keys())
     if unknown:
         raise ValueError(f"{files}: unsupported file extension(s) {unknown}; use one of {sorted(_FILE_FORMATS)}")
