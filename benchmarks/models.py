@@ -80,6 +80,30 @@ def llama_spec(hidden: int, layers: int, heads: int, kv_heads: int, ffn: int, vo
     return ModelSpec(build, batch, ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"], note=note)
 
 
+def deberta_spec(hidden: int, layers: int, heads: int, ffn: int, vocab: int, buckets: int,
+                 batch_size: int, seq_len: int) -> ModelSpec:
+    """A DeBERTaV3-shaped classifier built from its config (random weights): relative attention with shared keys,
+    ``p2c``/``c2p`` terms, log buckets; adapted on the six matrices per layer of the shipped GLUE configs."""
+    def build() -> nn.Module:
+        from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+        config = DebertaV2Config(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                                 num_attention_heads=heads, intermediate_size=ffn, max_position_embeddings=512,
+                                 relative_attention=True, position_buckets=buckets, pos_att_type=["p2c", "c2p"],
+                                 norm_rel_ebd="layer_norm", share_att_key=True, position_biased_input=False,
+                                 type_vocab_size=0, num_labels=2)
+        return DebertaV2ForSequenceClassification(config)
+
+    def batch(gen: torch.Generator) -> dict[str, torch.Tensor]:
+        ids = torch.randint(0, vocab, (batch_size, seq_len), generator=gen)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                "labels": torch.randint(0, 2, (batch_size,), generator=gen)}
+
+    targets = ["query_proj", "key_proj", "value_proj", "attention.output.dense", "intermediate.dense", "output.dense"]
+    note = f"random DeBERTaV3 d={hidden} L={layers} ffn={ffn} vocab={vocab}, {batch_size}x{seq_len}"
+    return ModelSpec(build, batch, targets, ["pooler", "classifier"], note)
+
+
 def vit_spec(name: str, batch_size: int) -> ModelSpec:
     def build() -> nn.Module:
         import timm
@@ -105,6 +129,10 @@ MODEL_SPECS: dict[str, Callable[[bool], ModelSpec]] = {
     "vit-tiny": lambda smoke: vit_spec("vit_tiny_patch16_224", 2 if smoke else 16),
     # GPU-sized: a 1B-parameter LLaMA (fp32 full fine-tuning with AdamW needs ~20 GB).
     "llama-1b": lambda smoke: llama_spec(2048, 16, 32, 8, 8192, 32000, 2 if smoke else 8, 32 if smoke else 512),
+    # DeBERTaV3-base's shapes (184M parameters, 98M of them the embedding) at a GLUE batch; and a toy of the same code.
+    "deberta-v3-base": lambda smoke: deberta_spec(768, 12, 12, 3072, 128100, 256, 2 if smoke else 32,
+                                                  32 if smoke else 128),
+    "deberta-tiny": lambda smoke: deberta_spec(32, 2, 2, 48, 128, 8, 2 if smoke else 8, 16 if smoke else 64),
 }
 DEFAULT_MODELS = ["minilm", "llama-tiny", "llama-medium", "vit-test", "vit-tiny"]
 CUDA_MODELS = [*DEFAULT_MODELS, "llama-1b"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -18,17 +18,21 @@ from benchmarks.harness import (
     timed,
 )
 from benchmarks.models import MODEL_SPECS
-from benchmarks.runners import METHOD_NAMES, Runner, build_runners, peak_memory, train_step
+from benchmarks.runners import METHOD_NAMES, Batch, Runner, build_runners, peak_memory, train_step
 
 TIME_GOAL, MEMORY_GOAL = 1.05, 1.05  # FlexLoRA ≤ 1.05× LoRA's step time; peak ≤ 1.05× LoRA's + r_max buffers
 
 
 def benchmark_model(name: str, settings: Settings, precision: str, methods: Sequence[str] = METHOD_NAMES,
-                    refused: dict[str, str] | None = None) -> tuple[list[dict], dict | None]:
+                    refused: dict[str, str] | None = None,
+                    inspect: Callable[[dict[str, Runner], Batch], None] | None = None,
+                    ) -> tuple[list[dict], dict | None]:
     """Interleaved step times and peak memory of ``methods`` (``lora`` among them) on one model.
 
     Returns the rows and the goal check of FlexLoRA against LoRA and AdaLoRA (``None`` when ``methods`` lacks one).
     ``refused``: as :func:`~benchmarks.runners.build_runners`' (methods that refuse this model are left out).
+    ``inspect``: called with the runners (by method) and the batch once the timing is done, so a caller can take
+    more steps of the same runners without building the model again.
     """
     if "lora" not in methods:
         raise ValueError(f"every ratio is to LoRA's step: methods {list(methods)} must include 'lora'")
@@ -54,6 +58,8 @@ def benchmark_model(name: str, settings: Settings, precision: str, methods: Sequ
     # since their millisecond steps are the noisiest.
     samples, rounds = interleave(steps, settings, settings.steps, settings.round_seconds, 10 * settings.steps,
                                  after_round=time_events)
+    if inspect is not None:
+        inspect(runners, batch)
 
     rows = []
     for method, runner in runners.items():
