@@ -11,6 +11,8 @@ adalora   :class:`AdaLoRA`: peft's AdaLoRA, ``init_rank`` pruned to an average `
 full      :class:`FullFineTuning`: every backbone weight trained, no adapter and no rank
           (``configs/methods/full.yaml``)
 bitfit    :class:`BitFit`: only the backbone's bias terms trained (``configs/methods/bitfit.yaml``)
+dylora    :class:`DyLoRA`: LoRA factors trained at a rank sampled from 1..r every batch, evaluated at
+          ``eval_rank`` (``configs/methods/dylora.yaml``)
 ========  ==========================================================================================
 """
 
@@ -24,9 +26,10 @@ from flexlora_pl.methods.base import (
     register_method,
 )
 from flexlora_pl.methods.bitfit import BitFit
+from flexlora_pl.methods.dylora import DyLoRA
 from flexlora_pl.methods.flexlora import FlexLoRA
 from flexlora_pl.methods.full import FullFineTuning
 from flexlora_pl.methods.lora import LoRA
 
-__all__ = ["METHODS", "AdaLoRA", "AdaptationMethod", "AllocationDriver", "BitFit", "FlexLoRA", "FullFineTuning", "LoRA",
-           "StepContext", "build_method", "register_method"]
+__all__ = ["METHODS", "AdaLoRA", "AdaptationMethod", "AllocationDriver", "BitFit", "DyLoRA", "FlexLoRA",
+           "FullFineTuning", "LoRA", "StepContext", "build_method", "register_method"]
