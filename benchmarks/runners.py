@@ -7,7 +7,8 @@ head in full. A step is what Lightning's automatic optimisation runs for that mo
 
 1. ``optimizer.zero_grad(set_to_none=True)`` (Lightning zeroes before the step, so the gradients of the last
    step are still there when its ``on_train_batch_end`` runs, as AdaLoRA's sensitivity update needs);
-2. ``module.training_step(batch, 0)``: task loss + ``orth_reg_weight`` · the method's regulariser, and the
+2. the method's ``before_training_batch`` (what ``on_train_batch_start`` calls: DyLoRA draws its rank there), then
+   ``module.training_step(batch, 0)``: task loss + ``orth_reg_weight`` · the method's regulariser, and the
    non-finite guard (its ``self.log`` calls return at once without a Trainer);
 3. ``backward``; ``RankReallocation.on_before_optimizer_step``; ``optimizer.step()`` (AdamW over the module's
    ``adapter`` and ``modules_to_save`` groups, from ``configure_optimizers``);
@@ -111,7 +112,11 @@ def module_runner(module: FlexLoRAModule, settings: Settings) -> Runner:
     def objective(batch: Batch) -> torch.Tensor:
         return module.compute_loss(batch) + module.orth_reg_weight * module.orthogonality_loss()
 
-    runner = Runner(module.method_name, module, optimizer, lambda batch: module.training_step(batch, 0), objective,
+    def loss(batch: Batch) -> torch.Tensor:  # what on_train_batch_start and training_step run (DyLoRA draws b)
+        module.method.before_training_batch(module.backbone)
+        return module.training_step(batch, 0)
+
+    runner = Runner(module.method_name, module, optimizer, loss, objective,
                     settings.delta_t, before_step, after_step,
                     method_state=lambda: list(_tensors(callback.state_dict().get("driver", {}))),
                     adapter_parameters=module.adapter_parameters, callback=callback)
