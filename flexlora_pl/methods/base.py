@@ -72,6 +72,9 @@ class AdaptationMethod(ABC):
 
     #: registry key, recorded in ``metrics.json`` as the run's method
     name: ClassVar[str] = ""
+    #: init arguments that change only how a trained model is evaluated and exported (DyLoRA's ``eval_rank``):
+    #: ``validate``, ``test`` and ``predict`` from a checkpoint may give them other values than it was trained with
+    evaluation_options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, target_modules: Sequence[str] | None = None, alpha: float = 16.0, dropout: float = 0.0,
                  orth_reg_weight: float = 0.0) -> None:
@@ -197,6 +200,12 @@ class AdaptationMethod(ABC):
             ValueError: the method has no peft form (the default), or this model has none.
         """
         raise self.export_refusal("a peft adapter", "it defines no peft form (AdaptationMethod.peft_adapter_state)")
+
+    def peft_adapter_notes(self, model: nn.Module) -> str | None:
+        """Markdown that a peft export of ``model`` writes as its folder's ``README.md`` (``None``, the default:
+        none), for an adapter that is not what its config alone suggests (PiSSA's is a plain LoRA adapter of
+        twice the run's rank)."""
+        return None
 
     def merge(self, model: nn.Module) -> nn.Module:
         """A copy of the adapted ``model`` with the update merged into the base weights and no adapter layer left.

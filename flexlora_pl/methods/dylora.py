@@ -69,6 +69,7 @@ class DyLoRA(AdaptationMethod):
     """
 
     name = "dylora"
+    evaluation_options = ("eval_rank",)
 
     def __init__(self, target_modules: Sequence[str] | None = None, r: int = 8, alpha: float = 16.0,
                  dropout: float = 0.0, eval_rank: int | None = None, update: str = "frozen",

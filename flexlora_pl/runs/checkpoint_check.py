@@ -64,13 +64,15 @@ def _import(path: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-def check_checkpoint_matches_config(ckpt_path: str, model_config: Any, linked_args: Collection[str] = ()) -> None:
+def check_checkpoint_matches_config(ckpt_path: str, model_config: Any, linked_args: Collection[str] = (),
+                                    free_args: Collection[str] = ()) -> None:
     """Raise when the checkpoint at ``ckpt_path`` was saved by another model class or with other model arguments.
 
     Args:
         ckpt_path: the checkpoint file (read with :func:`read_checkpoint`, whose errors it raises).
         model_config: the config's ``model`` entry (``class_path`` and ``init_args``); ``None`` checks nothing.
         linked_args: model arguments filled in from the data at instantiation, so not compared.
+        free_args: dotted model arguments that may differ (``method.init_args.eval_rank`` when evaluating).
 
     Raises:
         ValueError: naming the model class, or every argument that differs, and what to do instead.
@@ -90,7 +92,7 @@ def check_checkpoint_matches_config(ckpt_path: str, model_config: Any, linked_ar
     differences = [
         difference for key, saved in hparams.items()
         if key in init_args and key not in linked_args
-        for difference in _differences(key, plain_config_value(init_args[key]), plain_config_value(saved))
+        for difference in _differences(key, plain_config_value(init_args[key]), plain_config_value(saved), free_args)
     ]
     if differences:
         raise ValueError(
@@ -100,11 +102,11 @@ def check_checkpoint_matches_config(ckpt_path: str, model_config: Any, linked_ar
         )
 
 
-def _differences(key: str, configured: Any, saved: Any) -> list[str]:
+def _differences(key: str, configured: Any, saved: Any, free: Collection[str] = ()) -> list[str]:
     """Where a config value contradicts the checkpoint's, as ``key=saved in the checkpoint but key=... in the
     config`` lines. A ``None`` in the config means "the default" and contradicts nothing; a method given as
     ``{class_path, init_args}`` is compared by class name, then argument by argument."""
-    if configured is None or configured == saved:
+    if configured is None or configured == saved or key in free:
         return []
     if isinstance(configured, dict) and isinstance(saved, dict):
         if "class_path" in configured and "class_path" in saved:
@@ -114,7 +116,7 @@ def _differences(key: str, configured: Any, saved: Any) -> list[str]:
             configured, saved = configured.get("init_args") or {}, saved.get("init_args") or {}
             key = f"{key}.init_args"
         return [line for name in configured if name in saved
-                for line in _differences(f"{key}.{name}", configured[name], saved[name])]
+                for line in _differences(f"{key}.{name}", configured[name], saved[name], free)]
     return [f"{key}={saved!r} in the checkpoint but {key}={configured!r} in the config"]
 
 

@@ -347,3 +347,17 @@ def test_bad_settings_are_refused_with_the_fix():
         DyLoRALinear(torch.nn.Linear(32, 16), r=40, alpha=4)
     with pytest.raises(ValueError, match="cannot be exported as a FlexLoRA adapter checkpoint"):
         DyLoRA(TARGETS, r=2).adapter_checkpoint_layers(DyLoRA(TARGETS, r=2).adapt(tiny_bert(), ["classifier"], 0))
+
+
+def test_a_checkpoint_is_evaluated_at_another_eval_rank_but_resumed_only_at_its_own(run_root):
+    cli_of(run_root, "--trainer.max_epochs", "1")  # eval_rank None: r = 3
+    tested = cli_of(run_root, "--model.init_args.method.init_args.eval_rank", "1", "--ckpt_path", "last",
+                    command="test")
+    assert tested.model.method.eval_rank == 1 and set(tested.model.rank_pattern().values()) == {1}
+    assert "test/score" in tested.trainer.callback_metrics
+    x = {k: v for k, v in batch().items() if k != "labels"}
+    with torch.no_grad():  # the tested model is the trained one, truncated at rank 1
+        torch.testing.assert_close(tested.model.eval()(**x).logits,
+                                   truncated_by_hand(tested.model.backbone, 1)(**x).logits, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"method\.init_args\.eval_rank=None in the checkpoint"):
+        cli_of(run_root, "--model.init_args.method.init_args.eval_rank", "1", "--ckpt_path", "last")  # fit: refused
