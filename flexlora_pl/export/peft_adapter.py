@@ -67,6 +67,7 @@ def export_peft_adapter(
     backbone, method = adapted(model_or_module)
     saved = saved_module_names(model_or_module, backbone, method, modules_to_save)
     config, tensors = method.peft_adapter_state(backbone, saved)
+    notes = method.peft_adapter_notes(backbone)  # PiSSA, MiLoRA: what their plain LoRA adapter holds
     config.task_type = task_type
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(backbone, "name_or_path", None) or None
@@ -77,6 +78,8 @@ def export_peft_adapter(
     with atomic_output(out, overwrite) as tmp:
         config.save_pretrained(str(tmp), auto_mapping_dict=auto_mapping)
         save_file(tensors, str(tmp / PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
+        if notes:
+            (tmp / "README.md").write_text(notes)
     return config
 
 

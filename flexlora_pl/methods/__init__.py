@@ -13,6 +13,12 @@ full      :class:`FullFineTuning`: every backbone weight trained, no adapter and
 bitfit    :class:`BitFit`: only the backbone's bias terms trained (``configs/methods/bitfit.yaml``)
 dylora    :class:`DyLoRA`: LoRA factors trained at a rank sampled from 1..r every batch, evaluated at
           ``eval_rank`` (``configs/methods/dylora.yaml``)
+rslora    :class:`RSLoRA`: LoRA scaled by α / √r, peft's ``use_rslora`` (``configs/methods/rslora.yaml``)
+dora      :class:`DoRA`: weight-decomposed LoRA (Liu et al.), peft's ``use_dora`` (``configs/methods/dora.yaml``)
+pissa     :class:`PiSSA`: LoRA from the principal r singular components, the residual frozen
+          (``configs/methods/pissa.yaml``)
+milora    :class:`MiLoRA`: LoRA from the minor r singular components, the residual frozen
+          (``configs/methods/milora.yaml``)
 ========  ==========================================================================================
 """
 
@@ -26,10 +32,14 @@ from flexlora_pl.methods.base import (
     register_method,
 )
 from flexlora_pl.methods.bitfit import BitFit
+from flexlora_pl.methods.dora import DoRA
 from flexlora_pl.methods.dylora import DyLoRA
 from flexlora_pl.methods.flexlora import FlexLoRA
 from flexlora_pl.methods.full import FullFineTuning
 from flexlora_pl.methods.lora import LoRA
+from flexlora_pl.methods.milora import MiLoRA
+from flexlora_pl.methods.pissa import PiSSA
+from flexlora_pl.methods.rslora import RSLoRA
 
-__all__ = ["METHODS", "AdaLoRA", "AdaptationMethod", "AllocationDriver", "BitFit", "DyLoRA", "FlexLoRA",
-           "FullFineTuning", "LoRA", "StepContext", "build_method", "register_method"]
+__all__ = ["METHODS", "AdaLoRA", "AdaptationMethod", "AllocationDriver", "BitFit", "DoRA", "DyLoRA", "FlexLoRA",
+           "FullFineTuning", "LoRA", "MiLoRA", "PiSSA", "RSLoRA", "StepContext", "build_method", "register_method"]

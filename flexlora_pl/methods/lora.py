@@ -87,6 +87,9 @@ class PeftAdapterMethod(AdaptationMethod):
     peft_type: ClassVar[str] = ""
     #: constructor argument -> the field of the peft config that holds it (rebuilds the method from a model)
     peft_fields: ClassVar[dict[str, str]] = {}
+    #: peft config field -> the value that marks this method's models: LoRA and its variants share the peft type
+    #: ``LORA`` and differ in ``use_dora``, ``use_rslora`` and ``init_lora_weights`` (what :meth:`recognize` reads)
+    peft_variant: ClassVar[dict[str, Any]] = {}
 
     # ---------------------------------------------------------------- to implement
     def tuner_class(self) -> type:
@@ -132,6 +135,20 @@ class PeftAdapterMethod(AdaptationMethod):
 
     def after_injection(self, model: nn.Module, tuner: Any) -> None:
         """Called once after injection (AdaLoRA adds its rank masks here)."""
+
+    def peft_export_form(self, model: nn.Module, config: Any,
+                         tensors: dict[str, torch.Tensor]) -> tuple[Any, dict[str, torch.Tensor]]:
+        """The peft config and adapter tensors (by parameter name in ``model``) of a peft export of ``model``.
+
+        Default: the run's config and trained tensors as they are. PiSSA and MiLoRA turn theirs into a plain LoRA
+        adapter on the original base (:mod:`flexlora_pl.methods.svd_init`).
+
+        Args:
+            model: the adapted backbone (left untouched).
+            config: a copy of the run's peft config (may be changed in place).
+            tensors: the trained adapter parameters (``.lora_`` in the name), by name in ``model``.
+        """
+        return config, tensors
 
     # ---------------------------------------------------------------- adapt
     def adapt(self, backbone: nn.Module, modules_to_save: Sequence[str], seed: int | None) -> nn.Module:
@@ -215,6 +232,8 @@ class PeftAdapterMethod(AdaptationMethod):
         config = tuner.peft_config.get(ADAPTER_NAME) if tuner is not None else None
         if config is None or config.peft_type != cls.peft_type:
             return None
+        if any(getattr(config, field, None) != value for field, value in cls.peft_variant.items()):
+            return None  # another variant of the same peft type (DoRA, rsLoRA, PiSSA, MiLoRA under LORA)
         return cls(**{arg: getattr(config, field) for arg, field in cls.peft_fields.items()})
 
     def adapter_checkpoint_layers(self, model: nn.Module) -> dict[str, FlexLoRALinear]:
@@ -246,6 +265,8 @@ class PeftAdapterMethod(AdaptationMethod):
         import peft
 
         config = copy.deepcopy(_own_tuner(model).peft_config[ADAPTER_NAME])
+        trained = {name: p for name, p in model.named_parameters() if ".lora_" in name or ".ranknum." in name}
+        config, trained = self.peft_export_form(model, config, trained)
         plain = self.unloaded_copy(model, merge=False)
         layers = dict(self.layers(model))
         kept = [name for name, layer in layers.items() if self.layer_has_update(layer)]
@@ -259,7 +280,6 @@ class PeftAdapterMethod(AdaptationMethod):
         config.task_type = None  # a generic PeftModel: a task class would add modules_to_save of its own
         with torch.random.fork_rng(devices=[]):  # the fresh adapter's draws are overwritten: leave the RNG alone
             peft_model = peft.get_peft_model(plain, config, adapter_name=ADAPTER_NAME)
-        trained = dict(model.named_parameters())
         with torch.no_grad():
             for name, param in peft_model.get_base_model().named_parameters():
                 if ".lora_" in name or ".ranknum." in name:
@@ -297,7 +317,8 @@ class LoRA(PeftAdapterMethod):
       so that α_m / r_m = α / r). FlexLoRA scales every layer by α / r_init however its rank moved, and uniform
       LoRA by α / r: with ``r`` set to FlexLoRA's ``init_rank``, the arm differs from both in the allocation
       alone. peft's default α / r_m would also give low-rank layers a larger update per step and high-rank ones
-      a smaller one. It is the peft form of FlexLoRA's own final adapter (its export uses the same α_m).
+      a smaller one. It is the peft form of FlexLoRA's own final adapter (its export uses the same α_m). With
+      ``rslora`` every layer is scaled by α / √r in the same way (α_m = α · √(r_m / r)).
     - **Rank 0.** A module the pattern gives rank 0 stays unadapted (peft has no rank-0 adapter; its update is
       zero anyway): it is absent from the run's own ranks and parameter counts, and the total is unchanged.
 
@@ -314,20 +335,26 @@ class LoRA(PeftAdapterMethod):
             ``required`` (what ``configs/methods/lora_fixed_pattern.yaml`` sets) is refused, asking for a path.
         loraplus_ratio: LoRA+ (:mod:`flexlora_pl.methods.loraplus`): train every ``B`` factor at this multiple of
             the learning rate of ``A`` (its authors suggest 16); ``None``: one learning rate for both.
+        rslora: rank-stabilised LoRA (Kalajdzievski 2023, :class:`~flexlora_pl.methods.RSLoRA`): scale the update by
+            α / √r instead of α / r (peft's ``use_rslora``).
     """
 
     name = "lora"
     extra_per_direction = 0
     peft_type = "LORA"
-    peft_fields: ClassVar[dict[str, str]] = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout"}
+    peft_fields: ClassVar[dict[str, str]] = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout",
+                                             "rslora": "use_rslora"}
+    peft_variant: ClassVar[dict[str, Any]] = {"use_dora": False, "use_rslora": False, "init_lora_weights": True}
 
     def __init__(self, target_modules: Sequence[str] | None = None, r: int = 8, alpha: float = 16.0,
                  dropout: float = 0.0, rank_pattern: str | dict[str, int] | None = None,
-                 loraplus_ratio: float | None = None) -> None:
+                 loraplus_ratio: float | None = None, rslora: bool = False) -> None:
         super().__init__(target_modules, alpha, dropout, orth_reg_weight=0.0)
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(f"{type(self).__name__}: r must be an integer >= 1, got {r!r}")
-        self.r = r
+        if not isinstance(rslora, bool):
+            raise ValueError(f"{type(self).__name__}: rslora must be true or false, got {rslora!r}")
+        self.r, self.rslora = r, rslora
         self.loraplus_ratio = check_loraplus_ratio(loraplus_ratio, type(self).__name__)
         # the argument as given (what the config and checkpoints record; the name `rank_pattern` is a method's)
         self.pattern_source = dict(rank_pattern) if isinstance(rank_pattern, Mapping) else (
@@ -348,8 +375,19 @@ class LoRA(PeftAdapterMethod):
     def peft_config(self, target_modules: list[str] | str) -> Any:
         from peft import LoraConfig
 
+        # the variant's own fields (DoRA's use_dora, ...); use_rslora is the switch's, whatever the variant
+        variant = {key: value for key, value in self.peft_variant.items() if key != "use_rslora"}
         return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=target_modules,
-                          bias="none")
+                          bias="none", use_rslora=self.rslora, **variant)
+
+    @property
+    def scale(self) -> float:
+        """The scale of every layer's update: α / r, or α / √r with ``rslora`` (also under a rank pattern)."""
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+    def pattern_alpha(self, rank: int) -> float:
+        """α_m of a layer of rank ``rank`` under a rank pattern, so that its scale is :attr:`scale`."""
+        return self.alpha * (math.sqrt(rank / self.r) if self.rslora else rank / self.r)
 
     def module_ranks(self, targets: Sequence[str]) -> dict[str, int]:
         if self.fixed_pattern is None:
@@ -358,9 +396,9 @@ class LoRA(PeftAdapterMethod):
         if sum(ranks.values()) != self.r * len(ranks):  # FlexLoRA's budget keeps r_init per matrix on average
             warnings.warn(
                 f"LoRA: the rank pattern of {self.fixed_pattern.source} has a mean rank of "
-                f"{sum(ranks.values()) / len(ranks):.2f}, not r = {self.r}; every layer is scaled by alpha / r = "
-                f"{self.alpha / self.r:g}. If the FlexLoRA run that wrote it had another init_rank, set r to it "
-                "(--model.init_args.method.init_args.r), so that both arms scale alike",
+                f"{sum(ranks.values()) / len(ranks):.2f}, not r = {self.r}; every layer is scaled by "
+                f"alpha / {'sqrt(r)' if self.rslora else 'r'} = {self.scale:g}. If the FlexLoRA run that wrote it had "
+                "another init_rank, set r to it (--model.init_args.method.init_args.r), so that both arms scale alike",
                 stacklevel=2,
             )
         return ranks
@@ -368,7 +406,7 @@ class LoRA(PeftAdapterMethod):
     def apply_module_ranks(self, config: Any, ranks: dict[str, int]) -> None:
         if self.fixed_pattern is None:
             return
-        alphas = {name: self.alpha * rank / self.r for name, rank in ranks.items()}  # α_m / r_m = α / r
+        alphas = {name: self.pattern_alpha(rank) for name, rank in ranks.items()}  # every layer's scale: self.scale
         clash = pattern_key_clash(ranks, alphas)
         if clash:
             raise ValueError(f"{OPTION}: peft would give {clash[1]!r} the rank of {clash[0]!r} as well (one path is a "
@@ -382,7 +420,7 @@ class LoRA(PeftAdapterMethod):
         built = {name: (int(layer.r[ADAPTER_NAME]), float(layer.scaling[ADAPTER_NAME]))
                  for name, layer in self.layers(model)}
         wrong = [name for name in wanted if built.get(name, (None, None))[0] != wanted[name]
-                 or not math.isclose(built[name][1], self.alpha / self.r)]
+                 or not math.isclose(built[name][1], self.scale)]
         if wrong or len(built) != len(wanted):
             raise RuntimeError(f"peft built {wrong[:3] or sorted(set(built) - set(wanted))[:3]} with other ranks or "
                                f"scales than the pattern of {self.fixed_pattern.source} gives them")
