@@ -6,6 +6,7 @@ Usage::
     flexlora-export --ckpt runs/last.ckpt --out export/merged --format merged
     flexlora-export --ckpt runs/last.ckpt --out export/adapter --format adapter --module-class my.pkg.MyModule
     flexlora-export --ckpt runs/last.ckpt --out export/merged --format merged --base-model /new/home/of/base
+    flexlora-export --ckpt runs/last.ckpt --out export/peft --format peft --push-to-hub my-user/bert-flexlora --private
 
 Every argument is checked before the checkpoint is read, and the output is written to a temporary
 sibling directory renamed into place at the end, so a failure never leaves a half-written ``--out``.
@@ -21,6 +22,11 @@ transformers model also holds its tokenizer (``--tokenizer`` to choose it), so t
 The formats, their help and their own flags come from the registry :data:`flexlora_pl.export.FORMATS` (one
 file per format in :mod:`flexlora_pl.export`): a flag of another format is refused, a flag the format needs
 is asked for, both before the checkpoint is read.
+
+Every export holds a model card, ``README.md`` (:mod:`flexlora_pl.export.model_card`: the Hub's front matter,
+the scores of the run's ``metrics.json``, the method, the ranks and their heat-map, the training command and how
+to load it). ``--push-to-hub REPO_ID`` then uploads the folder (:mod:`flexlora_pl.export.hub`); a malformed repo
+id, offline mode or a missing token is refused before the checkpoint is read.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from pathlib import Path
 
 from flexlora_pl import export
 from flexlora_pl.export import FORMATS, ExportFormat, FormatOption
+from flexlora_pl.export.hub import HubUploadError, check_push, push_export
+from flexlora_pl.export.model_card import build_model_card, export_with_model_card, find_run_dir
 
 __all__ = ["FORMATS", "build_parser", "main"]
 
@@ -81,6 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="let the rebuilt module run model code from the hub (a checkpoint never turns this on by itself)",
     )
+    parser.add_argument(
+        "--push-to-hub",
+        default=None,
+        metavar="REPO_ID",
+        help="upload the export to this Hugging Face model repo (owner/name; created if new) with the token "
+        "huggingface_hub finds (HF_TOKEN or `hf auth login`)",
+    )
+    parser.add_argument("--private", action="store_true",
+                        help="with --push-to-hub: create the repo private (an existing repo keeps its visibility)")
     return parser
 
 
@@ -102,11 +119,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             trust_remote_code=args.trust_remote_code,
             base_model=args.base_model,
         )
-        fmt.write(module, args.out, overwrite=args.overwrite, **options)
+        card = build_model_card(args.format, module, run_dir=find_run_dir(args.ckpt),
+                                location=args.out, repo_id=args.push_to_hub, checkpoint=args.ckpt)
+        export_with_model_card(fmt, module, args.out, card, overwrite=args.overwrite, **options)
     except (FileNotFoundError, FileExistsError, ValueError, ImportError) as err:
         print(f"flexlora-export: error: {err}", file=sys.stderr)
         return 1
     print(f"flexlora-export: wrote {args.format} export of {args.ckpt} to {args.out}")
+    if args.push_to_hub is not None:
+        try:
+            url = push_export(args.out, args.push_to_hub, private=args.private,
+                              commit_message=f"flexlora-export --format {args.format} of {args.ckpt.name}")
+        except HubUploadError as err:
+            print(f"flexlora-export: error: {err}", file=sys.stderr)
+            return 1
+        print(f"flexlora-export: uploaded {args.out} to {url}")
     return 0
 
 
@@ -132,6 +159,10 @@ def _validate(args: argparse.Namespace, fmt: ExportFormat) -> None:
             raise ValueError(f"--format {fmt.name} needs {option.flag}: {option.help}")
     if args.base_model is not None:
         export.check_base_model(args.base_model)
+    if args.private and args.push_to_hub is None:
+        raise ValueError("--private only applies with --push-to-hub REPO_ID")
+    if args.push_to_hub is not None:
+        check_push(args.push_to_hub)
 
 
 if __name__ == "__main__":
