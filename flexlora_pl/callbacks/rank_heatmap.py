@@ -1,6 +1,8 @@
-"""Rank trajectories for people: a modules × events heat-map in TensorBoard and the final pattern as JSON.
+"""Rank trajectories for people: a modules × events heat-map and a rank table in every logger, the final ranks as JSON.
 
-The drawing lives in :mod:`flexlora_pl.figures.rank_heatmap`; this callback logs it and writes the record.
+The drawing lives in :mod:`flexlora_pl.figures.rank_heatmap`; this callback draws it once and hands it, with the
+rank table, to the adapter of every logger the Trainer has (:mod:`flexlora_pl.callbacks.logger_sinks`:
+TensorBoard, MLflow, Weights & Biases, CSV; any other logger gets the PNG in the run folder), and writes the record.
 
 The image reproduces the paper's Figure 2. Writing r_m(t_e) for the active rank of adapted module m
 after the allocation event at optimizer step t_e, the figure shows the matrix R[m, e] = r_m(t_e):
@@ -27,10 +29,10 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from typing_extensions import override
 
+from flexlora_pl.callbacks.logger_sinks import FigureImage, LoggerSink, rank_table, run_folder_of, sink_for
 from flexlora_pl.callbacks.rank_reallocation import RankReallocation
 from flexlora_pl.core.checks import require_int
 from flexlora_pl.core.inject import flexlora_layers
@@ -44,9 +46,12 @@ class RankHeatmap(Callback):
     """Log the rank heat-map at each validation and write ``rank_pattern.json`` when fitting ends.
 
     Needs a :class:`~flexlora_pl.RankReallocation` callback in the same Trainer; the image goes to every
-    TensorBoard logger as ``flexlora/rank_heatmap``, with the modules' names on its rows and the events'
-    optimizer steps on its columns. A method without ranks (``full``, ``bitfit``: no adapted matrix) gets neither
-    image nor file, and one info line at the end of fitting says so.
+    logger as ``flexlora/rank_heatmap``, with the modules' names on its rows and the events' optimizer steps on
+    its columns, and the rank table (``step, module, rank, importance``) as ``rank_history``: TensorBoard's
+    images and text, MLflow artifacts, W&B images and tables, ``rank_history.csv`` beside a CSV logger's
+    ``metrics.csv``; a logger that takes no image gets the PNG in the run folder (see
+    :mod:`flexlora_pl.callbacks.logger_sinks`). A method without ranks (``full``, ``bitfit``: no adapted matrix)
+    gets neither image nor file, and one info line at the end of fitting says so.
 
     Args:
         filename: name of the JSON file written into the Trainer's log directory.
@@ -65,6 +70,7 @@ class RankHeatmap(Callback):
                           DeprecationWarning, stacklevel=2)
         require_int("dpi", dpi, 1, owner="RankHeatmap")
         self.filename, self.cell, self.dpi = filename, cell, dpi
+        self._sinks: dict[int, LoggerSink] = {}  # id(logger) → its adapter, kept so each says "where" once
 
     @staticmethod
     def _reallocation(trainer: Trainer) -> RankReallocation | None:
@@ -78,12 +84,11 @@ class RankHeatmap(Callback):
 
     @rank_zero_only
     def log_image(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Render the heat-map of the events so far and add it to every TensorBoard logger."""
+        """Render the heat-map of the events so far and send it, with the rank table, to every logger."""
         realloc = self._reallocation(trainer)
         if realloc is None or not realloc.history:
             return
-        loggers = [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
-        if not loggers:  # rendering costs a fraction of a second: skip it when nobody would see it
+        if not trainer.loggers:  # rendering costs a fraction of a second: skip it when nobody would see it
             return
         ranks = torch.tensor([event["ranks"] for event in realloc.history]).T  # (modules, events)
         pattern, capacity = _ranks(pl_module)
@@ -100,8 +105,18 @@ class RankHeatmap(Callback):
                   f"{trainer.global_step}",
             dpi=self.dpi,
         )
-        for logger in loggers:
-            logger.experiment.add_image("flexlora/rank_heatmap", image, global_step=trainer.global_step)
+        figure, rows = FigureImage(image), rank_table(realloc.history, names)
+        run_folder, written = run_folder_of(trainer), set()
+        for logger in trainer.loggers:
+            sink = self._sinks.get(id(logger))
+            if sink is None or sink.logger is not logger:
+                sink = self._sinks[id(logger)] = sink_for(logger, run_folder)
+            if not sink.takes_images:  # files: once per folder, however many loggers share it
+                if sink.folder in written:
+                    continue
+                written.add(sink.folder)
+            sink.log_figure(figure, "flexlora/rank_heatmap", trainer.global_step)
+            sink.log_table(rows, "rank_history", trainer.global_step)
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -37,6 +37,7 @@ from flexlora_pl.module import FlexLoRAModule
 from flexlora_pl.runs.checkpoint_check import check_checkpoint_matches_config, plain_config_value, read_checkpoint
 from flexlora_pl.runs.checkpoint_io import AtomicCheckpointIO
 from flexlora_pl.runs.interrupts import RunInterrupted, StopSignal
+from flexlora_pl.runs.logger_config import prepare_loggers
 from flexlora_pl.runs.new_folders import new_output_dirs
 from flexlora_pl.runs.resolution import SPECIAL_CKPT_PATHS, resolve_run
 from flexlora_pl.runs.run_folder import RunFolder
@@ -102,6 +103,7 @@ class FlexLoRACLI(LightningCLI):
             return
         config = self.config[subcommand]
         _refuse_misplaced_callbacks(config)
+        prepare_loggers(config)  # a missing tracker package is refused here; every run keeps its run folder
         self.run_folder = resolve_run(subcommand, config, recorded_best=_recorded_best)
         self._resuming = subcommand == "fit" and self.run_folder is not None
         ckpt_path = config.get("ckpt_path")

@@ -1,0 +1,96 @@
+"""The configured loggers, checked and completed before anything is built: every run keeps its run folder.
+
+A TensorBoard or CSV logger owns the run folder ``<save_dir>/<name>/version_<n>/`` (config.yaml, checkpoints,
+``metrics.json``, ``rank_pattern.json``). MLflow and Weights & Biases keep their runs in their own stores, so
+when the loggers (``--trainer.logger``) hold neither TensorBoard nor CSV, a ``CSVLogger`` is put first for them:
+it owns the run folder, named by the tracker's ``save_dir`` and its run name (W&B ``name``, MLflow
+``experiment_name``; ``--name`` still overrides), and the tracker gets the metrics, figures and tables beside it.
+A logger whose package is missing (``mlflow``, ``wandb``) is refused here, naming the extra to install, and so is
+an MLflow file store that the installed MLflow no longer opens.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from jsonargparse import Namespace
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
+
+from flexlora_pl.callbacks.logger_sinks import check_logger_installed
+
+__all__ = ["DEFAULT_RUN_ROOT", "prepare_loggers"]
+
+#: where run folders go when the configured tracker names no local folder (the shipped configs' ``save_dir``)
+DEFAULT_RUN_ROOT = "runs"
+
+_RUN_FOLDER_LOGGERS = (TensorBoardLogger, CSVLogger)
+
+
+def _owns_run_folder(class_path: str) -> bool:
+    """Whether the logger class keeps ``<save_dir>/<name>/version_<n>`` (TensorBoard, CSV and their subclasses)."""
+    module, _, name = str(class_path).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return False
+    return isinstance(cls, type) and issubclass(cls, _RUN_FOLDER_LOGGERS)
+
+
+def _run_folder_logger(tracker: Any) -> Namespace:
+    """A CSVLogger config that keeps the run folder of a tracker's run."""
+    args = getattr(tracker, "init_args", None) or Namespace()
+    save_dir = args.get("save_dir") or DEFAULT_RUN_ROOT
+    name = args.get("name") or args.get("experiment_name") or "default"
+    return Namespace(class_path="lightning.pytorch.loggers.CSVLogger",
+                     init_args=Namespace(save_dir=str(save_dir), name=str(name), version=None, prefix="",
+                                         flush_logs_every_n_steps=100))
+
+
+def _check_mlflow_store(args: Any) -> None:
+    """Refuse an MLflow file store that the installed MLflow will not open (MLflow 3 wants a database)."""
+    uri = args.get("tracking_uri") or f"file:{args.get('save_dir') or './mlruns'}"
+    if not str(uri).startswith("file:"):
+        return
+    try:
+        from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
+    except ImportError:  # an MLflow from before file stores were retired: it opens them
+        return
+    if not MLFLOW_ALLOW_FILE_STORE.get():
+        raise ValueError(f"trainer.logger: MLFlowLogger would keep its runs in the file store {uri!r}, which this "
+                         "MLflow refuses; give it a database, e.g. --trainer.logger.init_args.tracking_uri "
+                         "sqlite:///runs/mlflow.db (or a tracking server's URL), or set MLFLOW_ALLOW_FILE_STORE=true "
+                         "to keep the file store")
+
+
+def prepare_loggers(config: Any) -> None:
+    """Check the configured loggers and put the one that owns the run folder first (``config`` changed in place).
+
+    Args:
+        config: the subcommand's parsed config.
+
+    Raises:
+        ValueError: a logger's package is not installed (the message names the extra to install), or an MLflow
+            logger names a file store that MLflow refuses.
+    """
+    trainer = config.get("trainer")
+    logger = trainer.get("logger") if trainer is not None else None
+    if logger is None or isinstance(logger, bool):
+        return
+    loggers = list(logger) if isinstance(logger, list) else [logger]
+    for entry in loggers:
+        check_logger_installed(getattr(entry, "class_path", ""))
+        if str(getattr(entry, "class_path", "")).rsplit(".", 1)[-1] == "MLFlowLogger":
+            _check_mlflow_store(getattr(entry, "init_args", None) or Namespace())
+    if not loggers or _owns_run_folder(getattr(loggers[0], "class_path", "")):
+        return
+    owner = next((entry for entry in loggers if _owns_run_folder(getattr(entry, "class_path", ""))), None)
+    if owner is not None:  # the run folder belongs to the first logger (Lightning's log_dir, the checkpoints)
+        loggers.remove(owner)
+    else:
+        owner = _run_folder_logger(loggers[0])
+        rank_zero_info(f"trainer.logger: {str(loggers[0].class_path).rsplit('.', 1)[-1]} keeps its runs in its own "
+                       f"store; a CSVLogger keeps the run folder under {owner.init_args.save_dir}/"
+                       f"{owner.init_args.name}/ (config.yaml, checkpoints, metrics.json, metrics.csv)")
+    trainer.logger = [owner, *loggers]
