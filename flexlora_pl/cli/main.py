@@ -33,6 +33,7 @@ from flexlora_pl.callbacks.prediction_writer import PredictionWriter
 from flexlora_pl.callbacks.rank_reallocation import RankReallocation
 from flexlora_pl.callbacks.run_record import METRICS_FILENAME, RunRecord, read_metrics
 from flexlora_pl.callbacks.search_trial import SearchTrialReport
+from flexlora_pl.methods import METHODS
 from flexlora_pl.module import FlexLoRAModule
 from flexlora_pl.runs.checkpoint_check import check_checkpoint_matches_config, plain_config_value, read_checkpoint
 from flexlora_pl.runs.checkpoint_io import AtomicCheckpointIO
@@ -108,7 +109,8 @@ class FlexLoRACLI(LightningCLI):
         self._resuming = subcommand == "fit" and self.run_folder is not None
         ckpt_path = config.get("ckpt_path")
         if ckpt_path and ckpt_path not in SPECIAL_CKPT_PATHS and "://" not in str(ckpt_path):
-            check_checkpoint_matches_config(ckpt_path, config.get("model"), linked_args=self.linked_model_args)
+            check_checkpoint_matches_config(ckpt_path, config.get("model"), linked_args=self.linked_model_args,
+                                            free_args=_evaluation_options(subcommand, config.get("model")))
 
     # --------------------------------------------------------------- trainer
     def before_instantiate_classes(self) -> None:
@@ -238,6 +240,19 @@ def _has_trained(trainer: Trainer) -> bool:
     if interrupt is not None:
         return interrupt.has_trained(trainer)
     return trainer.global_step > 0
+
+
+def _evaluation_options(subcommand: str, model_config: Any) -> list[str]:
+    """The method arguments an evaluation from a checkpoint may change (``AdaptationMethod.evaluation_options``),
+    as dotted model arguments; none when fitting."""
+    if subcommand == "fit" or model_config is None:
+        return []
+    method = plain_config_value((model_config.get("init_args") or {}).get("method"))
+    if not isinstance(method, dict) or "class_path" not in method:
+        return []
+    name = str(method["class_path"]).rsplit(".", 1)[-1]
+    cls = next((c for c in METHODS.values() if c.__name__ == name), None)
+    return [f"method.init_args.{option}" for option in (cls.evaluation_options if cls else ())]
 
 
 def build_cli(args: Sequence[str] | None = None, run: bool = True) -> FlexLoRACLI:
