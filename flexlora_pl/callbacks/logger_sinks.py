@@ -12,13 +12,13 @@ no adapter: every Lightning logger takes them through ``log_metrics`` (see :mod:
 - any other logger: the PNG and the CSV in the run folder, and one info line saying where.
 
 The loggers whose Python package is an extra of this project (MLflow, W&B) are checked before a run starts
-(:func:`check_logger_installed`), so a missing package is one clear message, not an import error mid-run.
+(:func:`flexlora_pl.runs.logger_config.check_logger_installed`), so a missing package is one clear message,
+not an import error mid-run.
 """
 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import os
 from collections.abc import Sequence
@@ -34,47 +34,11 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from flexlora_pl.runs.atomic import write_text_atomic
 
-__all__ = ["TABLE_COLUMNS", "FigureImage", "LoggerSink", "check_logger_installed", "rank_table", "run_folder_of",
+__all__ = ["TABLE_COLUMNS", "FigureImage", "LoggerSink", "rank_table", "run_folder_of",
            "sink_for", "table_csv"]
 
 #: the rank table's columns: one row per adapted module per allocation event
 TABLE_COLUMNS = ("step", "module", "rank", "importance")
-
-# Loggers that need a package this project does not install by default: class name → (module, how to install).
-_TRACKER_PACKAGES = {
-    "MLFlowLogger": ("mlflow", 'the trackers extra: pip install -e ".[trackers]" (or pip install mlflow-skinny)'),
-    "WandbLogger": ("wandb", 'the trackers extra: pip install -e ".[trackers]" (or pip install wandb)'),
-    "CometLogger": ("comet_ml", "pip install comet-ml"),
-    "NeptuneLogger": ("neptune", "pip install neptune"),
-}
-
-
-def _installed(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):  # a parent package missing, or a module entry without a spec
-        return False
-
-
-def check_logger_installed(class_path: str, option: str = "trainer.logger") -> None:
-    """Refuse a logger whose package is not installed, naming what to install.
-
-    Args:
-        class_path: the logger's class path as the config names it (``lightning.pytorch.loggers.MLFlowLogger``).
-        option: the config option that names it, for the message.
-
-    Raises:
-        ValueError: the logger's package (``mlflow``, ``wandb``, ...) cannot be imported.
-    """
-    class_name = str(class_path).rsplit(".", 1)[-1]
-    if class_name not in _TRACKER_PACKAGES:
-        return
-    module, install = _TRACKER_PACKAGES[class_name]
-    if not _installed(module):
-        raise ValueError(f"{option}: {class_name} needs the `{module}` package, which is not installed; install "
-                         f"{install}, or choose another logger (lightning.pytorch.loggers.TensorBoardLogger or "
-                         "CSVLogger need nothing more)")
-
 
 def rank_table(history: Sequence[dict[str, Any]], names: Sequence[str]) -> list[tuple[int, str, int, float]]:
     """The rank table of a run's allocation events: ``(step, module, rank, importance)`` rows, event by event.

@@ -18,14 +18,48 @@ from jsonargparse import Namespace
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from flexlora_pl.callbacks.logger_sinks import check_logger_installed
-
-__all__ = ["DEFAULT_RUN_ROOT", "prepare_loggers"]
+__all__ = ["DEFAULT_RUN_ROOT", "check_logger_installed", "prepare_loggers"]
 
 #: where run folders go when the configured tracker names no local folder (the shipped configs' ``save_dir``)
 DEFAULT_RUN_ROOT = "runs"
 
 _RUN_FOLDER_LOGGERS = (TensorBoardLogger, CSVLogger)
+
+
+# Loggers that need a package this project does not install by default: class name → (module, how to install).
+_TRACKER_PACKAGES = {
+    "MLFlowLogger": ("mlflow", 'the trackers extra: pip install -e ".[trackers]" (or pip install mlflow-skinny)'),
+    "WandbLogger": ("wandb", 'the trackers extra: pip install -e ".[trackers]" (or pip install wandb)'),
+    "CometLogger": ("comet_ml", "pip install comet-ml"),
+    "NeptuneLogger": ("neptune", "pip install neptune"),
+}
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package missing, or a module entry without a spec
+        return False
+
+
+def check_logger_installed(class_path: str, option: str = "trainer.logger") -> None:
+    """Refuse a logger whose package is not installed, naming what to install.
+
+    Args:
+        class_path: the logger's class path as the config names it (``lightning.pytorch.loggers.MLFlowLogger``).
+        option: the config option that names it, for the message.
+
+    Raises:
+        ValueError: the logger's package (``mlflow``, ``wandb``, ...) cannot be imported.
+    """
+    class_name = str(class_path).rsplit(".", 1)[-1]
+    if class_name not in _TRACKER_PACKAGES:
+        return
+    module, install = _TRACKER_PACKAGES[class_name]
+    if not _installed(module):
+        raise ValueError(f"{option}: {class_name} needs the `{module}` package, which is not installed; install "
+                         f"{install}, or choose another logger (lightning.pytorch.loggers.TensorBoardLogger or "
+                         "CSVLogger need nothing more)")
 
 
 def _owns_run_folder(class_path: str) -> bool:

@@ -22,8 +22,9 @@ from PIL import Image
 from tiny_mlp import mlp_loader, mlp_module, mlp_trainer
 
 from flexlora_pl import RankHeatmap, RankReallocation
-from flexlora_pl.callbacks.logger_sinks import TABLE_COLUMNS, check_logger_installed
+from flexlora_pl.callbacks.logger_sinks import TABLE_COLUMNS
 from flexlora_pl.cli import build_cli
+from flexlora_pl.runs.logger_config import check_logger_installed
 
 # One epoch of the tiny run (6 optimizer steps) with an allocation event at every step, so ranks move.
 CHANGES = {"reallocation": {"t_warmup": 1, "delta_t": 1, "t_final": 1},
