@@ -59,6 +59,7 @@ def export_merged(
       the model's preprocessing (input size, interpolation, mean/std, crop; :class:`~flexlora_pl.tasks.
       image_classification.ImageClassifier` puts its data module's there), so
       ``timm.data.create_transform(**timm.data.resolve_model_data_config(model))`` prepares images as in training;
+      class names (``pretrained_cfg["label_names"]``, an image folder's classes) are the config's ``label_names``;
     * any other module: ``model.safetensors`` (load with ``safetensors.torch.load_model(model, path)``).
 
     Args:
@@ -94,7 +95,11 @@ def _save_plain(model: nn.Module, directory: Path) -> None:
     elif type(model).__module__.startswith("timm.") and hasattr(model, "pretrained_cfg"):
         from timm.models import save_for_hf
 
-        save_for_hf(model, str(directory), safe_serialization=True)
+        # class names at the top of config.json, where timm's hub models keep them (loading puts them back into
+        # pretrained_cfg["label_names"])
+        names = model.pretrained_cfg.get("label_names")
+        save_for_hf(model, str(directory), safe_serialization=True,
+                    model_config={"label_names": list(names)} if names else None)
     else:
         save_model(model, str(directory / "model.safetensors"))  # de-duplicates tied tensors
 

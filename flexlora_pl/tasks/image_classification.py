@@ -7,7 +7,8 @@ go into ``mlp.fc1`` and ``mlp.fc2`` of every block unless the method names other
 comes from torchmetrics: ``val/accuracy`` (and ``val/score``, for checkpoint selection) when the data has
 a validation split, ``test/accuracy`` (and ``test/score``) on the test split. The preprocessing the data
 module applies (its timm data config) goes into the backbone's ``pretrained_cfg``, so a merged export
-tells its users how to prepare images.
+tells its users how to prepare images; the class names (``label_names``, linked from the data module) go there too,
+as timm keeps them (``pretrained_cfg["label_names"]``, the id order of the head).
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ class ImageClassifier(FlexLoRAModule):
             image size (timm resamples the position embeddings of pretrained weights to fit), and the whole
             config goes into the backbone's ``pretrained_cfg``, which exports carry.
         drop_path_rate: stochastic depth rate (0.1 in the VTAB-1k literature).
+        label_names: the class names in id order; linked from the data module's ``label_names`` (an image folder's
+            class folders). They go into the backbone's ``pretrained_cfg["label_names"]`` (so a merged export's
+            ``config.json`` carries them), into ``metrics.json`` and into the predictions. ``None``: classes are ids.
         model_kwargs: further keyword arguments for ``timm.create_model`` (e.g. ``patch_size`` or ``depth`` of
             a small model for tests and the demo).
         method: how the backbone is adapted (:mod:`flexlora_pl.methods`): ``FlexLoRA`` (default), ``LoRA``,
@@ -78,6 +82,7 @@ class ImageClassifier(FlexLoRAModule):
         pretrained_path: str | None = None,
         data_config: Mapping[str, Any] | None = None,
         drop_path_rate: float = 0.1,
+        label_names: Sequence[str] | None = None,
         model_kwargs: Mapping[str, Any] | None = None,
         method: AdaptationMethod | None = None,
         modules_to_save: Sequence[str] | None = None,
@@ -89,6 +94,10 @@ class ImageClassifier(FlexLoRAModule):
             raise ValueError("num_classes is not set: the `flexlora` command links it from the data module's "
                              "num_classes; with a data module that has none, or in Python, pass num_classes")
         require_int("num_classes", num_classes, 2)
+        if label_names is not None and (isinstance(label_names, str) or len(label_names) != num_classes
+                                        or len(set(map(str, label_names))) != num_classes):
+            raise ValueError(f"label_names must list {num_classes} distinct class names (num_classes), got "
+                             f"{label_names!r}; leave it unset to have the `flexlora` command link the data module's")
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
         if pretrained_path is not None and not pretrained:
@@ -99,6 +108,10 @@ class ImageClassifier(FlexLoRAModule):
         init_seed = resolve_seed(init_seed)
         backbone = _create_backbone(model_name, num_classes, pretrained, pretrained_path, data_config, drop_path_rate,
                                     dict(model_kwargs or {}), init_seed)
+        if label_names is not None:  # timm's place for them: a merged export's config.json keeps them with the head
+            backbone.pretrained_cfg = {**backbone.pretrained_cfg, "num_classes": num_classes,
+                                       "label_names": tuple(map(str, label_names))}
+            backbone.default_cfg = backbone.pretrained_cfg
         head = backbone.pretrained_cfg.get("classifier") or "head"
         head = [head] if isinstance(head, str) else list(head)
         method = build_method(method).with_default_targets(VIT_MLP_TARGETS)
@@ -114,6 +127,8 @@ class ImageClassifier(FlexLoRAModule):
         self.hparams["method"] = self.method.as_config()  # a plain dict, whichever way the method was given
         self.hparams["init_seed"] = init_seed  # the resolved seed (the CLI would record the config's None)
         self.num_classes = num_classes
+        #: the class names in id order (``None``: none given); ``metrics.json`` and the predictions use them
+        self.label_names = None if label_names is None else [str(name) for name in label_names]
         self.val_accuracy = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.test_accuracy = MulticlassAccuracy(num_classes, top_k=1, average="micro")
 
