@@ -1,6 +1,7 @@
 """Lightning callbacks: when ranks move (``RankReallocation``), what a run leaves behind (heat-map, rank
 pattern, ``metrics.json``, predictions, the final printout) and the checkpoint written on interruption."""
 
+from flexlora_pl.callbacks.final_checkpoint import FinalCheckpoint
 from flexlora_pl.callbacks.final_report import FinalMetricsReport
 from flexlora_pl.callbacks.generation_writer import GenerationWriter
 from flexlora_pl.callbacks.interrupt_checkpoint import InterruptCheckpoint
@@ -10,6 +11,7 @@ from flexlora_pl.callbacks.rank_reallocation import RankReallocation
 from flexlora_pl.callbacks.run_record import RunRecord
 
 __all__ = [
+    "FinalCheckpoint",
     "FinalMetricsReport",
     "GenerationWriter",
     "InterruptCheckpoint",

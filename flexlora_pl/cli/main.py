@@ -28,6 +28,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from flexlora_pl.callbacks.final_checkpoint import FinalCheckpoint
 from flexlora_pl.callbacks.interrupt_checkpoint import InterruptCheckpoint
 from flexlora_pl.callbacks.prediction_writer import PredictionWriter
 from flexlora_pl.callbacks.rank_reallocation import RankReallocation
@@ -150,6 +151,8 @@ class FlexLoRACLI(LightningCLI):
             record = RunRecord()
             extra.append(record)
         record.config_hash = self._config_hash()
+        if self.subcommand == "fit" and not any(isinstance(cb, FinalCheckpoint) for cb in configured):
+            extra.append(FinalCheckpoint())  # last.ckpt holds the end of training (Lightning 2.6 may leave it stale)
         report = SearchTrialReport.from_environment()  # a tuned sweep's search trial: scores go to its study
         if report is not None and self.subcommand == "fit":
             extra.append(report)
