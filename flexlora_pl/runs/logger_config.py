@@ -12,6 +12,7 @@ an MLflow file store that the installed MLflow no longer opens.
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import Any
 
 from jsonargparse import Namespace
@@ -98,6 +99,18 @@ def _check_mlflow_store(args: Any) -> None:
                          "to keep the file store")
 
 
+def _place_sqlite_artifacts(entry: Any) -> None:
+    """An MLflow SQLite store keeps artifacts beside its database, not in ``./mlruns`` of whatever folder the command
+    ran in (MLflow's default for a new experiment): ``artifact_location`` defaults to ``<db folder>/mlflow-artifacts``.
+    A tracking server decides for itself; an explicit ``artifact_location`` is kept."""
+    args = getattr(entry, "init_args", None)
+    uri = str(args.get("tracking_uri") or "") if args is not None else ""
+    if not uri.startswith("sqlite:///") or args.get("artifact_location"):
+        return
+    database = Path(uri[len("sqlite:///"):])
+    args["artifact_location"] = str((database.parent / "mlflow-artifacts").resolve())
+
+
 def prepare_loggers(config: Any) -> None:
     """Check the configured loggers and put the one that owns the run folder first (``config`` changed in place).
 
@@ -117,6 +130,7 @@ def prepare_loggers(config: Any) -> None:
         check_logger_installed(getattr(entry, "class_path", ""))
         if str(getattr(entry, "class_path", "")).rsplit(".", 1)[-1] == "MLFlowLogger":
             _check_mlflow_store(getattr(entry, "init_args", None) or Namespace())
+            _place_sqlite_artifacts(entry)
     if not loggers or _owns_run_folder(getattr(loggers[0], "class_path", "")):
         return
     owner = next((entry for entry in loggers if _owns_run_folder(getattr(entry, "class_path", ""))), None)

@@ -114,7 +114,10 @@ def test_mlflow_gets_the_figures_as_artifacts_and_the_ranks_as_metrics(run_root,
     record = rank_record(folder)
 
     client = MlflowClient(tracking_uri=uri)
-    (run,) = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    experiment = client.get_experiment_by_name("tiny")
+    if store == "sqlite":  # artifacts beside the database, never in ./mlruns of the folder the command ran in
+        assert experiment.artifact_location.endswith(str(run_root / "mlflow-artifacts"))
+    (run,) = client.search_runs([experiment.experiment_id])
     figures = [f.path for f in client.list_artifacts(run.info.run_id, "flexlora/rank_heatmap")]
     assert figures and figures[-1] == f"flexlora/rank_heatmap/step_{cli.trainer.global_step:07d}.png"
     assert_png(Path(client.download_artifacts(run.info.run_id, figures[-1], str(run_root))).read_bytes())
