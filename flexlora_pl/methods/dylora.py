@@ -12,9 +12,10 @@ row of ``A`` and ``b``-th column of ``B`` (directions ``1..b-1`` are used but he
 directions ``1..b`` (the paper's non-frozen variant). Ranks are sampled, never reallocated: the method has no
 allocation driver and no regulariser.
 
-Randomness and resume. ``b`` is drawn from the global torch RNG in :meth:`DyLoRA.before_training_batch`, which
-the module calls after a resumed run's RNG states are restored, so a run resumed from a checkpoint draws the
-ranks the uninterrupted run drew. Every layer counts the training batches it ran at each rank in a persistent
+Randomness and resume. ``b`` is drawn in :meth:`DyLoRA.before_training_batch` from a generator seeded by the
+adapters' seed and the number of batches drawn so far, not from the global RNG: every DDP process draws the same b
+(their dropout masks differ), and a run resumed from a checkpoint draws the ranks the uninterrupted run drew. Every
+layer counts the training batches it ran at each rank in a persistent
 buffer (``lora_rank_counts``), so the counts survive resume; ``metrics.json`` records them under
 ``run.method_facts.sampled_ranks``.
 
@@ -125,6 +126,11 @@ class DyLoRA(AdaptationMethod):
                              f"({len(narrow)} layers in all); use r <= {widest}, or leave those layers out of "
                              "target_modules")
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        # the rank draws: a function of this seed and of the number of batches drawn so far (kept in the layers'
+        # counts), so every DDP process draws the same b and a resumed run draws what the uninterrupted one did,
+        # whatever else consumed random numbers (dropout masks differ per process)
+        self._draw_seed = int(seed) if seed is not None else int(torch.initial_seed())
+        self._drawn: int | None = None  # batches drawn so far, read from the layers' counts at the first draw
         backbone.requires_grad_(False)
         for name in chosen:
             layer = DyLoRALinear(named[name], self.r, self.alpha, self.dropout, self.evaluation_rank, self.update,
@@ -148,11 +154,20 @@ class DyLoRA(AdaptationMethod):
 
     # ------------------------------------------------------------- per batch
     def before_training_batch(self, model: nn.Module) -> None:
-        """Draw this batch's rank b ~ U{1, …, r} from the global torch RNG and set it in every layer."""
+        """Draw this batch's rank b ~ U{1, …, r} and set it in every layer.
+
+        The draw is seeded by the adapters' seed and the number of batches drawn so far (the layers' counts, which
+        checkpoints hold), not by the global RNG: every DDP process draws the same b, and a resumed run the same
+        sequence as the uninterrupted one.
+        """
         layers = [layer for _, layer in dylora_layers(model)]
         if not layers:
             return
-        rank = int(torch.randint(1, self.r + 1, (1,)).item())  # a CPU draw: no device sync
+        if self._drawn is None:  # once per fit: the counts restored from a checkpoint (one small device copy)
+            self._drawn = int(layers[0].lora_rank_counts.sum())
+        generator = torch.Generator().manual_seed(self._draw_seed * 1_000_003 + self._drawn)
+        self._drawn += 1
+        rank = int(torch.randint(1, self.r + 1, (1,), generator=generator).item())  # a CPU draw: no device sync
         for layer in layers:
             layer.rank = rank
             layer.lora_rank_counts[rank - 1] += 1

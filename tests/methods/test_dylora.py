@@ -361,3 +361,27 @@ def test_a_checkpoint_is_evaluated_at_another_eval_rank_but_resumed_only_at_its_
                                    truncated_by_hand(tested.model.backbone, 1)(**x).logits, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"method\.init_args\.eval_rank=None in the checkpoint"):
         cli_of(run_root, "--model.init_args.method.init_args.eval_rank", "1", "--ckpt_path", "last")  # fit: refused
+
+
+def _draws(module: FlexLoRAModule, n: int, noise: bool) -> list[int]:
+    ranks = []
+    for _ in range(n):
+        if noise:  # another process's dropout masks, or any other use of the global RNG, between batches
+            torch.rand(17)
+        module.method.before_training_batch(module.backbone)
+        ranks.append(next(layer for _, layer in dylora_layers(module.backbone)).rank)
+    return ranks
+
+
+def test_the_rank_draws_ignore_the_global_rng_and_continue_from_the_counts():
+    # what keeps DDP processes on one b per batch (their global RNGs differ) and a resumed run on its sequence
+    torch.manual_seed(0)
+    plain = _draws(module_of(DyLoRA(["query", "value"], r=4)), 12, noise=False)
+    torch.manual_seed(1)
+    noisy = _draws(module_of(DyLoRA(["query", "value"], r=4)), 12, noise=True)
+    assert plain == noisy and set(plain) == {1, 2, 3, 4}
+    resumed = module_of(DyLoRA(["query", "value"], r=4))
+    for _, layer in dylora_layers(resumed.backbone):  # a checkpoint's counts after the first 5 batches
+        for rank in plain[:5]:
+            layer.lora_rank_counts[rank - 1] += 1
+    assert _draws(resumed, 7, noise=True) == plain[5:]
