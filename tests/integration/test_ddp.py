@@ -68,3 +68,16 @@ def test_ddp_processes_that_decide_differently_stop_at_that_event(tmp_path):
     assert "DecisionMismatchError" in done.stderr, done.stderr[-3000:]
     assert "allocation event at optimizer step 6 decided differently across the 2 processes" in done.stderr
     assert not (tmp_path / "diverged" / "rank0.pt").exists()  # it never reached the end of training
+
+
+@pytest.mark.parametrize("method", ["dylora", "dora", "pissa"])
+def test_ddp_replicas_of_other_methods_stay_bitwise_equal(tmp_path, method):
+    # each process has its own RNG stream: DyLoRA must still train the same truncated adapter everywhere
+    _run(tmp_path / "ddp", 2, 4, "--method", method)
+    rank0 = torch.load(tmp_path / "ddp" / "rank0.pt", weights_only=False)
+    rank1 = torch.load(tmp_path / "ddp" / "rank1.pt", weights_only=False)
+    assert rank0["final"] and rank0["final"].keys() == rank1["final"].keys()
+    assert rank0["drawn"] == rank1["drawn"]  # DyLoRA: one b per step on every process
+    assert (len(set(rank0["drawn"])) > 1) == (method == "dylora")
+    for name, tensor in rank0["final"].items():
+        assert torch.equal(tensor, rank1["final"][name]), f"{method}: the ranks disagree on {name}"
