@@ -50,7 +50,7 @@ from typing_extensions import override
 from flexlora_pl.core.checks import require_int
 from flexlora_pl.data.holdout import stratified_draw
 from flexlora_pl.data.resumable import ResumableDataLoader, ResumableSampler, ResumableTrainingData
-from flexlora_pl.data.vtab_files import VTABExample
+from flexlora_pl.data.vtab_files import VTABExample, VTABSplit
 from flexlora_pl.runs.seeding import resolve_seed
 
 __all__ = ["IMAGE_EXTENSIONS", "IMAGE_FOLDER_SPLITS", "ImageFolderDataModule", "ImageFolderError", "ImageSplit",
@@ -214,7 +214,7 @@ def carve(labels: np.ndarray, size: int | float, seed: int, *, option: str, sour
     return np.sort(rest), np.sort(carved)
 
 
-class ImageSplit(Dataset):
+class ImageSplit(VTABSplit):
     """The images of one split; decoding happens in ``__getitem__`` (in the DataLoader workers).
 
     Args:
@@ -222,21 +222,8 @@ class ImageSplit(Dataset):
         transform: turns a PIL image into the model's input tensor.
     """
 
-    def __init__(self, examples: Sequence[VTABExample], transform: Callable[[Image.Image], torch.Tensor]) -> None:
-        self.examples = list(examples)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        example = self.examples[index]
-        try:
-            with Image.open(example.path) as image:
-                pixels = image.convert("RGB")
-        except (OSError, ValueError) as err:  # PIL raises OSError subclasses for damaged files
-            raise ImageFolderError(f"cannot read image {example.path!r} ({err}); replace or remove the file") from err
-        return self.transform(pixels), example.label
+    def read_error(self, example: VTABExample, err: Exception) -> Exception:
+        return ImageFolderError(f"cannot read image {example.path!r} ({err}); replace or remove the file")
 
 
 class _EpochSampler(ResumableSampler):

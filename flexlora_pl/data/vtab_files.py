@@ -99,9 +99,13 @@ class VTABSplit(Dataset):
             with Image.open(example.path) as image:
                 pixels = image.convert("RGB")
         except (OSError, ValueError) as err:  # PIL raises OSError subclasses for damaged files
-            raise VTABDataError(f"{example.source}: cannot read image {example.path!r} ({err}); replace the file "
-                                "or remove the line") from err
+            raise self.read_error(example, err) from err
         return self.transform(pixels), example.label
+
+    def read_error(self, example: VTABExample, err: Exception) -> Exception:
+        """The error of an image that cannot be decoded: names its file and the fix."""
+        return VTABDataError(f"{example.source}: cannot read image {example.path!r} ({err}); replace the file or "
+                             "remove the line")
 
 
 def split_lines(path: Path, num_classes: int) -> list[tuple[int, str, int]]:

@@ -20,7 +20,6 @@ says why the harness runs Liu et al.'s. The merged export folds m and the direct
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from torch import nn
@@ -49,12 +48,6 @@ class DoRA(LoRA):
 
     name = "dora"
     peft_variant: ClassVar[dict[str, Any]] = {"use_dora": True, "init_lora_weights": True}
-
-    def __init__(self, target_modules: Sequence[str] | None = None, r: int = 8, alpha: float = 16.0,
-                 dropout: float = 0.0, rank_pattern: str | dict[str, int] | None = None,
-                 loraplus_ratio: float | None = None, rslora: bool = False) -> None:
-        super().__init__(target_modules, r=r, alpha=alpha, dropout=dropout, rank_pattern=rank_pattern,
-                         loraplus_ratio=loraplus_ratio, rslora=rslora)
 
     def layer_parameters(self, layer: nn.Module) -> list[nn.Parameter]:
         return [*super().layer_parameters(layer), layer.lora_magnitude_vector[ADAPTER_NAME].weight]

@@ -19,7 +19,6 @@ B₀ there, and such a direction receives no gradient: choose r at most the weig
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from flexlora_pl.methods.base import register_method
@@ -47,9 +46,3 @@ class MiLoRA(SVDInitLoRA):
     components = "minor"
     init_marker = "milora"
     peft_variant: ClassVar[dict[str, Any]] = {"use_dora": False, "init_lora_weights": "milora"}
-
-    def __init__(self, target_modules: Sequence[str] | None = None, r: int = 8, alpha: float = 16.0,
-                 dropout: float = 0.0, rank_pattern: str | dict[str, int] | None = None,
-                 loraplus_ratio: float | None = None, rslora: bool = False) -> None:
-        super().__init__(target_modules, r=r, alpha=alpha, dropout=dropout, rank_pattern=rank_pattern,
-                         loraplus_ratio=loraplus_ratio, rslora=rslora)

@@ -14,7 +14,6 @@ the original base, the merged export and the refused inputs are :mod:`flexlora_p
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from flexlora_pl.methods.base import register_method
@@ -42,9 +41,3 @@ class PiSSA(SVDInitLoRA):
     components = "principal"
     init_marker = "pissa"
     peft_variant: ClassVar[dict[str, Any]] = {"use_dora": False, "init_lora_weights": "pissa"}
-
-    def __init__(self, target_modules: Sequence[str] | None = None, r: int = 8, alpha: float = 16.0,
-                 dropout: float = 0.0, rank_pattern: str | dict[str, int] | None = None,
-                 loraplus_ratio: float | None = None, rslora: bool = False) -> None:
-        super().__init__(target_modules, r=r, alpha=alpha, dropout=dropout, rank_pattern=rank_pattern,
-                         loraplus_ratio=loraplus_ratio, rslora=rslora)
