@@ -44,13 +44,13 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from typing_extensions import override
 
 from flexlora_pl.core.checks import require_int
 from flexlora_pl.data.holdout import stratified_draw
-from flexlora_pl.data.resumable import ResumableDataLoader, ResumableSampler, ResumableTrainingData
-from flexlora_pl.data.vtab_files import VTABExample, VTABSplit
+from flexlora_pl.data.resumable import ResumableDataLoader, ResumableSampler
+from flexlora_pl.data.vtab_files import ImageSplitData, VTABExample, VTABSplit
 from flexlora_pl.runs.seeding import resolve_seed
 
 __all__ = ["IMAGE_EXTENSIONS", "IMAGE_FOLDER_SPLITS", "ImageFolderDataModule", "ImageFolderError", "ImageSplit",
@@ -259,7 +259,7 @@ class _AugmentedSplit(ImageSplit):
             random.setstate(state)
 
 
-class ImageFolderDataModule(ResumableTrainingData):
+class ImageFolderDataModule(ImageSplitData):
     """Image classification on your own folders: ``root/<split>/<class>/<image>`` or ``root/<class>/<image>``.
 
     See the module docstring for the layouts, the checks and the preprocessing. Batches are ``(images, labels)``: a
@@ -536,24 +536,3 @@ class ImageFolderDataModule(ResumableTrainingData):
             self._resume_position = None
         return self._train_loader
 
-    def _loader(self, role: str, batch_size: int) -> DataLoader:
-        if role not in self.datasets:
-            raise RuntimeError(f"the {role} split is not ready: call setup() first (the Trainer does this)")
-        return self.split_loader(self.datasets[role], batch_size, train=role == "train")
-
-    @override
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size)
-
-    @override
-    def val_dataloader(self) -> DataLoader | list[DataLoader]:
-        """The validation loader; without a validation split none (an empty list: no validation loop)."""
-        return self._loader("val", self.eval_batch_size) if self.has_validation else []
-
-    @override
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size)
-
-    @override
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size)

@@ -16,16 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from flexlora_pl.core.checks import require_int
-from flexlora_pl.data.resumable import ResumableTrainingData
 from flexlora_pl.data.vtab_files import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     VTAB_PROTOCOLS,
     VTAB_SPLIT_FILES,
+    ImageSplitData,
     VTABDataError,
     VTABExample,
     VTABSplit,
@@ -58,7 +57,7 @@ __all__ = [
 ]
 
 
-class VTABDataModule(ResumableTrainingData):
+class VTABDataModule(ImageSplitData):
     """One VTAB-1k task in the folder layout of the PEFT-for-ViT literature, under either protocol.
 
     ``protocol="final"`` (the default) trains on ``train800val200`` and tests on ``test``, with no
@@ -282,25 +281,3 @@ class VTABDataModule(ResumableTrainingData):
             rank_zero_info(f"{type(self).__name__}: {self.task.name} {role} has {len(checked[role])} images from "
                            f"{self.split_file(role)}")
 
-    # ------------------------------------------------------------------ loaders
-    def _loader(self, role: str, batch_size: int) -> DataLoader:
-        if role not in self.datasets:
-            raise RuntimeError(f"the {role} split is not ready: call setup() first (the Trainer does this)")
-        return self.split_loader(self.datasets[role], batch_size, train=role == "train")
-
-    @override
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size)
-
-    @override
-    def val_dataloader(self) -> DataLoader | list[DataLoader]:
-        """The val200 loader under ``tune``; under ``final`` none (an empty list: no validation loop)."""
-        return self._loader("val", self.eval_batch_size) if self.has_validation else []
-
-    @override
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size)
-
-    @override
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size)

@@ -14,11 +14,26 @@ from typing import Any
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
+from typing_extensions import override
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "VTAB_PROTOCOLS", "VTAB_SPLIT_FILES", "VTABDataError", "VTABExample",
-           "VTABSplit", "read_split_file", "split_lines", "vtab_data_config", "vtab_transform"]
+from flexlora_pl.data.resumable import ResumableTrainingData
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "VTAB_PROTOCOLS",
+    "VTAB_SPLIT_FILES",
+    "ImageSplitData",
+    "VTABDataError",
+    "VTABExample",
+    "VTABSplit",
+    "read_split_file",
+    "split_lines",
+    "vtab_data_config",
+    "vtab_transform",
+]
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -106,6 +121,39 @@ class VTABSplit(Dataset):
         """The error of an image that cannot be decoded: names its file and the fix."""
         return VTABDataError(f"{example.source}: cannot read image {example.path!r} ({err}); replace the file or "
                              "remove the line")
+
+
+class ImageSplitData(ResumableTrainingData):
+    """The loaders of an image data module whose splits sit in ``self.datasets`` by role (``train``, ``val``,
+    ``test``; prediction reads ``test``), with ``batch_size``, ``eval_batch_size`` and ``has_validation``
+    (``False``: no validation loop). Shared by :class:`VTABDataModule` and the image-folder module."""
+
+    datasets: dict[str, Dataset]
+    batch_size: int
+    eval_batch_size: int
+    has_validation: bool
+
+    def _loader(self, role: str, batch_size: int) -> DataLoader:
+        if role not in self.datasets:
+            raise RuntimeError(f"the {role} split is not ready: call setup() first (the Trainer does this)")
+        return self.split_loader(self.datasets[role], batch_size, train=role == "train")
+
+    @override
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size)
+
+    @override
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        """The validation loader; without a validation split none (an empty list: no validation loop)."""
+        return self._loader("val", self.eval_batch_size) if self.has_validation else []
+
+    @override
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size)
+
+    @override
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size)
 
 
 def split_lines(path: Path, num_classes: int) -> list[tuple[int, str, int]]:
