@@ -6,6 +6,7 @@ numbers and names the other docs quote are checked against the code."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import re
@@ -33,12 +34,48 @@ def _block(language: str, containing: str) -> str:
     return blocks[0]
 
 
-@pytest.fixture(scope="module")
-def examples() -> dict:
+def _registries() -> list[dict]:
+    """Every registry the examples write into; the fixture restores them so no other test file sees the examples."""
+    from benchmarks.harness import STUDIES
+    from flexlora_pl.core.allocation import EXPANSION_INITS
+    from flexlora_pl.core.importance import IMPORTANCE_METRICS, STATEFUL_METRICS
+    from flexlora_pl.export.formats import FORMATS
+    from flexlora_pl.figures.registry import FIGURES
+    from flexlora_pl.methods import METHODS
+
+    return [METHODS, EXPANSION_INITS, IMPORTANCE_METRICS, STATEFUL_METRICS, FORMATS, FIGURES, STUDIES]
+
+
+@contextlib.contextmanager
+def _examples_run():
+    """The namespace of extending.md's python blocks, run; on leaving, every registry is as it was before."""
+    saved = [(registry, dict(registry)) for registry in _registries()]
     namespace: dict = {}
-    for block in _python_blocks():
-        exec(compile(block, str(DOC), "exec"), namespace)
-    return namespace
+    try:
+        for block in _python_blocks():
+            exec(compile(block, str(DOC), "exec"), namespace)
+        yield namespace
+    finally:
+        for registry, before in saved:
+            registry.clear()
+            registry.update(before)
+
+
+@pytest.fixture(scope="module")
+def examples():
+    with _examples_run() as namespace:
+        yield namespace
+
+
+def test_the_examples_leave_the_registries_as_they_found_them():
+    """Before, ``lora_fa`` stayed in ``METHODS`` after this module, and the benchmark smoke test on the same worker
+    found one registered method more than the study had run."""
+    before = [dict(registry) for registry in _registries()]
+    with _examples_run():
+        from flexlora_pl.methods import METHODS
+
+        assert "lora_fa" in METHODS
+    assert [dict(registry) for registry in _registries()] == before
 
 
 def test_the_lora_fa_example_registers_and_trains_b_only(examples):
