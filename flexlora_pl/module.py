@@ -41,6 +41,7 @@ from flexlora_pl.runs.slim_checkpoint import (
     drop_frozen_base,
     frozen_parameter_names,
     restore_frozen_base,
+    trained_state,
 )
 from flexlora_pl.runs.strategy import refuse_sharded_strategy
 
@@ -273,7 +274,7 @@ class FlexLoRAModule(LightningModule):
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         restore_frozen_base(self, checkpoint, self._base_source())
-        check_checkpoint_layout(self.state_dict(), checkpoint.get("state_dict", {}))
+        check_checkpoint_layout(trained_state(self), checkpoint.get("state_dict", {}))
         self._rng_to_restore = rng_states_of_rank(checkpoint.get("flexlora_rng_states") or [], self.global_rank)
 
     @override

@@ -126,6 +126,12 @@ class FlexLoRALinear(nn.Module):
         if self.merged:
             return
         w = self.base.weight
+        if not w.dtype.is_floating_point:
+            raise ValueError(
+                f"the base weight is {type(w).__name__} of {w.dtype} (a quantized base): ΔW cannot be added into it in "
+                "place, since quantizing W + ΔW again would round most of the update away. Export a merged model "
+                "instead (flexlora-export --format merged), which dequantizes the base and adds ΔW in float32"
+            )
         w.copy_((w.float() + self.delta_weight()).to(w.dtype))
         self.merged = True
 

@@ -608,16 +608,22 @@ def _num_labels(c: _Context) -> int | str:
 
 
 def _dequantized_note(c: _Context) -> str | None:
-    """What a merged export of a quantized base is: its merged weights were dequantized (no quantized base exists in
-    flexlora_pl yet; this is the place that says so once one does)."""
+    """What an export of a run on a quantized base (``quantization: nf4 | fp4``) is: a merged one holds the base
+    dequantized with the update added, in bfloat16; an adapter needs the base loaded as in training."""
     hparams = getattr(c.module, "hparams", None) or {}
     quantization = getattr(getattr(c.backbone, "config", None), "quantization_config", None) or hparams.get(
         "quantization")
     if not quantization:
         return None
-    bits = quantization.get("bits") if isinstance(quantization, dict) else getattr(quantization, "bits", None)
+    if isinstance(quantization, str):  # the causal-LM task's hyper-parameter: nf4 or fp4
+        bits: Any = f"4 bits ({quantization})"
+    else:
+        get = quantization.get if isinstance(quantization, dict) else lambda key: getattr(quantization, key, None)
+        bits = get("bits") or (4 if get("load_in_4bit") else None)
+        bits = f"{bits} bits" if isinstance(bits, int) else bits
     if c.export_format == "merged":
-        return (f"The base model was loaded quantized{f' to {bits} bits' if bits else ''}; the merged export holds "
-                "its weights dequantized, with the update added: it is larger than the quantized base.")
-    return (f"The base model was trained quantized{f' to {bits} bits' if bits else ''}: load the base the same way "
+        return (f"The base model was loaded quantized{f' to {bits}' if bits else ''}; the merged export holds "
+                "its weights dequantized, with the update added in float32, saved in bfloat16: it is larger than the "
+                "quantized base and needs no bitsandbytes.")
+    return (f"The base model was trained quantized{f' to {bits}' if bits else ''}: load the base the same way "
             "before applying this adapter.")

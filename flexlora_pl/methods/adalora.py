@@ -83,6 +83,7 @@ class AdaLoRA(PeftAdapterMethod):
     """
 
     name = "adalora"
+    quantized_base = True
     extra_per_direction = 1  # a singular value λ per direction
     peft_type = "ADALORA"
     peft_fields: ClassVar[dict[str, str]] = {
@@ -150,6 +151,12 @@ class AdaLoRA(PeftAdapterMethod):
 
     def layer_b_parameters(self, layer: nn.Module) -> list[nn.Parameter]:
         return [layer.lora_B[ADAPTER_NAME]]
+
+    def layer_delta_weight(self, layer: nn.Module) -> torch.Tensor:
+        """ΔW = B (A ⊙ E) · α / (r + 1e-5), what peft's AdaLoRA layers add (its 4-bit ``SVDLinear4bit`` applies it
+        in the forward pass but defines no delta of its own)."""
+        a, e, b = layer.lora_A[ADAPTER_NAME], layer.lora_E[ADAPTER_NAME], layer.lora_B[ADAPTER_NAME]
+        return (b @ (a * e)) * layer.scaling[ADAPTER_NAME] / (layer.ranknum[ADAPTER_NAME] + 1e-5)
 
     def layer_rank(self, layer: nn.Module) -> int:
         return int(layer.rank_mask.sum())

@@ -75,6 +75,12 @@ class AdaptationMethod(ABC):
     #: init arguments that change only how a trained model is evaluated and exported (DyLoRA's ``eval_rank``):
     #: ``validate``, ``test`` and ``predict`` from a checkpoint may give them other values than it was trained with
     evaluation_options: ClassVar[tuple[str, ...]] = ()
+    #: whether the method can adapt a 4-bit base (``quantization: nf4 | fp4`` of the causal-LM task, QLoRA): its
+    #: adapters wrap bitsandbytes' ``Linear4bit`` layers and its merge adds their update into the dequantized
+    #: weights (:func:`flexlora_pl.core.quantized.merge_into_dequantized`). A method that trains or decomposes
+    #: the base weights themselves (full fine-tuning, PiSSA, MiLoRA) or whose merge is more than an added ΔW
+    #: (DoRA) cannot
+    quantized_base: ClassVar[bool] = False
 
     def __init__(self, target_modules: Sequence[str] | None = None, alpha: float = 16.0, dropout: float = 0.0,
                  orth_reg_weight: float = 0.0) -> None:

@@ -47,6 +47,7 @@ class DoRA(LoRA):
     """
 
     name = "dora"
+    quantized_base = False  # its merge rescales each column by the magnitude: more than an added ΔW
     peft_variant: ClassVar[dict[str, Any]] = {"use_dora": True, "init_lora_weights": True}
 
     def layer_parameters(self, layer: nn.Module) -> list[nn.Parameter]:

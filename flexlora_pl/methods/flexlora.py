@@ -36,6 +36,7 @@ from flexlora_pl.core.importance import STATEFUL_METRICS, importance_scores
 from flexlora_pl.core.inject import flexlora_layers, inject_flexlora
 from flexlora_pl.core.layer import FlexLoRALinear
 from flexlora_pl.core.orthogonality import ORTH_REG_FORMS, FactorBatch, group_by_shape, orthogonality_penalty
+from flexlora_pl.core.quantized import is_quantized_linear, merge_into_dequantized
 from flexlora_pl.methods.base import AdaptationMethod, AllocationDriver, StepContext, module_tensors, register_method
 from flexlora_pl.methods.lora import pattern_key_clash
 from flexlora_pl.methods.loraplus import check_loraplus_ratio, loraplus_groups
@@ -65,6 +66,7 @@ class FlexLoRA(AdaptationMethod):
     """
 
     name = "flexlora"
+    quantized_base = True
 
     def __init__(self, target_modules: Sequence[str] | None = None, init_rank: int = 8, max_rank: int = 12,
                  alpha: float = 16.0, dropout: float = 0.0, orth_reg_weight: float = 0.1,
@@ -126,8 +128,17 @@ class FlexLoRA(AdaptationMethod):
         return layers
 
     def merge(self, model: nn.Module) -> nn.Module:
-        """A copy of ``model`` with every ΔW merged and every FlexLoRA layer replaced by its ``nn.Linear``."""
+        """A copy of ``model`` with every ΔW merged and every FlexLoRA layer replaced by its ``nn.Linear``.
+
+        On a 4-bit base (QLoRA) every 4-bit layer becomes its dequantized weight with the layer's ΔW added in
+        float32, in bfloat16 (:func:`~flexlora_pl.core.quantized.merge_into_dequantized`).
+        """
         plain = copy.deepcopy(model)
+        if any(is_quantized_linear(layer.base) for _, layer in flexlora_layers(plain)):
+            deltas = {name: layer.delta_weight() for name, layer in flexlora_layers(plain)}
+            for name, layer in list(flexlora_layers(plain)):
+                plain.set_submodule(name, layer.base)
+            return merge_into_dequantized(plain, deltas)
         for name, layer in list(flexlora_layers(plain)):
             layer.merge()  # a no-op when the layer is already merged: then the base weight holds ΔW
             if not name:

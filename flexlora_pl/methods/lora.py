@@ -35,6 +35,7 @@ from torch import nn
 
 from flexlora_pl.core.inject import match_target
 from flexlora_pl.core.layer import FlexLoRALinear
+from flexlora_pl.core.quantized import is_quantized_linear, merge_into_dequantized
 from flexlora_pl.methods.base import AdaptationMethod, register_method
 from flexlora_pl.methods.loraplus import check_loraplus_ratio, loraplus_groups
 from flexlora_pl.methods.rank_pattern import OPTION, load_rank_pattern
@@ -247,9 +248,26 @@ class PeftAdapterMethod(AdaptationMethod):
     def finish_export_config(self, model: nn.Module, config: Any) -> None:
         """Complete the config of a peft export of ``model`` in place (AdaLoRA: its rank pattern and γ)."""
 
+    def layer_delta_weight(self, layer: nn.Module) -> torch.Tensor:
+        """The update ΔW, ``(out_features, in_features)``, of one injected peft ``layer`` (peft's own formula)."""
+        return layer.get_delta_weight(ADAPTER_NAME)
+
     def merge(self, model: nn.Module) -> nn.Module:
-        """peft's ``merge_and_unload`` (with its NaN check) on a copy of ``model``."""
-        return self.unloaded_copy(model, merge=True)
+        """peft's ``merge_and_unload`` (with its NaN check) on a copy of ``model``.
+
+        On a 4-bit base (QLoRA) peft would merge into the packed weight and quantize ``W + ΔW`` again, rounding most
+        of the update away: the copy is unloaded instead, and every 4-bit layer becomes its dequantized weight with
+        the layer's ΔW added in float32, in bfloat16 (:func:`~flexlora_pl.core.quantized.merge_into_dequantized`).
+        """
+        if not any(is_quantized_linear(layer.get_base_layer()) for _, layer in self.layers(model)):
+            return self.unloaded_copy(model, merge=True)
+        deltas = {}
+        for name, layer in self.layers(model):
+            delta = self.layer_delta_weight(layer).detach().float()
+            if not bool(torch.isfinite(delta).all()):
+                raise ValueError(f"the update of {name!r} is not finite: the model cannot be merged")
+            deltas[name] = delta
+        return merge_into_dequantized(self.unloaded_copy(model, merge=False), deltas)
 
     def peft_adapter_state(self, model: nn.Module, saved_modules: Sequence[str]) -> tuple[Any, dict[str, torch.Tensor]]:
         """What ``PeftModel.save_pretrained`` would write for a ``PeftModel`` equal to ``model``.
@@ -340,6 +358,7 @@ class LoRA(PeftAdapterMethod):
     """
 
     name = "lora"
+    quantized_base = True
     extra_per_direction = 0
     peft_type = "LORA"
     peft_fields: ClassVar[dict[str, str]] = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout",

@@ -99,6 +99,7 @@ class SVDInitLoRA(LoRA):
 
     #: ``"principal"`` or ``"minor"``: which r singular components the factors start from
     components: ClassVar[str] = "principal"
+    quantized_base = False  # the start decomposes the base weight itself, which a 4-bit weight cannot give
     #: the ``init_lora_weights`` the adapted model's peft config records (PiSSA: peft's own "pissa")
     init_marker: ClassVar[str] = ""
 

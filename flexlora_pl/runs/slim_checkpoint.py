@@ -4,6 +4,10 @@ Adapters, rank masks, ``modules_to_save``, every buffer, the optimizer, schedule
 position stay; the frozen backbone weights are dropped on save and rebuilt from the model's own arguments
 (``model_name_or_path``) on load, after a fingerprint check that it is the same base. A model whose adapters
 were merged into the base keeps its whole state (the base then holds ΔW).
+
+A 4-bit base (bitsandbytes' ``Linear4bit``) writes its quantization statistics beside each packed weight, as
+``<weight name>.absmax``, ``.quant_map``, ``.quant_state.bitsandbytes__nf4``, …: they are part of the frozen base,
+dropped with its weight and rebuilt with it (quantizing the same weights gives the same statistics).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import torch
 from torch import nn
 
 __all__ = ["base_fingerprint", "check_checkpoint_layout", "drop_frozen_base", "frozen_parameter_names",
-           "restore_frozen_base"]
+           "frozen_state_names", "restore_frozen_base", "trained_state"]
 
 _SAMPLES = 64  # values of each frozen tensor that enter the fingerprint
 
@@ -25,6 +29,19 @@ def frozen_parameter_names(module: nn.Module) -> list[str]:
     """Names (as in ``module.state_dict()``) of the parameters training never changes: the frozen base."""
     # remove_duplicate=False: a tied weight is in the state dict under each of its names
     return [name for name, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad]
+
+
+def frozen_state_names(module: nn.Module, state: Mapping[str, Any]) -> list[str]:
+    """The entries of ``state`` (a state dict of ``module``) that belong to the frozen base: each frozen parameter
+    and what a quantized one saves beside it (``<name>.<statistic>``)."""
+    frozen = set(frozen_parameter_names(module))
+    return [key for key in state if key in frozen or _owner(key, frozen)]
+
+
+def _owner(key: str, frozen: set[str]) -> bool:
+    """Whether ``key`` extends a frozen parameter's name (``...weight.absmax``: a quantization statistic)."""
+    parts = key.split(".")
+    return any(".".join(parts[:i]) in frozen for i in range(len(parts) - 1, 0, -1))
 
 
 def base_fingerprint(module: nn.Module) -> str:
@@ -48,7 +65,7 @@ def drop_frozen_base(module: nn.Module, checkpoint: dict[str, Any], source: str 
     """Remove the frozen base's tensors from ``checkpoint["state_dict"]``, recording ``source`` and the
     fingerprint under ``checkpoint["flexlora_base"]``. Nothing is dropped when nothing is frozen."""
     state = checkpoint.get("state_dict")
-    frozen = [name for name in frozen_parameter_names(module) if state is not None and name in state]
+    frozen = frozen_state_names(module, state) if state is not None else []
     if not frozen:
         return
     for name in frozen:
@@ -74,8 +91,16 @@ def restore_frozen_base(module: nn.Module, checkpoint: dict[str, Any], source: s
         )
     state = checkpoint.setdefault("state_dict", {})
     own = module.state_dict()
-    for name in frozen_parameter_names(module):
+    for name in frozen_parameter_names(module):  # a quantized weight's statistics are the rebuilt module's own
         state.setdefault(name, own[name])
+
+
+def trained_state(module: nn.Module) -> dict[str, Any]:
+    """``module.state_dict()`` without the statistics a quantized frozen weight saves beside it: the state a
+    checkpoint loads (the weights themselves stay; :func:`restore_frozen_base` fills them)."""
+    state = module.state_dict()
+    frozen = set(frozen_parameter_names(module))
+    return {key: value for key, value in state.items() if key in frozen or not _owner(key, frozen)}
 
 
 def check_checkpoint_layout(own: Mapping[str, Any], saved: Mapping[str, Any]) -> None:

@@ -17,6 +17,7 @@ the plain mean over the sets evaluated; the counts are summed over DDP processes
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -28,13 +29,14 @@ from torchmetrics import Metric
 from typing_extensions import override
 
 from flexlora_pl.callbacks.generation_writer import GenerationWriter
+from flexlora_pl.core.quantized import QUANTIZATIONS, quantized_linears
 from flexlora_pl.data.commonsense import COMMONSENSE_SETS
-from flexlora_pl.methods import AdaptationMethod, build_method
+from flexlora_pl.methods import METHODS, AdaptationMethod, build_method
 from flexlora_pl.module import FlexLoRAModule
 from flexlora_pl.sources import require_folder
 from flexlora_pl.tasks.answer_extraction import check_response_split, extract_answer, response_text
 
-__all__ = ["LLAMA_TARGETS", "FlexLoRACausalLM", "SetAccuracy", "generate_continuations"]
+__all__ = ["LLAMA_TARGETS", "FlexLoRACausalLM", "SetAccuracy", "check_quantization", "generate_continuations"]
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 """The paper's 5 matrices per LLaMA decoder layer (160 in LLaMA3-8B)."""
@@ -121,6 +123,13 @@ class FlexLoRACausalLM(FlexLoRAModule):
             between the first ``### Response:`` and the second, as LLM-Adapters' script cuts it. They differ
             only on generations that repeat the prompt template.
         trust_remote_code: allow model code from the hub folder to run (off by default).
+        quantization: ``nf4`` or ``fp4`` loads the frozen base in 4 bits through bitsandbytes (QLoRA:
+            transformers' ``BitsAndBytesConfig`` with double quantization and bfloat16 compute; LLaMA3-8B's base
+            then takes about 5.5 GB instead of 16): the adapters wrap the 4-bit linear layers and train in float32,
+            the layers left unquantized (embeddings, norms, the LM head) are in ``torch_dtype``. ``None``
+            (default): no quantization. Methods that can adapt a 4-bit base: FlexLoRA, LoRA, rsLoRA, AdaLoRA
+            (:attr:`~flexlora_pl.methods.AdaptationMethod.quantized_base`). Needs ``pip install -e ".[qlora]"``.
+            Checkpoints never hold the base; a merged export holds it dequantized, with the update, in bfloat16.
     """
 
     prediction_writer_class = GenerationWriter
@@ -140,16 +149,24 @@ class FlexLoRACausalLM(FlexLoRAModule):
         num_beams: int = 1,
         response_split: Literal["last", "first"] = "last",
         trust_remote_code: bool = False,
+        quantization: Literal["nf4", "fp4"] | None = None,
     ) -> None:
         check_response_split(response_split, "model.init_args.response_split")
         if torch_dtype not in _DTYPES:
             raise ValueError(f"torch_dtype={torch_dtype!r} is not one of {list(_DTYPES)}")
         if max_new_tokens < 1 or num_beams < 1:
             raise ValueError(f"max_new_tokens and num_beams must be >= 1, got {max_new_tokens} and {num_beams}")
-        backbone = _load_backbone(model_name_or_path, _DTYPES[torch_dtype], trust_remote_code)
+        method = build_method(method).with_default_targets(LLAMA_TARGETS)
+        if quantization is not None:
+            check_quantization(quantization, method)
+        backbone = _load_backbone(model_name_or_path, _DTYPES[torch_dtype], trust_remote_code, quantization)
+        for _, layer in quantized_linears(backbone):
+            # bitsandbytes repacks a 4-bit weight into a CPU layout at its first evaluation forward on CPUs with
+            # AVX512-BF16 (and back at every state_dict): other kernels, other rounding, so a run's numbers would
+            # depend on when it last evaluated or saved, and a resumed run would not repeat the uninterrupted one
+            layer.support_avx512bf16_for_cpu = False
         if gradient_checkpointing:
             _enable_checkpointing(backbone)
-        method = build_method(method).with_default_targets(LLAMA_TARGETS)
         super().__init__(backbone=backbone, modules_to_save=list(modules_to_save or []), optimizer=optimizer,
                          lr_scheduler=lr_scheduler, init_seed=init_seed, method=method)
         for param in self.parameters():  # peft builds its layers in the base weight's dtype: train in float32
@@ -271,12 +288,38 @@ def _enable_checkpointing(backbone: nn.Module) -> None:
     backbone.config.use_cache = False
 
 
-def _load_backbone(name: str, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
+def check_quantization(quantization: str, method: AdaptationMethod) -> None:
+    """Refuse, before the base is loaded, a 4-bit base that cannot be: another data type, a method that cannot adapt
+    one, or bitsandbytes missing (the message names the extra to install)."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"model.init_args.quantization={quantization!r} is not one of {list(QUANTIZATIONS)} (or "
+                         "null for an unquantized base)")
+    if not method.quantized_base:
+        able = sorted(name for name, cls in METHODS.items() if cls.quantized_base)
+        raise ValueError(
+            f"method {method.name!r} ({type(method).__name__}) cannot adapt a 4-bit base (quantization: "
+            f"{quantization}): it trains, decomposes or rescales the base weights themselves. Methods that can: "
+            f"{able}; or set model.init_args.quantization: null and load the base in torch_dtype"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(f"quantization: {quantization} loads the base through bitsandbytes, which is not installed: "
+                         'pip install -e ".[qlora]" (or pip install bitsandbytes)')
+
+
+def _load_backbone(name: str, dtype: torch.dtype, trust_remote_code: bool,
+                   quantization: str | None = None) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     require_folder(name, "model_name_or_path", "the model's config.json and weights", "meta-llama/Meta-Llama-3-8B")
+    options: dict[str, Any] = {}
+    if quantization is not None:
+        from transformers import BitsAndBytesConfig
+
+        options["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=quantization, bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
     try:
-        return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
+        return AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code, **options)
     except OSError as err:
         raise ValueError(
             f"could not load model_name_or_path={name!r}: {str(err).rstrip('.')}. Give a local model folder, or make "

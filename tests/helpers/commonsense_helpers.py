@@ -84,13 +84,16 @@ def build_tokenizer(folder: Path):
     return fast
 
 
-def write_tiny_llama(folder: Path) -> Path:
-    """A tiny LLaMA (2 layers, hidden 32) with the fixture tokenizer, saved to ``folder``."""
+def write_tiny_llama(folder: Path, hidden: int = 32, intermediate: int = 48) -> Path:
+    """A tiny LLaMA (2 layers, hidden 32) with the fixture tokenizer, saved to ``folder``. A 4-bit base needs every
+    linear layer's in_features to be a multiple of 64 (bitsandbytes' block size on CPU): hidden 64, intermediate
+    128."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = build_tokenizer(folder)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)

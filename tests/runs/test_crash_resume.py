@@ -242,9 +242,10 @@ def _run_one_thread(command: list[str]) -> subprocess.CompletedProcess:
     return done
 
 
-# (accumulate_grad_batches, batch the signal arrives after): every micro-batch of the window of batches 4..7
-# (two windows for 2), and the partial window that ends epoch 0 (12 batches, windows of 5: 0-4, 5-9, 10-11).
-STOPS = [(2, 4), (2, 5), (4, 4), (4, 5), (4, 6), (4, 7), (5, 10)]
+# (accumulate_grad_batches, batch the signal arrives after): a window's first micro-batch (2, 4), one inside a
+# window (4, 5), a window's last (4, 7: the stop falls on the optimizer step itself), and the partial window that
+# ends epoch 0 (12 batches, windows of 5: 0-4, 5-9, 10-11). SIGTERM at even batches, Ctrl-C at odd ones.
+STOPS = [(2, 4), (4, 5), (4, 7), (5, 10)]
 
 
 def _stop_and_resume(base: Path, root: Path, accumulate: int, batch: int) -> dict:
