@@ -35,13 +35,18 @@ def frozen_state_names(module: nn.Module, state: Mapping[str, Any]) -> list[str]
     """The entries of ``state`` (a state dict of ``module``) that belong to the frozen base: each frozen parameter
     and what a quantized one saves beside it (``<name>.<statistic>``)."""
     frozen = set(frozen_parameter_names(module))
-    return [key for key in state if key in frozen or _owner(key, frozen)]
+    statistics = _quantization_statistics(state, frozen)
+    return [key for key in state if key in frozen or key in statistics]
 
 
-def _owner(key: str, frozen: set[str]) -> bool:
-    """Whether ``key`` extends a frozen parameter's name (``...weight.absmax``: a quantization statistic)."""
-    parts = key.split(".")
-    return any(".".join(parts[:i]) in frozen for i in range(len(parts) - 1, 0, -1))
+def _quantization_statistics(state: Mapping[str, Any], frozen: set[str]) -> set[str]:
+    """The keys of ``state`` that extend a frozen parameter's name (``...weight.absmax``): a quantized weight's
+    statistics, which bitsandbytes saves beside it but does not load back as entries of its own."""
+    def extends(key: str) -> bool:
+        parts = key.split(".")
+        return any(".".join(parts[:i]) in frozen for i in range(len(parts) - 1, 0, -1))
+
+    return {key for key in state if key not in frozen and extends(key)}
 
 
 def base_fingerprint(module: nn.Module) -> str:
@@ -99,8 +104,8 @@ def trained_state(module: nn.Module) -> dict[str, Any]:
     """``module.state_dict()`` without the statistics a quantized frozen weight saves beside it: the state a
     checkpoint loads (the weights themselves stay; :func:`restore_frozen_base` fills them)."""
     state = module.state_dict()
-    frozen = set(frozen_parameter_names(module))
-    return {key: value for key, value in state.items() if key in frozen or not _owner(key, frozen)}
+    statistics = _quantization_statistics(state, set(frozen_parameter_names(module)))
+    return {key: value for key, value in state.items() if key not in statistics}
 
 
 def check_checkpoint_layout(own: Mapping[str, Any], saved: Mapping[str, Any]) -> None:

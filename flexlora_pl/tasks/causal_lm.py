@@ -125,11 +125,12 @@ class FlexLoRACausalLM(FlexLoRAModule):
         trust_remote_code: allow model code from the hub folder to run (off by default).
         quantization: ``nf4`` or ``fp4`` loads the frozen base in 4 bits through bitsandbytes (QLoRA:
             transformers' ``BitsAndBytesConfig`` with double quantization and bfloat16 compute; LLaMA3-8B's base
-            then takes about 5.5 GB instead of 16): the adapters wrap the 4-bit linear layers and train in float32,
-            the layers left unquantized (embeddings, norms, the LM head) are in ``torch_dtype``. ``None``
-            (default): no quantization. Methods that can adapt a 4-bit base: FlexLoRA, LoRA, rsLoRA, AdaLoRA
-            (:attr:`~flexlora_pl.methods.AdaptationMethod.quantized_base`). Needs ``pip install -e ".[qlora]"``.
-            Checkpoints never hold the base; a merged export holds it dequantized, with the update, in bfloat16.
+            then holds about 5.7 GB instead of 16, by parameter count): the adapters wrap the 4-bit linear layers
+            and train in float32, the layers left unquantized (embeddings, norms, the LM head) are in
+            ``torch_dtype``. ``None`` (default): no quantization. Methods that can adapt a 4-bit base: FlexLoRA,
+            LoRA, rsLoRA, AdaLoRA (:attr:`~flexlora_pl.methods.AdaptationMethod.quantized_base`). Needs
+            ``pip install -e ".[qlora]"``. Checkpoints never hold the base; a merged export holds it dequantized,
+            with the update, in bfloat16.
     """
 
     prediction_writer_class = GenerationWriter
@@ -160,7 +161,7 @@ class FlexLoRACausalLM(FlexLoRAModule):
         if quantization is not None:
             check_quantization(quantization, method)
         backbone = _load_backbone(model_name_or_path, _DTYPES[torch_dtype], trust_remote_code, quantization)
-        for _, layer in quantized_linears(backbone):
+        for _, layer in quantized_linears(backbone) if quantization is not None else ():
             # bitsandbytes repacks a 4-bit weight into a CPU layout at its first evaluation forward on CPUs with
             # AVX512-BF16 (and back at every state_dict): other kernels, other rounding, so a run's numbers would
             # depend on when it last evaluated or saved, and a resumed run would not repeat the uninterrupted one

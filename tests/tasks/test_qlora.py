@@ -98,6 +98,23 @@ def test_a_resumed_run_is_bitwise_the_uninterrupted_one(runs):
     assert not [k for k in a if not torch.equal(a[k], b[k])]
 
 
+def test_the_resumed_run_tests_and_predicts_on_its_4_bit_base(root, runs, caplog):
+    """What a user runs next: ``flexlora test`` and ``predict`` of the resumed run's last.ckpt, generation through
+    the 4-bit layers."""
+    resumed, version = runs[3], Path(runs[3].trainer.log_dir)
+    args = [*qlora_args(root, "cut"), "--ckpt_path", "last", "--version", version.name.removeprefix("version_")]
+    with caplog.at_level("INFO"):
+        tested = build_cli(["test", *args])
+    assert "Commonsense accuracy" in caplog.text and "mean of 8" in caplog.text
+    assert all(is_quantized_linear(layer.base) for _, layer in flexlora_layers(tested.model.backbone))
+    metrics = json.loads((version / "metrics.json").read_text())["test"]["metrics"]
+    assert 0.0 <= metrics["test/accuracy"] <= 1.0
+    build_cli(["predict", *args])
+    rows = [json.loads(line) for line in (version / "predictions" / "predictions_boolq.jsonl").read_text().splitlines()]
+    assert rows and all({"prediction", "generation", "correct"} <= row.keys() for row in rows)
+    assert resumed.trainer.global_step == 8
+
+
 def test_the_merged_export_is_the_dequantized_base_plus_the_update_in_bf16(runs, tmp_path):
     from transformers import AutoModelForCausalLM
 
